@@ -1,0 +1,30 @@
+// Conversion of a dense block mask into the per-row and per-column block lists the kernels
+// walk, and the checks that make lists handed to an op safe to walk.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "block_rules.h"
+
+namespace sparse_attention {
+
+// (row_offsets, row_indices, row_num_full, col_offsets, col_indices, col_num_full), all int32.
+using BlockListTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// block_mask: bool [layout_heads, q_blocks, k_blocks]. Blocks that the window hides entirely
+// are dropped; each list holds its full blocks first. Costs O(blocks).
+BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, int64_t k_len,
+                                   int64_t block_size, int64_t window_left, int64_t window_right);
+
+// Checks one CSR list set over `num_lists` = layout_heads * blocks_along: offsets monotone
+// from 0 to nnz, indices in [0, blocks_across), and every entry listed as full really is
+// full under the element rules (so the kernel may skip its mask). `rows` says whether the
+// lists are per query block (indices are key blocks) or per key block.
+void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
+                       const at::Tensor& num_full, int64_t num_lists, int64_t blocks_along,
+                       int64_t blocks_across, bool rows, int64_t q_len, int64_t k_len,
+                       int64_t block_size, const Window& window);
+
+}  // namespace sparse_attention

@@ -1,0 +1,60 @@
+// Element rules of the op and how they classify a (query block, key block) pair.
+// Header-only and free of torch types so CPU and CUDA kernels, the layout planner and the
+// C++ tests all share one definition.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SA_HOST_DEVICE inline
+#endif
+
+namespace sparse_attention {
+
+// A band around the bottom-right aligned diagonal: query i sees key j when
+//   i + offset - left <= j <= i + offset + right,   offset = k_len - q_len,
+// with a negative bound meaning "unbounded". causal is {left: -1, right: 0}.
+struct Window {
+  int64_t left = -1;
+  int64_t right = -1;
+  int64_t offset = 0;
+
+  SA_HOST_DEVICE bool visible(int64_t i, int64_t j) const {
+    const int64_t d = j - i - offset;
+    return (left < 0 || d >= -left) && (right < 0 || d <= right);
+  }
+};
+
+enum class BlockKind : uint8_t {
+  kSkip = 0,     // no element of the block is visible: never computed
+  kFull = 1,     // every element is visible: computed without an element mask
+  kPartial = 2,  // some elements are visible: computed with the element mask
+};
+
+// Classifies block (qb, kb). Tail blocks (past q_len or k_len) count as partial so kernels
+// that rely on the mask for bounds stay correct.
+SA_HOST_DEVICE BlockKind classify_block(int64_t qb, int64_t kb, int64_t q_len, int64_t k_len,
+                                        int64_t block_size, const Window& w) {
+  const int64_t q0 = qb * block_size, q1 = std::min(q0 + block_size, q_len) - 1;
+  const int64_t k0 = kb * block_size, k1 = std::min(k0 + block_size, k_len) - 1;
+  // Smallest and largest key-minus-query distance inside the block.
+  const int64_t d_min = k0 - q1 - w.offset, d_max = k1 - q0 - w.offset;
+  if ((w.right >= 0 && d_min > w.right) || (w.left >= 0 && d_max < -w.left)) {
+    return BlockKind::kSkip;
+  }
+  const bool band_covers = (w.right < 0 || d_max <= w.right) && (w.left < 0 || d_min >= -w.left);
+  const bool whole = (q1 - q0 + 1 == block_size) && (k1 - k0 + 1 == block_size);
+  return band_covers && whole ? BlockKind::kFull : BlockKind::kPartial;
+}
+
+// Per (batch, key block) summary of a key padding mask.
+enum class KeyBlockState : uint8_t {
+  kAllValid = 0,
+  kMixed = 1,
+  kAllPadded = 2,
+};
+
+}  // namespace sparse_attention

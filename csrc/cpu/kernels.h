@@ -1,0 +1,28 @@
+// Entry points of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp). forward()/backward() pick the best one the
+// processor supports, as ATen does (ATEN_CPU_CAPABILITY is honoured).
+#pragma once
+
+#include "params.h"
+
+namespace sparse_attention::cpu {
+
+#define SA_DECLARE_KERNELS(CAPABILITY)             \
+  namespace CAPABILITY {                           \
+  void forward(const ForwardParams& params);       \
+  void backward(const BackwardParams& params);     \
+  bool available();                                \
+  }
+
+SA_DECLARE_KERNELS(DEFAULT)
+SA_DECLARE_KERNELS(AVX2)
+SA_DECLARE_KERNELS(AVX512)
+#undef SA_DECLARE_KERNELS
+
+void forward(const ForwardParams& params);
+void backward(const BackwardParams& params);
+
+// The instruction set the kernels run with: "AVX512", "AVX2" or "DEFAULT".
+const char* kernel_capability();
+
+}  // namespace sparse_attention::cpu

@@ -1,0 +1,27 @@
+// Kernels for AVX2 + FMA processors. GCC and Clang only: other compilers build the stub.
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+// The target pragma does not define the ISA macros that ATen's and Sleef's headers test.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "kernels_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#else
+#include "kernels.h"
+#include <c10/util/Exception.h>
+namespace sparse_attention::cpu::AVX2 {
+void forward(const ForwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
+void backward(const BackwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
+bool available() { return false; }
+}  // namespace sparse_attention::cpu::AVX2
+#endif

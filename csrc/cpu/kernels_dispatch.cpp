@@ -1,0 +1,50 @@
+#include <ATen/Version.h>
+
+#include <string>
+
+#include "kernels.h"
+
+namespace sparse_attention::cpu {
+
+namespace {
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+// ATen's choice (the processor, lowered by ATEN_CPU_CAPABILITY), limited to what was built.
+Capability pick() {
+  const std::string aten = at::get_cpu_capability();
+  if (aten == "AVX512" && AVX512::available()) return Capability::kAvx512;
+  if ((aten == "AVX512" || aten == "AVX2") && AVX2::available()) return Capability::kAvx2;
+  return Capability::kDefault;
+}
+
+Capability capability() {
+  static const Capability chosen = pick();
+  return chosen;
+}
+}  // namespace
+
+void forward(const ForwardParams& params) {
+  switch (capability()) {
+    case Capability::kAvx512: return AVX512::forward(params);
+    case Capability::kAvx2: return AVX2::forward(params);
+    default: return DEFAULT::forward(params);
+  }
+}
+
+void backward(const BackwardParams& params) {
+  switch (capability()) {
+    case Capability::kAvx512: return AVX512::backward(params);
+    case Capability::kAvx2: return AVX2::backward(params);
+    default: return DEFAULT::backward(params);
+  }
+}
+
+const char* kernel_capability() {
+  switch (capability()) {
+    case Capability::kAvx512: return "AVX512";
+    case Capability::kAvx2: return "AVX2";
+    default: return "DEFAULT";
+  }
+}
+
+}  // namespace sparse_attention::cpu

@@ -1,0 +1,62 @@
+// Plain parameter structs read by the CPU kernels. No torch objects: the host code in
+// attention_cpu.cpp fills them after checking every input.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "../block_rules.h"
+
+namespace sparse_attention::cpu {
+
+// A [B, H, N, D] operand whose last dimension is contiguous.
+struct Operand {
+  const void* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
+};
+
+// CSR lists over (layout head, block): entries [offsets[r], offsets[r + 1]) of `indices`,
+// the first num_full[r] of which need no element mask.
+struct BlockLists {
+  const int32_t* offsets = nullptr;
+  const int32_t* indices = nullptr;
+  const int32_t* num_full = nullptr;
+};
+
+struct Problem {
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int64_t batch = 0, heads = 0, kv_heads = 0;
+  int64_t q_len = 0, k_len = 0, head_dim = 0;
+  int64_t block_size = 0, q_blocks = 0, k_blocks = 0;
+  bool per_head_layout = false;  // layout lists per query head, or one shared by all heads
+  double scale = 1.0;
+  Window window;
+  const uint8_t* key_padding = nullptr;      // [batch, k_len], 1 = ignore; null = none
+  const uint8_t* key_block_state = nullptr;  // [batch, k_blocks] KeyBlockState; null = none
+
+  int64_t group() const { return heads / kv_heads; }
+  int64_t layout_head(int64_t head) const { return per_head_layout ? head : 0; }
+};
+
+struct ForwardParams {
+  Problem problem;
+  Operand q, k, v;
+  void* out = nullptr;  // contiguous [B, H, Nq, D], input dtype
+  void* lse = nullptr;  // contiguous [B, H, Nq], accumulation dtype
+  BlockLists rows;
+};
+
+struct BackwardParams {
+  Problem problem;
+  Operand q, k, v, out, grad_out;
+  const void* lse = nullptr;       // contiguous [B, H, Nq], accumulation dtype
+  const void* grad_lse = nullptr;  // same shape, or null
+  void* delta = nullptr;           // scratch [B, H, Nq], accumulation dtype
+  void* grad_q = nullptr;          // contiguous [B, H, Nq, D], input dtype
+  void* grad_k = nullptr;          // contiguous [B, Hkv, Nk, D], input dtype
+  void* grad_v = nullptr;
+  BlockLists rows, cols;
+};
+
+}  // namespace sparse_attention::cpu

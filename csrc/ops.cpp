@@ -1,0 +1,26 @@
+// Schemas of every sparse_attention op. Device implementations register in
+// csrc/cpu/attention_cpu.cpp and csrc/cuda/; autograd and fake kernels in sparse_attention/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparse_attention, m) {
+  // Converts a bool block mask [layout_heads, q_blocks, k_blocks] into row and column block
+  // lists (CSR, int32, full blocks first in each list) for the given lengths and window.
+  m.def(
+      "build_block_lists(Tensor block_mask, int q_len, int k_len, int block_size, "
+      "int window_left, int window_right) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (out, lse) of block-sparse attention. window_left/right < 0 mean unbounded;
+  // causal is window_right = 0. key_padding_mask: bool [B, Nk], True = ignore. The forward
+  // pass walks the row lists only; it takes the column lists so autograd can hand them to
+  // the backward op.
+  m.def(
+      "forward(Tensor q, Tensor k, Tensor v, Tensor row_offsets, Tensor row_indices, "
+      "Tensor row_num_full, Tensor col_offsets, Tensor col_indices, Tensor col_num_full, "
+      "Tensor? key_padding_mask, int block_size, float scale, int window_left, "
+      "int window_right) -> (Tensor, Tensor)");
+  // (grad_q, grad_k, grad_v). grad_lse may be None.
+  m.def(
+      "backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor row_offsets, Tensor row_indices, Tensor row_num_full, "
+      "Tensor col_offsets, Tensor col_indices, Tensor col_num_full, Tensor? key_padding_mask, "
+      "int block_size, float scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+}

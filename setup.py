@@ -1,0 +1,102 @@
+"""Builds sparse_attention._C with torch.utils.cpp_extension.
+
+A CUDAExtension when the installed torch was built with CUDA and nvcc is found (a GPU is not
+needed to build), a CppExtension otherwise. Environment switches:
+  SPARSE_ATTENTION_CUDA=0   build the CPU kernels only
+  SPARSE_ATTENTION_CUDA=1   require the CUDA build (fail if torch or nvcc lack CUDA)
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0")
+  MAX_JOBS                  parallel compile jobs (default: from cores and memory)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root (the folder whose lib64 holds libcudart), or None.
+
+    torch guesses CUDA_HOME from nvcc's location, which on some installs is a bin folder
+    of symlinks without the libraries; walk up from the real nvcc instead."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates += [os.path.dirname(os.path.dirname(real)), os.path.dirname(os.path.dirname(nvcc))]
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        has_nvcc = os.path.exists(os.path.join(root, "bin", "nvcc"))
+        has_runtime = glob.glob(os.path.join(root, "lib*", "libcudart.so*")) or glob.glob(
+            os.path.join(root, "targets", "*", "lib", "libcudart.so*")
+        )
+        if has_nvcc and has_runtime:
+            return root
+    return None
+
+
+def want_cuda() -> bool:
+    switch = os.environ.get("SPARSE_ATTENTION_CUDA", "auto").lower()
+    if switch in ("0", "false", "no", "off"):
+        return False
+    available = torch.version.cuda is not None and find_cuda_home() is not None
+    if switch in ("1", "true", "yes", "on") and not available:
+        raise RuntimeError(
+            "SPARSE_ATTENTION_CUDA=1 but CUDA cannot be built: torch.version.cuda="
+            f"{torch.version.cuda}, CUDA toolkit (nvcc + libcudart) found: {find_cuda_home()}"
+        )
+    return available
+
+
+def default_max_jobs() -> int:
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    return max(1, min(cores, int(mem_gb // 3)))  # nvcc needs up to ~3 GB a job
+
+
+def sources(with_cuda: bool) -> list[str]:
+    # The portable kernels come first: at link time inline functions shared with the
+    # AVX2/AVX-512 objects then resolve to their portable copies.
+    files = ["csrc/cpu/kernels_default.cpp", "csrc/cpu/kernels_dispatch.cpp", "csrc/cpu/parallel.cpp",
+             "csrc/cpu/attention_cpu.cpp", "csrc/block_lists.cpp", "csrc/ops.cpp", "csrc/module.cpp",
+             "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
+    if with_cuda:
+        files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
+        files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cpp"), recursive=True))
+    return files
+
+
+def extension():
+    with_cuda = want_cuda()
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    # The vector headers of ATen use CUDA-style unroll pragmas and AVX types GCC warns about.
+    cxx = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+    if not with_cuda:
+        return cpp_extension.CppExtension("sparse_attention._C", sources(False), extra_compile_args={"cxx": cxx})
+    cuda_home = find_cuda_home()
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "sparse_attention._C",
+        sources(True),
+        define_macros=[("SPARSE_ATTENTION_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

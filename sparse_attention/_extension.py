@@ -1,0 +1,23 @@
+"""Loads the compiled extension, which registers torch.ops.sparse_attention.*."""
+
+from __future__ import annotations
+
+try:
+    from sparse_attention import _C  # noqa: F401  (import registers the ops)
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "sparse_attention._C is not built. Install the package with "
+        "`pip install --no-build-isolation .` (see README.md)."
+    ) from error
+
+ops = __import__("torch").ops.sparse_attention
+
+
+def cpu_capability() -> str:
+    """Instruction set the CPU kernels run with: "AVX512", "AVX2" or "DEFAULT"."""
+    return _C.cpu_capability()
+
+
+def built_with_cuda() -> bool:
+    """Whether CUDA kernels were compiled into this build."""
+    return bool(_C.with_cuda)

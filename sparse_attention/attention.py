@@ -1,0 +1,127 @@
+"""sparse_attention(): the public entry point, with its argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
+from sparse_attention._extension import ops
+from sparse_attention.layout import BlockLayout, BlockLists
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{name}: expected 4 dims [batch, heads, seq_len, head_dim], got shape {tuple(t.shape)}"
+        )
+
+
+def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: expected the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k: expected batch {batch} (that of q), got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k: expected head_dim {head_dim} (that of q), got {k.shape[3]}")
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: kv heads ({kv_heads}) must divide the query heads of q ({heads})")
+    if q_len == 0 or k_len == 0 or batch == 0 or head_dim == 0:
+        raise ValueError(f"q, k: empty dimension in shapes {tuple(q.shape)}, {tuple(k.shape)}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
+    layout.check_fits(q_len, k_len, heads)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask: expected a bool tensor [batch, Nk] (True = ignore)")
+        if tuple(key_padding_mask.shape) != (batch, k_len):
+            raise ValueError(
+                f"key_padding_mask: expected shape ({batch}, {k_len}), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
+
+
+def _window_bounds(causal: bool, window) -> tuple[int, int]:
+    """(left, right) token distances from the bottom-right diagonal; -1 = unbounded."""
+    left = right = -1
+    if window is not None:
+        if not (isinstance(window, tuple) and len(window) == 2):
+            raise TypeError("window: expected a (left, right) tuple of ints >= 0 or None")
+        bounds = []
+        for name, w in zip(("left", "right"), window):
+            if w is None:
+                bounds.append(-1)
+            elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ValueError(f"window: {name} must be an int >= 0 or None, got {w!r}")
+            else:
+                bounds.append(w)
+        left, right = bounds
+    if causal:
+        right = 0
+    return left, right
+
+
+@torch.compiler.assume_constant_result
+def _cached_block_lists(layout, q_len, k_len, window, device) -> BlockLists:
+    # Runs eagerly even under torch.compile: the lists become constants of the graph.
+    return layout.block_lists(q_len, k_len, window, device)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    return_lse: bool = False,
+):
+    """Block-sparse scaled dot-product attention.
+
+    Args:
+        q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (GQA / MQA).
+        layout: which (query block, key block) pairs are computed.
+        causal: query i sees key j only if j <= i + Nk - Nq (aligned bottom-right).
+        scale: multiplies q k^T; default 1/sqrt(D).
+        key_padding_mask: bool [B, Nk], True marks keys to ignore.
+        window: (left, right) token distances around the diagonal that stay visible inside
+            the layout's blocks (None = unbounded on that side); causal sets right to 0.
+        return_lse: also return the log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs).
+
+    Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
+    0 and lse = -inf, and zero gradients.
+    """
+    _check_inputs(q, k, v, layout, key_padding_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    window_left, window_right = _window_bounds(causal, window)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    lists = _cached_block_lists(layout, q.shape[2], k.shape[2], (window_left, window_right), q.device)
+    out, lse = ops.forward(
+        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
+    )
+    return (out, lse) if return_lse else out

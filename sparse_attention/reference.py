@@ -1,0 +1,83 @@
+"""Dense reference implementation of the op's contract, for tests and for debugging.
+
+It expands the layout and the element rules into a full [Nq, Nk] mask and runs plain
+attention in `compute_dtype` (fp64 by default). O(N^2) time and memory: use on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_attention.layout import BlockLayout
+
+
+def element_mask(
+    layout: BlockLayout,
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Bool mask [B or 1, layout heads, Nq, Nk]: True where query i attends to key j."""
+    bs = layout.block_size
+    blocks = layout.mask.to(device)
+    mask = blocks.repeat_interleave(bs, dim=1).repeat_interleave(bs, dim=2)[:, :q_len, :k_len]
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(k_len, device=device).unsqueeze(0)
+    dist = j - i - (k_len - q_len)  # signed distance from the bottom-right diagonal
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if left is not None:
+        mask = mask & (dist >= -left)
+    if right is not None:
+        mask = mask & (dist <= right)
+    mask = mask.unsqueeze(0)
+    if key_padding_mask is not None:
+        mask = mask & ~key_padding_mask.to(device)[:, None, None, :]
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+):
+    """Same contract as sparse_attention.sparse_attention, computed densely.
+
+    Differentiable: use it for reference gradients. Output has q's dtype; lse is in
+    compute_dtype."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    q_len, k_len = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = element_mask(
+        layout, q_len, k_len, causal=causal, window=window, key_padding_mask=key_padding_mask,
+        device=q.device,
+    )
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    kc = kc.repeat_interleave(heads // kv_heads, dim=1)
+    vc = vc.repeat_interleave(heads // kv_heads, dim=1)
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    # Rows that see no key get probabilities 0 (so output 0) and lse = -inf; their scores are
+    # replaced by zeros first so that no -inf - -inf reaches the gradient.
+    seen = mask.any(dim=-1, keepdim=True)
+    scores = torch.where(mask, scores, float("-inf"))
+    scores = torch.where(seen, scores, 0.0)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.where(seen, torch.exp(scores - lse), 0.0)
+    lse = torch.where(seen, lse, float("-inf")).squeeze(-1).expand(q.shape[:3])
+    out = (probs @ vc).to(q.dtype)
+    return (out, lse) if return_lse else out
