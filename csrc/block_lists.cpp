@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 
 #include <limits>
-#include <string>
 #include <vector>
 
 namespace sparse_attention {
@@ -114,6 +113,8 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
   const int32_t* full = num_full.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(off[0] == 0 && off[num_lists] == indices.numel(), name,
                     " block lists: offsets must run from 0 to the number of indices");
+  // last_list[b] == list once block b was seen in that list: a repeat would be counted twice.
+  std::vector<int64_t> last_list(blocks_across, -1);
   for (int64_t list = 0; list < num_lists; ++list) {
     const int64_t begin = off[list], end = off[list + 1];
     TORCH_CHECK_VALUE(begin <= end && full[list] >= 0 && full[list] <= end - begin, name,
@@ -122,6 +123,9 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
     for (int64_t e = begin; e < end; ++e) {
       TORCH_CHECK_VALUE(idx[e] >= 0 && idx[e] < blocks_across, name, " block lists: index ",
                         idx[e], " out of range [0, ", blocks_across, ")");
+      TORCH_CHECK_VALUE(last_list[idx[e]] != list, name, " block lists: block ", idx[e],
+                        " appears twice in list ", list);
+      last_list[idx[e]] = list;
       if (e < begin + full[list]) {
         const int64_t qb = rows ? along : idx[e], kb = rows ? idx[e] : along;
         TORCH_CHECK_VALUE(

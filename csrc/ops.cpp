@@ -1,5 +1,6 @@
 // Schemas of every sparse_attention op. Device implementations register in
 // csrc/cpu/attention_cpu.cpp and csrc/cuda/; autograd and fake kernels in sparse_attention/ops.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(sparse_attention, m) {
@@ -23,4 +24,10 @@ TORCH_LIBRARY(sparse_attention, m) {
       "Tensor lse, Tensor row_offsets, Tensor row_indices, Tensor row_num_full, "
       "Tensor col_offsets, Tensor col_indices, Tensor col_num_full, Tensor? key_padding_mask, "
       "int block_size, float scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+}
+
+// forward's autograd lives in Python (sparse_attention/ops.py); the backward op itself is not
+// differentiable, so double backward raises instead of silently returning zeros.
+TORCH_LIBRARY_IMPL(sparse_attention, Autograd, m) {
+  m.impl("backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -120,7 +121,10 @@ def sparse_attention(
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    lists = _cached_block_lists(layout, q.shape[2], k.shape[2], (window_left, window_right), q.device)
+    # operator.index specialises compiled graphs on the lengths (the block lists depend on
+    # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
+    q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
+    lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device)
     out, lse = ops.forward(
         q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
     )

@@ -70,7 +70,8 @@ class BlockLayout:
                 "mask: expected a non-empty [heads, q_blocks, k_blocks] or [q_blocks, k_blocks] "
                 f"tensor, got shape {tuple(mask.shape)}"
             )
-        self._mask = mask.detach().to("cpu").contiguous()
+        # A private copy: later edits of the caller's tensor must not change cached lists.
+        self._mask = mask.detach().to("cpu", copy=True).contiguous()
         self._nnz = int(self._mask.sum())
         self._lists: dict[tuple, BlockLists] = {}
         self._lock = threading.Lock()

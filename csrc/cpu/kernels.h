@@ -7,8 +7,10 @@
 
 namespace sparse_attention::cpu {
 
+// Entry points live in capability::<ISA>; the kernel templates themselves live in the
+// inline namespace sparse_attention::cpu::<ISA> of their own translation unit.
 #define SA_DECLARE_KERNELS(CAPABILITY)             \
-  namespace CAPABILITY {                           \
+  namespace capability::CAPABILITY {               \
   void forward(const ForwardParams& params);       \
   void backward(const BackwardParams& params);     \
   bool available();                                \

@@ -19,9 +19,9 @@
 #else
 #include "kernels.h"
 #include <c10/util/Exception.h>
-namespace sparse_attention::cpu::AVX2 {
+namespace sparse_attention::cpu::capability::AVX2 {
 void forward(const ForwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
 void backward(const BackwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
 bool available() { return false; }
-}  // namespace sparse_attention::cpu::AVX2
+}  // namespace sparse_attention::cpu::capability::AVX2
 #endif

@@ -16,9 +16,9 @@
 #else
 #include "kernels.h"
 #include <c10/util/Exception.h>
-namespace sparse_attention::cpu::AVX512 {
+namespace sparse_attention::cpu::capability::AVX512 {
 void forward(const ForwardParams&) { TORCH_CHECK(false, "AVX-512 kernels not built"); }
 void backward(const BackwardParams&) { TORCH_CHECK(false, "AVX-512 kernels not built"); }
 bool available() { return false; }
-}  // namespace sparse_attention::cpu::AVX512
+}  // namespace sparse_attention::cpu::capability::AVX512
 #endif

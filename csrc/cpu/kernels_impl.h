@@ -8,7 +8,7 @@
 #include "forward_kernel.h"
 #include "kernels.h"
 
-namespace sparse_attention::cpu::CPU_CAPABILITY {
+namespace sparse_attention::cpu::capability::CPU_CAPABILITY {
 
 namespace {
 template <typename Fn>
@@ -37,4 +37,4 @@ void backward(const BackwardParams& params) {
 
 bool available() { return true; }
 
-}  // namespace sparse_attention::cpu::CPU_CAPABILITY
+}  // namespace sparse_attention::cpu::capability::CPU_CAPABILITY

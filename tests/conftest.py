@@ -1,0 +1,111 @@
+"""Shared helpers: random layouts and inputs, and the FlashAttention accuracy rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+import sparse_attention as sa
+from sparse_attention import reference
+
+# Absolute floor added to the accuracy rule, per dtype.
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    batch: int = 1
+    heads: int = 2
+    kv_heads: int = 2
+    q_len: int = 100
+    k_len: int = 100
+    head_dim: int = 32
+    block_size: int = 16
+    density: float = 0.5
+    per_head: bool = False
+    causal: bool = False
+    padding: bool = False
+    window: tuple | None = None
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def __str__(self):
+        parts = [f"B{self.batch}H{self.heads}/{self.kv_heads}", f"N{self.q_len}x{self.k_len}",
+                 f"D{self.head_dim}", f"bs{self.block_size}", f"d{self.density}",
+                 str(self.dtype).replace("torch.", "")]
+        parts += [name for name in ("per_head", "causal", "padding") if getattr(self, name)]
+        if self.window:
+            parts.append(f"win{self.window}")
+        return "-".join(parts)
+
+
+def random_layout(case: Case, generator: torch.Generator) -> sa.BlockLayout:
+    q_blocks = math.ceil(case.q_len / case.block_size)
+    k_blocks = math.ceil(case.k_len / case.block_size)
+    heads = case.heads if case.per_head else 1
+    mask = torch.rand(heads, q_blocks, k_blocks, generator=generator) < case.density
+    return sa.BlockLayout(mask, case.block_size)
+
+
+def make_inputs(case: Case, requires_grad: bool = True):
+    """Fresh random q, k, v, layout and padding mask for a case."""
+    g = torch.Generator().manual_seed(case.seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(case.dtype)
+        return t.requires_grad_(requires_grad)
+
+    q = rand(case.batch, case.heads, case.q_len, case.head_dim)
+    k = rand(case.batch, case.kv_heads, case.k_len, case.head_dim)
+    v = rand(case.batch, case.kv_heads, case.k_len, case.head_dim)
+    layout = random_layout(case, g)
+    pad = None
+    if case.padding:
+        pad = torch.rand(case.batch, case.k_len, generator=g) < 0.3
+        pad[0, : case.k_len // 2] = True  # a long padded run: whole blocks padded
+    return q, k, v, layout, pad
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def assert_rule(name: str, ours: torch.Tensor, same_precision: torch.Tensor, exact: torch.Tensor):
+    """Our error against the fp64 result is at most twice that of a plain PyTorch
+    implementation computed in the inputs' precision, plus a small floor."""
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ours_err = max_error(ours, exact)
+    base_err = max_error(same_precision, exact)
+    bound = 2 * base_err + FLOOR[ours.dtype]
+    assert ours_err <= bound, f"{name}: error {ours_err:.3g} > bound {bound:.3g} (baseline {base_err:.3g})"
+
+
+def run_case(case: Case, check_grads: bool = True):
+    """Runs ours, the fp64 reference and the same-precision reference; checks the rule on
+    out and lse (and dq, dk, dv)."""
+    q, k, v, layout, pad = make_inputs(case)
+    kwargs = dict(causal=case.causal, key_padding_mask=pad, window=case.window)
+    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True, **kwargs)
+    exact, exact_lse = reference.attention(q, k, v, layout, return_lse=True, **kwargs)
+    low = reference.attention(q, k, v, layout, compute_dtype=case.dtype, **kwargs)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_rule("out", out, low, exact)
+    # Rows that see no key have lse = -inf in both; the others agree closely.
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "lse: -inf rows differ"
+    seen = torch.isfinite(exact_lse)
+    assert not torch.isnan(lse).any()
+    lse_tol = 1e-9 if case.dtype == torch.float64 else 1e-4 * (1 + exact_lse[seen].abs().max().item() if seen.any() else 1)
+    if seen.any():
+        assert max_error(lse[seen], exact_lse[seen]) <= lse_tol
+    assert (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all(), "rows with no key must be 0"
+    if not check_grads:
+        return
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
+    low_grads = torch.autograd.grad(low, (q, k, v), grad)
+    for name, a, b, c in zip(("dq", "dk", "dv"), ours, low_grads, exact_grads):
+        assert a.dtype == case.dtype
+        assert_rule(name, a, b, c)

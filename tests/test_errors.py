@@ -1,0 +1,109 @@
+"""Bad input raises ValueError or TypeError naming the argument; never a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_attention as sa
+
+
+def inputs(B=1, H=4, Hkv=2, Nq=40, Nk=40, D=16, dtype=torch.float32):
+    return (torch.randn(B, H, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
+            torch.randn(B, Hkv, Nk, D, dtype=dtype))
+
+
+def layout(heads=1, qb=3, kb=3, bs=16):
+    return sa.BlockLayout(torch.ones(heads, qb, kb, dtype=torch.bool), bs)
+
+
+def call(q=None, k=None, v=None, lay=None, **kwargs):
+    dq, dk, dv = inputs()
+    return sa.sparse_attention(dq if q is None else q, dk if k is None else k,
+                               dv if v is None else v, layout() if lay is None else lay, **kwargs)
+
+
+CASES = {
+    "q rank": (dict(q=torch.randn(4, 40, 16)), ValueError, "q: expected 4 dims"),
+    "k rank": (dict(k=torch.randn(1, 2, 40)), ValueError, "k: expected 4 dims"),
+    "int dtype": (dict(q=torch.ones(1, 4, 40, 16, dtype=torch.int64)), TypeError, "q: expected float32"),
+    "not a tensor": (dict(v=[1.0]), TypeError, "v: expected a torch.Tensor"),
+    "mixed dtypes": (dict(q=torch.randn(1, 4, 40, 16, dtype=torch.float64)), TypeError, "one dtype"),
+    "k v shapes": (dict(v=torch.randn(1, 2, 41, 16)), ValueError, "k, v: expected the same shape"),
+    "batch": (dict(k=torch.randn(2, 2, 40, 16), v=torch.randn(2, 2, 40, 16)), ValueError, "k: expected batch"),
+    "head dim": (dict(k=torch.randn(1, 2, 40, 8), v=torch.randn(1, 2, 40, 8)), ValueError, "k: expected head_dim"),
+    "gqa": (dict(k=torch.randn(1, 3, 40, 16), v=torch.randn(1, 3, 40, 16)), ValueError, "must divide"),
+    "empty seq": (dict(q=torch.randn(1, 4, 0, 16)), ValueError, "empty"),
+    "layout type": (dict(lay=torch.ones(1, 3, 3, dtype=torch.bool)), TypeError, "layout: expected a BlockLayout"),
+    "layout grid": (dict(lay=layout(qb=4)), ValueError, "layout: a 4 x 3 block grid"),
+    "layout heads": (dict(lay=layout(heads=3)), ValueError, "layout: has 3 heads"),
+    "pad dtype": (dict(key_padding_mask=torch.zeros(1, 40)), TypeError, "key_padding_mask"),
+    "pad shape": (dict(key_padding_mask=torch.zeros(1, 39, dtype=torch.bool)), ValueError, "key_padding_mask: expected shape"),
+    "scale": (dict(scale=float("nan")), ValueError, "scale"),
+    "window type": (dict(window=5), TypeError, "window"),
+    "window value": (dict(window=(-3, 0)), ValueError, "window: left"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_arguments(name):
+    kwargs, error, match = CASES[name]
+    with pytest.raises(error, match=match):
+        call(**kwargs)
+
+
+def test_head_dim_too_large_for_cpu():
+    q, k, v = inputs(D=300)
+    with pytest.raises(ValueError, match="head_dim"):
+        sa.sparse_attention(q, k, v, layout())
+
+
+def test_ops_check_their_inputs_directly():
+    """The ops are public through torch.ops: they validate lists and shapes themselves."""
+    q, k, v = inputs(H=2, Hkv=2)
+    lists = layout().block_lists(40, 40, (-1, -1), torch.device("cpu"))
+    fwd = torch.ops.sparse_attention.forward
+    fwd(q, k, v, *lists, None, 16, 0.25, -1, -1)  # valid
+    bad_index = lists._replace(row_indices=lists.row_indices.clone().fill_(7))
+    with pytest.raises(ValueError, match="out of range"):
+        fwd(q, k, v, *bad_index, None, 16, 0.25, -1, -1)
+    repeated = lists._replace(row_indices=torch.tensor([0, 0, 2, 0, 1, 2, 0, 1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="appears twice"):
+        fwd(q, k, v, *repeated, None, 16, 0.25, -1, -1)
+    bad_offsets = lists._replace(row_offsets=lists.row_offsets.flip(0).contiguous())
+    with pytest.raises(ValueError, match="offsets"):
+        fwd(q, k, v, *bad_offsets, None, 16, 0.25, -1, -1)
+    # Claiming a causal-diagonal block is full would skip its mask: refused.
+    dense = layout().block_lists(48, 48, (-1, -1), torch.device("cpu"))
+    q48, k48, v48 = inputs(H=2, Hkv=2, Nq=48, Nk=48)
+    with pytest.raises(ValueError, match="listed as full"):
+        fwd(q48, k48, v48, *dense, None, 16, 0.25, -1, 0)
+    with pytest.raises(ValueError, match="row_offsets"):
+        fwd(q, k, v, *layout(qb=3).block_lists(40, 40, (-1, -1), torch.device("cpu"))._replace(
+            row_offsets=torch.zeros(3, dtype=torch.int32)), None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="q: expected a 4-d"):
+        fwd(q[0], k, v, *lists, None, 16, 0.25, -1, -1)
+    with pytest.raises(TypeError, match="q: expected float32"):
+        fwd(q.long(), k, v, *lists, None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="block_size"):
+        fwd(q, k, v, *lists, None, 0, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fwd(q, k, v, *lists, torch.zeros(2, 40, dtype=torch.bool), 16, 0.25, -1, -1)
+
+
+def test_backward_op_checks_lse():
+    q, k, v = inputs(H=2, Hkv=2)
+    lists = layout().block_lists(40, 40, (-1, -1), torch.device("cpu"))
+    out, lse = torch.ops.sparse_attention.forward(q, k, v, *lists, None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="lse"):
+        torch.ops.sparse_attention.backward(out, None, q, k, v, out, lse[:, :, :5], *lists, None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="out, grad_out"):
+        torch.ops.sparse_attention.backward(out[:, :1], None, q, k, v, out, lse, *lists, None, 16, 0.25, -1, -1)
+
+
+def test_double_backward_is_refused():
+    q, k, v = (t.double().requires_grad_() for t in inputs(H=2, Hkv=2))
+    out = sa.sparse_attention(q, k, v, layout())
+    (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError):
+        gq.sum().backward()
