@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import torch  # loads libtorch, which the extension links against
+
 try:
-    from sparse_attention import _C  # noqa: F401  (import registers the ops)
-except ImportError as error:  # pragma: no cover - only without a build
+    from sparse_attention import _C
+except ModuleNotFoundError as error:  # pragma: no cover - only without a build
     raise ImportError(
         "sparse_attention._C is not built. Install the package with "
         "`pip install --no-build-isolation .` (see README.md)."
     ) from error
 
-ops = __import__("torch").ops.sparse_attention
+ops = torch.ops.sparse_attention
 
 
 def cpu_capability() -> str:

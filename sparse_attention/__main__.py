@@ -1,0 +1,3 @@
+from sparse_attention.cli import main
+
+main()

@@ -1,0 +1,23 @@
+"""The `sparse-attention` command line (also `python -m sparse_attention`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparse_attention import demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-attention", description="Block-sparse attention for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser(
+        "demo", help="time and memory of sparse against dense attention on a long sequence",
+        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)

@@ -1,0 +1,43 @@
+"""The command line: the demo runs end to end and reports every candidate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sparse_attention import cli, measure
+from sparse_attention.demo import demo_layout
+
+
+def test_demo_small(capsys):
+    cli.main(["demo", "--seq-len", "512", "--heads", "2", "--head-dim", "32", "--block", "32",
+              "--repeats", "1"])
+    out = capsys.readouterr().out
+    for name in ("sparse_attention (ours)", "SDPA dense causal", "SDPA + layout mask", "speed-up"):
+        assert name in out
+
+
+def test_demo_layout_is_causal_and_grows_like_n_sqrt_n():
+    small, large = demo_layout(4096, 64, 4), demo_layout(4 * 4096, 64, 4)
+    assert not small.mask.triu(1).any()
+    growth = large.nnz / small.nnz  # N x4: N^1.5 gives 8, N^2 gives 16, N gives 4
+    assert 5 < growth < 11
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "sparse_attention", "demo", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--seq-len" in result.stdout
+
+
+def test_cli_rejects_unknown_command():
+    with pytest.raises(SystemExit):
+        cli.main(["nonsense"])
+
+
+def test_format_bytes():
+    assert measure.format_bytes(None) == "n/a"
+    assert measure.format_bytes(512) == "512 B"
+    assert measure.format_bytes(3 * 2**30) == "3.0 GiB"
