@@ -4,9 +4,10 @@
 #   bash scripts/bootstrap.sh          # the library and its command line
 #   bash scripts/bootstrap.sh --test   # also what the test suite needs
 #
-# The venv sees packages installed system-wide, so a torch you already have is kept; only
-# when no torch can be imported is the CPU build (torch 2.13.0) installed. The extension is
-# compiled against that torch, so pip must not build it in an isolated environment.
+# The venv sees packages installed system-wide, so a torch you already have (2.5 or newer)
+# is kept; only when none can be imported is the CPU build (torch 2.13.0) installed. The
+# extension is compiled against that torch, so pip must not build it in an isolated
+# environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 venv_python=.venv/bin/python
 
-if ! "$venv_python" -c "import torch" 2>/dev/null; then
+# An importable torch of 2.5 or newer is kept; otherwise the CPU build goes into the venv.
+if ! "$venv_python" -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); sys.exit(tuple(map(int, v[:2])) < (2, 5))" 2>/dev/null; then
   "$venv_python" -m pip install "torch==2.13.0"
 fi
 "$venv_python" -m pip install --upgrade "setuptools>=64" wheel ninja
