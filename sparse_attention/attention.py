@@ -8,10 +8,15 @@ import operator
 import torch
 
 from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
-from sparse_attention._extension import ops
+from sparse_attention._extension import built_with_cuda, ops
 from sparse_attention.layout import BlockLayout, BlockLists
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def supported_device_types() -> tuple[str, ...]:
+    # "meta" is where torch.compile and opcheck trace shapes.
+    return ("cpu", "meta") + (("cuda",) if built_with_cuda() else ())
 
 
 def _check_tensor(name: str, t) -> None:
@@ -32,6 +37,11 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in supported_device_types():
+        raise ValueError(
+            f"q: tensors on {q.device.type} are not supported by this build; supported: "
+            f"{', '.join(supported_device_types())}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k, v: expected the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     batch, heads, q_len, head_dim = q.shape

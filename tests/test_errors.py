@@ -107,3 +107,13 @@ def test_double_backward_is_refused():
     (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
     with pytest.raises(RuntimeError):
         gq.sum().backward()
+
+
+
+def test_unsupported_device(monkeypatch):
+    # No second device is present here: pretend the build supports only CUDA.
+    from sparse_attention import attention
+
+    monkeypatch.setattr(attention, "supported_device_types", lambda: ("cuda",))
+    with pytest.raises(ValueError, match="q: tensors on cpu are not supported"):
+        call()

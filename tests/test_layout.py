@@ -24,6 +24,18 @@ def expected_kind(qb, kb, q_len, k_len, bs, left, right):
     return 1 if visible == total and total == bs * bs else 2
 
 
+def listed(offsets, indices, num_full, blocks_along, to_row_col, heads=2):
+    """{(head, query block, key block): 1 full / 2 partial} read back from CSR lists."""
+    entries = {}
+    for h in range(heads):
+        for a in range(blocks_along):
+            lo, hi = offsets[h * blocks_along + a].item(), offsets[h * blocks_along + a + 1].item()
+            nfull = num_full[h * blocks_along + a].item()
+            for pos, b in enumerate(indices[lo:hi].tolist()):
+                entries[(h, *to_row_col(a, b))] = 1 if pos < nfull else 2
+    return entries
+
+
 @pytest.mark.parametrize(
     "q_len,k_len,window",
     [(64, 64, (-1, -1)), (64, 64, (-1, 0)), (50, 70, (-1, 0)), (70, 50, (-1, 0)),
@@ -37,20 +49,8 @@ def test_lists_match_brute_force(q_len, k_len, window):
     layout = sa.BlockLayout(mask, bs)
     lists = layout.block_lists(q_len, k_len, window, torch.device("cpu"))
     assert all(t.dtype == torch.int32 for t in lists)
-    rows = {}
-    for h in range(2):
-        for r in range(qb):
-            lo, hi = lists.row_offsets[h * qb + r].item(), lists.row_offsets[h * qb + r + 1].item()
-            nfull = lists.row_num_full[h * qb + r].item()
-            for pos, c in enumerate(lists.row_indices[lo:hi].tolist()):
-                rows[(h, r, c)] = 1 if pos < nfull else 2
-    cols = {}
-    for h in range(2):
-        for c in range(kb):
-            lo, hi = lists.col_offsets[h * kb + c].item(), lists.col_offsets[h * kb + c + 1].item()
-            nfull = lists.col_num_full[h * kb + c].item()
-            for pos, r in enumerate(lists.col_indices[lo:hi].tolist()):
-                cols[(h, r, c)] = 1 if pos < nfull else 2
+    rows = listed(lists.row_offsets, lists.row_indices, lists.row_num_full, qb, lambda a, b: (a, b))
+    cols = listed(lists.col_offsets, lists.col_indices, lists.col_num_full, kb, lambda a, b: (b, a))
     want = {}
     for h in range(2):
         for r in range(qb):

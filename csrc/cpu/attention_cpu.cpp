@@ -87,6 +87,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // Layout heads implied by the row lists: one shared layout or one per query head.
+int64_t layout_heads(const Problem& p) { return p.per_head_layout ? p.heads : 1; }
+
 void set_layout_heads(Problem* p, const at::Tensor& row_offsets) {
   const int64_t lists = row_offsets.numel() - 1;
   TORCH_CHECK_VALUE(lists > 0 && lists % p->q_blocks == 0 &&
@@ -119,6 +121,19 @@ void attach_padding(Problem* p, const std::optional<at::Tensor>& key_padding_mas
   p->key_block_state = state->data();
 }
 
+// make_problem, plus the layout heads and the row lists every op walks, checked.
+Problem make_problem_with_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               int64_t block_size, double scale, int64_t window_left,
+                               int64_t window_right, const at::Tensor& row_offsets,
+                               const at::Tensor& row_indices, const at::Tensor& row_num_full) {
+  Problem p = make_problem(q, k, v, key_padding_mask, block_size, scale, window_left, window_right);
+  set_layout_heads(&p, row_offsets);
+  check_block_lists("row", row_offsets, row_indices, row_num_full, layout_heads(p) * p.q_blocks,
+                    p.q_blocks, p.k_blocks, true, p.q_len, p.k_len, block_size, p.window);
+  return p;
+}
+
 at::ScalarType accum_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -133,12 +148,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& /*col_offsets*/, const at::Tensor& /*col_indices*/,
     const at::Tensor& /*col_num_full*/, const std::optional<at::Tensor>& key_padding_mask,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right) {
-  Problem p = make_problem(q_in, k_in, v_in, key_padding_mask, block_size, scale, window_left,
-                           window_right);
-  set_layout_heads(&p, row_offsets);
-  const int64_t layout_heads = p.per_head_layout ? p.heads : 1;
-  check_block_lists("row", row_offsets, row_indices, row_num_full, layout_heads * p.q_blocks,
-                    p.q_blocks, p.k_blocks, true, p.q_len, p.k_len, block_size, p.window);
+  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, block_size, scale,
+                                     window_left, window_right, row_offsets, row_indices,
+                                     row_num_full);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor mask_bytes;
   std::vector<uint8_t> block_state;
@@ -166,13 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& col_indices, const at::Tensor& col_num_full,
     const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
     int64_t window_left, int64_t window_right) {
-  Problem p = make_problem(q_in, k_in, v_in, key_padding_mask, block_size, scale, window_left,
-                           window_right);
-  set_layout_heads(&p, row_offsets);
-  const int64_t layout_heads = p.per_head_layout ? p.heads : 1;
-  check_block_lists("row", row_offsets, row_indices, row_num_full, layout_heads * p.q_blocks,
-                    p.q_blocks, p.k_blocks, true, p.q_len, p.k_len, block_size, p.window);
-  check_block_lists("column", col_offsets, col_indices, col_num_full, layout_heads * p.k_blocks,
+  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, block_size, scale,
+                                     window_left, window_right, row_offsets, row_indices,
+                                     row_num_full);
+  check_block_lists("column", col_offsets, col_indices, col_num_full, layout_heads(p) * p.k_blocks,
                     p.k_blocks, p.q_blocks, false, p.q_len, p.k_len, block_size, p.window);
   TORCH_CHECK_VALUE(out_in.sizes() == q_in.sizes() && grad_out_in.sizes() == q_in.sizes(),
                     "out, grad_out: expected the shape of q ", q_in.sizes(), ", got ",
