@@ -21,6 +21,7 @@ SHAPES = [
          causal=True),
     Case(batch=2, q_len=300, k_len=200, head_dim=100, block_size=64, density=0.7, padding=True),
     Case(q_len=200, k_len=333, head_dim=128, block_size=128, density=1.0, causal=True),
+    Case(q_len=300, k_len=300, head_dim=256, block_size=256, density=1.0, causal=True),
 ]
 
 

@@ -56,23 +56,35 @@ inline void gemm_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
   }
 }
 
+// Rows of C held in registers at once: enough accumulators to hide FMA latency without
+// spilling (32 vector registers with AVX-512, 16 with AVX2).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kGemmRows = 8;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kGemmRows = 6;
+#else
+constexpr int kGemmRows = 4;
+#endif
+
+// The last m < R rows of a product, one register-blocked height at a time.
+template <typename T, int R, bool kAccumulate>
+inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                           int64_t ldb, T* c, int64_t ldc) {
+  if constexpr (R > 1) {
+    if (m == R - 1) return gemm_rows<T, R - 1, kAccumulate>(n, k, a, lda, b, ldb, c, ldc);
+    gemm_tail_rows<T, R - 1, kAccumulate>(m, n, k, a, lda, b, ldb, c, ldc);
+  }
+}
+
 // C[m x n] (+)= A[m x k] * B[k x n], all row-major with the given leading dimensions.
 template <bool kAccumulate, typename T>
 inline void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                     int64_t ldb, T* c, int64_t ldc) {
-  constexpr int kRows = 4;
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) {
-    gemm_rows<T, kRows, kAccumulate>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  for (; i + kGemmRows <= m; i += kGemmRows) {
+    gemm_rows<T, kGemmRows, kAccumulate>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
   }
-  const T* a_tail = a + i * lda;
-  T* c_tail = c + i * ldc;
-  switch (m - i) {
-    case 3: gemm_rows<T, 3, kAccumulate>(n, k, a_tail, lda, b, ldb, c_tail, ldc); break;
-    case 2: gemm_rows<T, 2, kAccumulate>(n, k, a_tail, lda, b, ldb, c_tail, ldc); break;
-    case 1: gemm_rows<T, 1, kAccumulate>(n, k, a_tail, lda, b, ldb, c_tail, ldc); break;
-    default: break;
-  }
+  gemm_tail_rows<T, kGemmRows, kAccumulate>(m - i, n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
 }
 
 // dst[c x r] = src[r x c]^T.
