@@ -64,15 +64,23 @@ def default_max_jobs() -> int:
     return max(1, min(cores, int(mem_gb // 3)))  # nvcc needs up to ~3 GB a job
 
 
+PORTABLE_KERNELS = "csrc/cpu/kernels_default.cpp"
+ISA_KERNELS = ["csrc/cpu/kernels_x86_avx2.cpp", "csrc/cpu/kernels_x86_avx512.cpp"]
+
+
 def sources(with_cuda: bool) -> list[str]:
-    # The portable kernels come first: at link time inline functions shared with the
-    # AVX2/AVX-512 objects then resolve to their portable copies.
-    files = ["csrc/cpu/kernels_default.cpp", "csrc/cpu/kernels_dispatch.cpp", "csrc/cpu/parallel.cpp",
-             "csrc/cpu/attention_cpu.cpp", "csrc/block_lists.cpp", "csrc/ops.cpp", "csrc/module.cpp",
-             "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
+    files = [PORTABLE_KERNELS, "csrc/cpu/kernels_dispatch.cpp", "csrc/cpu/parallel.cpp",
+             "csrc/cpu/attention_cpu.cpp", "csrc/block_lists.cpp", "csrc/ops.cpp",
+             "csrc/module.cpp", *ISA_KERNELS]
+    # setuptools compiles and links sources in sorted order. The portable kernels must link
+    # before the AVX2/AVX-512 ones: an inline function (from c10 or the standard library)
+    # that both emit then resolves to its portable copy, never to one with AVX instructions
+    # that a portable caller could run on an older processor. tests/test_build.py checks it.
+    ordered = sorted(files)
+    assert all(ordered.index(PORTABLE_KERNELS) < ordered.index(isa) for isa in ISA_KERNELS)
     if with_cuda:
-        files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
-        files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cpp"), recursive=True))
+        for pattern in ("csrc/cuda/**/*.cu", "csrc/cuda/**/*.cpp"):
+            files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
     return files
 
 

@@ -30,4 +30,4 @@ if ! "$venv_python" -c "import sys, torch; v = torch.__version__.split('+')[0].s
 fi
 "$venv_python" -m pip install --upgrade "setuptools>=64" wheel ninja
 "$venv_python" -m pip install --no-build-isolation -e ".${extras}"
-"$venv_python" -c "import sparse_attention as sa; print('sparse_attention', sa.__version__, 'ready: CPU kernels', sa.cpu_capability() + (', CUDA kernels' if sa.built_with_cuda() else ''))"
+"$venv_python" -c "import sparse_attention as sa; print('sparse_attention', sa.__version__, 'ready: CPU kernels', sa.cpu_capability() + (' (CUDA build)' if sa.built_with_cuda() else ''))"

@@ -21,5 +21,5 @@ def cpu_capability() -> str:
 
 
 def built_with_cuda() -> bool:
-    """Whether CUDA kernels were compiled into this build."""
+    """Whether the extension was compiled with nvcc against a CUDA build of torch."""
     return bool(_C.with_cuda)

@@ -8,15 +8,22 @@ import operator
 import torch
 
 from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
-from sparse_attention._extension import built_with_cuda, ops
+from sparse_attention._extension import ops
 from sparse_attention.layout import BlockLayout, BlockLists
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def supported_device_types() -> tuple[str, ...]:
-    # "meta" is where torch.compile and opcheck trace shapes.
-    return ("cpu", "meta") + (("cuda",) if built_with_cuda() else ())
+def _device_types_with_kernels() -> tuple[str, ...]:
+    """Device types with a registered forward kernel ("meta": where torch.compile and
+    opcheck trace shapes)."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    gpu = tuple(device for device, key in (("cuda", "CUDA"),)
+                if has_kernel("sparse_attention::forward", key))
+    return ("cpu", "meta") + gpu
+
+
+SUPPORTED_DEVICE_TYPES = _device_types_with_kernels()
 
 
 def _check_tensor(name: str, t) -> None:
@@ -37,10 +44,10 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type not in supported_device_types():
+    if q.device.type not in SUPPORTED_DEVICE_TYPES:
         raise ValueError(
             f"q: tensors on {q.device.type} are not supported by this build; supported: "
-            f"{', '.join(supported_device_types())}"
+            f"{', '.join(SUPPORTED_DEVICE_TYPES)}"
         )
     if k.shape != v.shape:
         raise ValueError(f"k, v: expected the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -114,6 +114,6 @@ def test_unsupported_device(monkeypatch):
     # No second device is present here: pretend the build supports only CUDA.
     from sparse_attention import attention
 
-    monkeypatch.setattr(attention, "supported_device_types", lambda: ("cuda",))
+    monkeypatch.setattr(attention, "SUPPORTED_DEVICE_TYPES", ("cuda",))
     with pytest.raises(ValueError, match="q: tensors on cpu are not supported"):
         call()

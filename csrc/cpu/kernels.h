@@ -1,5 +1,5 @@
 // Entry points of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
-// kernels_avx2.cpp, kernels_avx512.cpp). forward()/backward() pick the best one the
+// kernels_x86_avx2.cpp, kernels_x86_avx512.cpp). forward()/backward() pick the best one the
 // processor supports, as ATen does (ATEN_CPU_CAPABILITY is honoured).
 #pragma once
 
