@@ -1,9 +1,14 @@
-// Per-block steps shared by the forward and backward kernels: scores of one
-// (query block, key block) pair with the element rules applied, and probabilities
-// recomputed from the saved log-sum-exp.
+// Per-block steps shared by the forward and backward kernels: the element rules on a score
+// tile and the description of one (query block, key block) pair.
+//
+// Score tiles come in two orientations. "Row" tiles s[qn x kn] hold one row per query (the
+// dK/dV pass walks query blocks against a fixed key block). "Column" tiles s_t[kn x qn] hold
+// one row per key and one column per query: a task that owns a query block keeps Q^T once and
+// multiplies key rows straight from memory, so no key tile is ever transposed, and softmax
+// statistics run vectorised across queries.
 #pragma once
 
-#include <cmath>
+#include <algorithm>
 #include <limits>
 
 #include "params.h"
@@ -18,38 +23,38 @@ struct BlockPair {
   bool masked;  // element rules must be applied (partial block or mixed padding)
 };
 
-template <typename T>
+// Sets to -inf the scores the element rules hide: s is [qn x kn] (kColumns false) or
+// [kn x qn] (kColumns true), with leading dimension ld.
+template <bool kColumns, typename T>
 inline void apply_element_mask(const Problem& p, int64_t batch, const BlockPair& blk, T* s,
                                int64_t ld) {
   const uint8_t* pad = p.key_padding ? p.key_padding + batch * p.k_len + blk.k0 : nullptr;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < blk.qn; ++i) {
     for (int64_t j = 0; j < blk.kn; ++j) {
-      if (!p.window.visible(blk.q0 + i, blk.k0 + j) || (pad && pad[j])) s[i * ld + j] = kNegInf;
+      if (!p.window.visible(blk.q0 + i, blk.k0 + j) || (pad && pad[j])) {
+        (kColumns ? s[j * ld + i] : s[i * ld + j]) = kNegInf;
+      }
     }
   }
 }
 
-// s[qn x kn] = q_scaled[qn x D] * k_t[D x kn], masked where the element rules say so.
+// Column tile S^T[kn x qn] = K (scale Q)^T from key rows and the task's (scale Q)^T [D x qn],
+// with the element rules applied.
 template <typename T>
-inline void block_scores(const Problem& p, int64_t batch, const BlockPair& blk, const T* q_scaled,
-                         const T* k_t, T* s) {
-  gemm_nn<false>(blk.qn, blk.kn, p.head_dim, q_scaled, p.head_dim, k_t, blk.kn, s, blk.kn);
-  if (blk.masked) apply_element_mask(p, batch, blk, s, blk.kn);
+inline void column_scores(const Problem& p, int64_t batch, const BlockPair& blk,
+                          const RowsView<T>& k, const T* q_t, T* s_t) {
+  gemm<false>(blk.kn, blk.qn, p.head_dim, k.data, k.ld, q_t, blk.qn, s_t, blk.qn);
+  if (blk.masked) apply_element_mask<true>(p, batch, blk, s_t, blk.qn);
 }
 
-// s <- exp(s - lse) row by row: the softmax probabilities of the forward pass. Rows that
-// saw no key (lse = -inf) get 0.
+// Row tile S[qn x kn] = Q (scale K)^T from query rows and the task's (scale K)^T [D x kn],
+// with the element rules applied.
 template <typename T>
-inline void probabilities_from_lse(const BlockPair& blk, const T* lse, T* s) {
-  for (int64_t i = 0; i < blk.qn; ++i) {
-    T* row = s + i * blk.kn;
-    if (std::isinf(lse[i])) {
-      std::fill(row, row + blk.kn, T(0));
-    } else {
-      exp_shift_sum(row, blk.kn, lse[i]);
-    }
-  }
+inline void row_scores(const Problem& p, int64_t batch, const BlockPair& blk,
+                       const RowsView<T>& q, const T* k_t, T* s) {
+  gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
+  if (blk.masked) apply_element_mask<false>(p, batch, blk, s, blk.kn);
 }
 
 // Key-block state of a batch entry under key padding (all valid when there is none).
@@ -59,7 +64,7 @@ inline KeyBlockState key_block_state(const Problem& p, int64_t batch, int64_t kb
              : KeyBlockState::kAllValid;
 }
 
-// Describes entry `e` of a block list, or returns false when padding hides the whole block.
+// Describes block pair (qb, kb), or returns false when padding hides the whole key block.
 inline bool make_block_pair(const Problem& p, int64_t batch, int64_t qb, int64_t kb,
                             bool listed_partial, BlockPair* blk) {
   const KeyBlockState state = key_block_state(p, batch, kb);
@@ -70,6 +75,27 @@ inline bool make_block_pair(const Problem& p, int64_t batch, int64_t qb, int64_t
   blk->kn = std::min(p.block_size, p.k_len - blk->k0);
   blk->masked = listed_partial || state == KeyBlockState::kMixed;
   return true;
+}
+
+// Calls fn(const BlockPair&) for each entry of list `list` that padding leaves visible:
+// entries are key blocks of query block `fixed` (kRows) or query blocks of key block `fixed`.
+template <bool kRows, typename Fn>
+inline void for_each_block_pair(const Problem& p, const BlockLists& lists, int64_t list,
+                                int64_t batch, int64_t fixed, const Fn& fn) {
+  const int64_t begin = lists.offsets[list], end = lists.offsets[list + 1];
+  const int64_t full_end = begin + lists.num_full[list];
+  for (int64_t e = begin; e < end; ++e) {
+    const int64_t qb = kRows ? fixed : lists.indices[e], kb = kRows ? lists.indices[e] : fixed;
+    BlockPair blk;
+    if (make_block_pair(p, batch, qb, kb, e >= full_end, &blk)) fn(blk);
+  }
+}
+
+// Pointer to row `row` of head `head` of batch entry `batch` of an operand.
+template <typename scalar_t>
+inline const scalar_t* operand_rows(const Operand& op, int64_t batch, int64_t head, int64_t row) {
+  return static_cast<const scalar_t*>(op.data) + batch * op.batch_stride + head * op.head_stride +
+         row * op.row_stride;
 }
 
 }  // namespace CPU_CAPABILITY

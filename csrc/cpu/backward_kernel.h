@@ -1,13 +1,17 @@
 // Block-sparse attention backward on the CPU, deterministic and free of atomics:
 //   1. delta = rowsum(dO * O) - dlse;
 //   2. one task per (batch, kv head, key block) walks its column of the layout (for every
-//      query head of the GQA group) and accumulates dK and dV;
-//   3. one task per (batch, head, query block) walks its row and accumulates dQ.
-// P is recomputed from the saved lse in both passes.
+//      query head of the GQA group) and accumulates dK and dV, with row tiles [qn x kn];
+//   3. one task per (batch, head, query block) walks its row and accumulates dQ, with column
+//      tiles [kn x qn] (see attention_tile.h).
+// P is recomputed from the saved lse in both passes. Each task transposes only what it
+// keeps for all of its blocks (K and V in pass 2, Q and dO in pass 3).
 #pragma once
 
 #include <ATen/OpMathType.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "attention_tile.h"
@@ -20,15 +24,13 @@ template <typename scalar_t>
 void compute_delta(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
   const Problem& p = g.problem;
-  const auto* out = static_cast<const scalar_t*>(g.out.data);
-  const auto* grad_out = static_cast<const scalar_t*>(g.grad_out.data);
   const auto* grad_lse = static_cast<const T*>(g.grad_lse);
   auto* delta = static_cast<T*>(g.delta);
   run_parallel(p.batch * p.heads, [&](const NextTask& next) {
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t batch = task / p.heads, head = task % p.heads;
-      const scalar_t* o = out + batch * g.out.batch_stride + head * g.out.head_stride;
-      const scalar_t* d_o = grad_out + batch * g.grad_out.batch_stride + head * g.grad_out.head_stride;
+      const scalar_t* o = operand_rows<scalar_t>(g.out, batch, head, 0);
+      const scalar_t* d_o = operand_rows<scalar_t>(g.grad_out, batch, head, 0);
       for (int64_t i = 0; i < p.q_len; ++i) {
         T sum = 0;
         for (int64_t j = 0; j < p.head_dim; ++j) {
@@ -42,89 +44,58 @@ void compute_delta(const BackwardParams& g) {
   });
 }
 
-// Query-side tiles of one (batch, head, query block): scaled Q, dO, lse and delta.
-template <typename scalar_t, typename T>
-struct QueryTiles {
-  std::vector<T> q, grad_out, lse, delta;
-  QueryTiles(int64_t bs, int64_t dim) : q(bs * dim), grad_out(bs * dim), lse(bs), delta(bs) {}
-
-  void load(const BackwardParams& g, int64_t batch, int64_t head, int64_t q0, int64_t qn) {
-    const Problem& p = g.problem;
-    const int64_t dim = p.head_dim;
-    load_rows(qn, dim,
-              static_cast<const scalar_t*>(g.q.data) + batch * g.q.batch_stride +
-                  head * g.q.head_stride + q0 * g.q.row_stride,
-              g.q.row_stride, static_cast<T>(p.scale), q.data());
-    load_rows(qn, dim,
-              static_cast<const scalar_t*>(g.grad_out.data) + batch * g.grad_out.batch_stride +
-                  head * g.grad_out.head_stride + q0 * g.grad_out.row_stride,
-              g.grad_out.row_stride, T(1), grad_out.data());
-    const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
-    std::copy_n(static_cast<const T*>(g.lse) + row0, qn, lse.data());
-    std::copy_n(static_cast<const T*>(g.delta) + row0, qn, delta.data());
-  }
-};
-
-// P and dS = P * (dP - delta) of one block pair; p_tile and ds_tile are [qn x kn].
-template <typename scalar_t, typename T>
-inline void block_softmax_grad(const Problem& p, int64_t batch, const BlockPair& blk,
-                               const QueryTiles<scalar_t, T>& qt, const T* k_t, const T* v_t,
-                               T* p_tile, T* ds_tile) {
-  block_scores(p, batch, blk, qt.q.data(), k_t, p_tile);
-  probabilities_from_lse(blk, qt.lse.data(), p_tile);
-  gemm_nn<false>(blk.qn, blk.kn, p.head_dim, qt.grad_out.data(), p.head_dim, v_t, blk.kn,
-                 ds_tile, blk.kn);
-  for (int64_t i = 0; i < blk.qn; ++i) {
-    softmax_grad_row(p_tile + i * blk.kn, ds_tile + i * blk.kn, blk.kn, qt.delta[i]);
-  }
-}
-
 template <typename scalar_t>
 void grad_key_value_kernel(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
   const Problem& p = g.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
+  const auto* lse = static_cast<const T*>(g.lse);
+  const auto* delta = static_cast<const T*>(g.delta);
   run_parallel(p.batch * p.kv_heads * p.k_blocks, [&](const NextTask& next) {
-    QueryTiles<scalar_t, T> qt(bs, dim);
-    std::vector<T> k_t(dim * bs), v_t(dim * bs), p_tile(bs * bs), ds_tile(bs * bs),
-        transposed(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
+    std::vector<T> k_t(dim * bs), v_t(dim * bs), q_rows(bs * dim), do_rows(bs * dim),
+        s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t kb = task % p.k_blocks, kv_head = (task / p.k_blocks) % p.kv_heads,
                     batch = task / (p.k_blocks * p.kv_heads);
       const int64_t k0 = kb * bs, kn = std::min(bs, p.k_len - k0);
       std::fill(grad_k.begin(), grad_k.end(), T(0));
       std::fill(grad_v.begin(), grad_v.end(), T(0));
-      load_rows_transposed(kn, dim,
-                           static_cast<const scalar_t*>(g.k.data) + batch * g.k.batch_stride +
-                               kv_head * g.k.head_stride + k0 * g.k.row_stride,
-                           g.k.row_stride, k_t.data(), kn);
-      load_rows_transposed(kn, dim,
-                           static_cast<const scalar_t*>(g.v.data) + batch * g.v.batch_stride +
-                               kv_head * g.v.head_stride + k0 * g.v.row_stride,
-                           g.v.row_stride, v_t.data(), kn);
+      // (scale K)^T and V^T, kept for every query block of the column.
+      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, k0), g.k.row_stride,
+                           static_cast<T>(p.scale), k_t.data(), kn);
+      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
+                           T(1), v_t.data(), kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
         const int64_t list = p.layout_head(head) * p.k_blocks + kb;
-        const int64_t begin = g.cols.offsets[list], end = g.cols.offsets[list + 1];
-        const int64_t full_end = begin + g.cols.num_full[list];
-        for (int64_t e = begin; e < end; ++e) {
-          const int64_t qb = g.cols.indices[e];
-          BlockPair blk;
-          if (!make_block_pair(p, batch, qb, kb, e >= full_end, &blk)) continue;
-          qt.load(g, batch, head, blk.q0, blk.qn);
-          block_softmax_grad(p, batch, blk, qt, k_t.data(), v_t.data(), p_tile.data(),
-                             ds_tile.data());
-          // dV += P^T dO and dK += dS^T (scale * Q).
-          transpose(blk.qn, kn, p_tile.data(), kn, transposed.data(), blk.qn);
-          gemm_nn<true>(kn, dim, blk.qn, transposed.data(), blk.qn, qt.grad_out.data(), dim,
-                        grad_v.data(), dim);
-          transpose(blk.qn, kn, ds_tile.data(), kn, transposed.data(), blk.qn);
-          gemm_nn<true>(kn, dim, blk.qn, transposed.data(), blk.qn, qt.q.data(), dim,
-                        grad_k.data(), dim);
-        }
+        for_each_block_pair<false>(p, g.cols, list, batch, kb, [&](const BlockPair& blk) {
+          const int64_t qn = blk.qn, row0 = (batch * p.heads + head) * p.q_len + blk.q0;
+          const RowsView<T> q = rows_as(operand_rows<scalar_t>(g.q, batch, head, blk.q0),
+                                        g.q.row_stride, qn, dim, q_rows.data());
+          const RowsView<T> d_o = rows_as(operand_rows<scalar_t>(g.grad_out, batch, head, blk.q0),
+                                          g.grad_out.row_stride, qn, dim, do_rows.data());
+          // P = exp(Q (scale K)^T - lse) per row; rows that saw no key get 0.
+          row_scores(p, batch, blk, q, k_t.data(), s.data());
+          for (int64_t i = 0; i < qn; ++i) {
+            T* row = s.data() + i * kn;
+            if (std::isinf(lse[row0 + i])) {
+              std::fill(row, row + kn, T(0));
+            } else {
+              exp_shift_sum(row, kn, lse[row0 + i]);
+            }
+          }
+          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q (scale applied when storing).
+          gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
+          gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
+          for (int64_t i = 0; i < qn; ++i) {
+            softmax_grad_row(s.data() + i * kn, dp.data() + i * kn, kn, delta[row0 + i]);
+          }
+          gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim);
+        });
       }
-      const int64_t row0 = (batch * p.kv_heads + kv_head) * p.k_len + k0;
-      store_rows(kn, dim, grad_k.data(), T(1), static_cast<scalar_t*>(g.grad_k) + row0 * dim, dim);
-      store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + row0 * dim, dim);
+      const int64_t out0 = (batch * p.kv_heads + kv_head) * p.k_len + k0;
+      store_rows(kn, dim, grad_k.data(), static_cast<T>(p.scale),
+                 static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
+      store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
     }
   });
 }
@@ -135,37 +106,43 @@ void grad_query_kernel(const BackwardParams& g) {
   const Problem& p = g.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
   run_parallel(p.batch * p.heads * p.q_blocks, [&](const NextTask& next) {
-    QueryTiles<scalar_t, T> qt(bs, dim);
-    std::vector<T> k_t(dim * bs), v_t(dim * bs), k_tile(bs * dim), p_tile(bs * bs),
-        ds_tile(bs * bs), grad_q(bs * dim);
+    std::vector<T> q_t(dim * bs), do_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim),
+        s_t(bs * bs), dp_t(bs * bs), shift(bs), delta(bs), grad_q(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t qb = task % p.q_blocks, head = (task / p.q_blocks) % p.heads,
                     batch = task / (p.q_blocks * p.heads), kv_head = head / p.group();
       const int64_t q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
-      std::fill(grad_q.begin(), grad_q.end(), T(0));
-      qt.load(g, batch, head, q0, qn);
-      const int64_t list = p.layout_head(head) * p.q_blocks + qb;
-      const int64_t begin = g.rows.offsets[list], end = g.rows.offsets[list + 1];
-      const int64_t full_end = begin + g.rows.num_full[list];
-      const auto* k_head = static_cast<const scalar_t*>(g.k.data) + batch * g.k.batch_stride +
-                           kv_head * g.k.head_stride;
-      const auto* v_head = static_cast<const scalar_t*>(g.v.data) + batch * g.v.batch_stride +
-                           kv_head * g.v.head_stride;
-      for (int64_t e = begin; e < end; ++e) {
-        BlockPair blk;
-        if (!make_block_pair(p, batch, qb, g.rows.indices[e], e >= full_end, &blk)) continue;
-        const scalar_t* k_rows = k_head + blk.k0 * g.k.row_stride;
-        load_rows_transposed(blk.kn, dim, k_rows, g.k.row_stride, k_t.data(), blk.kn);
-        load_rows(blk.kn, dim, k_rows, g.k.row_stride, T(1), k_tile.data());
-        load_rows_transposed(blk.kn, dim, v_head + blk.k0 * g.v.row_stride, g.v.row_stride,
-                             v_t.data(), blk.kn);
-        block_softmax_grad(p, batch, blk, qt, k_t.data(), v_t.data(), p_tile.data(),
-                           ds_tile.data());
-        // dQ += dS K (times scale, applied once when storing).
-        gemm_nn<true>(qn, dim, blk.kn, ds_tile.data(), blk.kn, k_tile.data(), dim,
-                      grad_q.data(), dim);
-      }
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
+      std::fill(grad_q.begin(), grad_q.end(), T(0));
+      // (scale Q)^T and dO^T, kept for every key block of the row; a query that saw no key
+      // shifts by +inf so that its probabilities are exp(-inf) = 0.
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.q, batch, head, q0), g.q.row_stride,
+                           static_cast<T>(p.scale), q_t.data(), qn);
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, q0),
+                           g.grad_out.row_stride, T(1), do_t.data(), qn);
+      for (int64_t i = 0; i < qn; ++i) {
+        const T lse = static_cast<const T*>(g.lse)[row0 + i];
+        shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
+        delta[i] = static_cast<const T*>(g.delta)[row0 + i];
+      }
+      const int64_t list = p.layout_head(head) * p.q_blocks + qb;
+      for_each_block_pair<true>(p, g.rows, list, batch, qb, [&](const BlockPair& blk) {
+        const int64_t kn = blk.kn;
+        const RowsView<T> k = rows_as(operand_rows<scalar_t>(g.k, batch, kv_head, blk.k0),
+                                      g.k.row_stride, kn, dim, k_rows.data());
+        const RowsView<T> v = rows_as(operand_rows<scalar_t>(g.v, batch, kv_head, blk.k0),
+                                      g.v.row_stride, kn, dim, v_rows.data());
+        // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
+        column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+        for (int64_t j = 0; j < kn; ++j) {
+          exp_shift_columns(s_t.data() + j * qn, shift.data(), static_cast<T*>(nullptr), qn);
+        }
+        gemm<false>(kn, qn, dim, v.data, v.ld, do_t.data(), qn, dp_t.data(), qn);
+        for (int64_t j = 0; j < kn; ++j) {
+          softmax_grad_columns(s_t.data() + j * qn, dp_t.data() + j * qn, delta.data(), qn);
+        }
+        gemm<true, true>(qn, dim, kn, dp_t.data(), qn, k.data, k.ld, grad_q.data(), dim);
+      });
       store_rows(qn, dim, grad_q.data(), static_cast<T>(p.scale),
                  static_cast<scalar_t*>(g.grad_q) + row0 * dim, dim);
     }

@@ -21,64 +21,59 @@ void forward_kernel(const ForwardParams& f) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const Problem& p = f.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
-  const T scale = static_cast<T>(p.scale);
-  const auto* q = static_cast<const scalar_t*>(f.q.data);
-  const auto* k = static_cast<const scalar_t*>(f.k.data);
-  const auto* v = static_cast<const scalar_t*>(f.v.data);
   auto* out = static_cast<scalar_t*>(f.out);
   auto* lse = static_cast<T*>(f.lse);
 
   run_parallel(p.batch * p.heads * p.q_blocks, [&](const NextTask& next) {
-    std::vector<T> q_tile(bs * dim), k_t(dim * bs), v_tile(bs * dim), s(bs * bs),
-        acc(bs * dim), row_max_so_far(bs), row_sum(bs);
+    // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
+    // block_sum are per query.
+    std::vector<T> q_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim), s_t(bs * bs), acc(bs * dim),
+        m(bs), l(bs), new_max(bs), shift(bs), block_sum(bs);
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t qb = task % p.q_blocks, head = (task / p.q_blocks) % p.heads,
                     batch = task / (p.q_blocks * p.heads), kv_head = head / p.group();
       const int64_t q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
-      load_rows(qn, dim, q + batch * f.q.batch_stride + head * f.q.head_stride + q0 * f.q.row_stride,
-                f.q.row_stride, scale, q_tile.data());
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(f.q, batch, head, q0), f.q.row_stride,
+                           static_cast<T>(p.scale), q_t.data(), qn);
       std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(row_max_so_far.begin(), row_max_so_far.end(), kNegInf);
-      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), T(0));
 
       const int64_t list = p.layout_head(head) * p.q_blocks + qb;
-      const int64_t begin = f.rows.offsets[list], end = f.rows.offsets[list + 1];
-      const int64_t full_end = begin + f.rows.num_full[list];
-      const scalar_t* k_head = k + batch * f.k.batch_stride + kv_head * f.k.head_stride;
-      const scalar_t* v_head = v + batch * f.v.batch_stride + kv_head * f.v.head_stride;
-      for (int64_t e = begin; e < end; ++e) {
-        BlockPair blk;
-        if (!make_block_pair(p, batch, qb, f.rows.indices[e], e >= full_end, &blk)) continue;
-        load_rows_transposed(blk.kn, dim, k_head + blk.k0 * f.k.row_stride, f.k.row_stride,
-                             k_t.data(), blk.kn);
-        load_rows(blk.kn, dim, v_head + blk.k0 * f.v.row_stride, f.v.row_stride, T(1),
-                  v_tile.data());
-        block_scores(p, batch, blk, q_tile.data(), k_t.data(), s.data());
-        // Online softmax: rescale what was accumulated when a row's maximum grows.
-        for (int64_t i = 0; i < qn; ++i) {
-          T* row = s.data() + i * blk.kn;
-          const T new_max = std::max(row_max_so_far[i], row_max(row, blk.kn));
-          if (new_max == kNegInf) {  // nothing visible in this row yet
-            std::fill(row, row + blk.kn, T(0));
-            continue;
-          }
-          const T correction =
-              row_max_so_far[i] == kNegInf ? T(0) : std::exp(row_max_so_far[i] - new_max);
-          const T block_sum = exp_shift_sum(row, blk.kn, new_max);
-          if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
-          row_sum[i] = row_sum[i] * correction + block_sum;
-          row_max_so_far[i] = new_max;
+      for_each_block_pair<true>(p, f.rows, list, batch, qb, [&](const BlockPair& blk) {
+        const int64_t kn = blk.kn;
+        const RowsView<T> k = rows_as(operand_rows<scalar_t>(f.k, batch, kv_head, blk.k0),
+                                      f.k.row_stride, kn, dim, k_rows.data());
+        const RowsView<T> v = rows_as(operand_rows<scalar_t>(f.v, batch, kv_head, blk.k0),
+                                      f.v.row_stride, kn, dim, v_rows.data());
+        column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+
+        // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
+        // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
+        // rescaling of what was accumulated under the old maximum.
+        std::copy_n(m.begin(), qn, new_max.begin());
+        for (int64_t j = 0; j < kn; ++j) max_into(new_max.data(), s_t.data() + j * qn, qn);
+        for (int64_t i = 0; i < qn; ++i) shift[i] = new_max[i] == kNegInf ? T(0) : new_max[i];
+        std::fill_n(block_sum.begin(), qn, T(0));
+        for (int64_t j = 0; j < kn; ++j) {
+          exp_shift_columns(s_t.data() + j * qn, shift.data(), block_sum.data(), qn);
         }
-        gemm_nn<true>(qn, dim, blk.kn, s.data(), blk.kn, v_tile.data(), dim, acc.data(), dim);
-      }
+        for (int64_t i = 0; i < qn; ++i) {
+          const T correction = m[i] == kNegInf ? T(0) : std::exp(m[i] - new_max[i]);
+          if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
+          l[i] = l[i] * correction + block_sum[i];
+          m[i] = new_max[i];
+        }
+        // O += P V, with P read from its transposed tile.
+        gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+      });
 
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
       for (int64_t i = 0; i < qn; ++i) {
         // A row that saw no key returns 0 with lse = -inf.
-        const bool seen = row_sum[i] > T(0);
-        const T inv = seen ? T(1) / row_sum[i] : T(0);
-        lse[row0 + i] = seen ? row_max_so_far[i] + std::log(row_sum[i]) : kNegInf;
-        store_rows(1, dim, acc.data() + i * dim, inv, out + (row0 + i) * dim, dim);
+        const bool seen = l[i] > T(0);
+        lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
+        store_rows(1, dim, acc.data() + i * dim, seen ? T(1) / l[i] : T(0), out + (row0 + i) * dim, dim);
       }
     }
   });

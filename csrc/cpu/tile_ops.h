@@ -10,14 +10,22 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Element (r, p) of A, stored row-major with leading dimension lda, or transposed (A^T stored
+// row-major) when kTransA. Both cost one broadcast load in the micro-kernel.
+template <bool kTransA, typename T>
+inline T a_at(const T* a, int64_t lda, int64_t r, int64_t p) {
+  return kTransA ? a[p * lda + r] : a[r * lda + p];
+}
+
 // C[R x n] = (kAccumulate ? C : 0) + A[R x k] * B[k x n], R rows held in registers.
-template <typename T, int R, bool kAccumulate>
+template <typename T, int R, bool kAccumulate, bool kTransA>
 inline void gemm_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
                       T* c, int64_t ldc) {
   using Vec = Vectorized<T>;
@@ -32,7 +40,7 @@ inline void gemm_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
     for (int64_t p = 0; p < k; ++p) {
       const Vec b0 = Vec::loadu(b + p * ldb + j), b1 = Vec::loadu(b + p * ldb + j + kV);
       for (int r = 0; r < R; ++r) {
-        const Vec ar(a[r * lda + p]);
+        const Vec ar(a_at<kTransA>(a, lda, r, p));
         acc[r][0] = at::vec::fmadd(ar, b0, acc[r][0]);
         acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
       }
@@ -50,7 +58,9 @@ inline void gemm_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
     }
     for (int64_t p = 0; p < k; ++p) {
       const Vec b0 = Vec::loadu(b + p * ldb + j, cols);
-      for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec(a[r * lda + p]), b0, acc[r]);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = at::vec::fmadd(Vec(a_at<kTransA>(a, lda, r, p)), b0, acc[r]);
+      }
     }
     for (int r = 0; r < R; ++r) acc[r].store(c + r * ldc + j, cols);
   }
@@ -67,33 +77,27 @@ constexpr int kGemmRows = 4;
 #endif
 
 // The last m < R rows of a product, one register-blocked height at a time.
-template <typename T, int R, bool kAccumulate>
+template <typename T, int R, bool kAccumulate, bool kTransA>
 inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                            int64_t ldb, T* c, int64_t ldc) {
   if constexpr (R > 1) {
-    if (m == R - 1) return gemm_rows<T, R - 1, kAccumulate>(n, k, a, lda, b, ldb, c, ldc);
-    gemm_tail_rows<T, R - 1, kAccumulate>(m, n, k, a, lda, b, ldb, c, ldc);
+    if (m == R - 1) return gemm_rows<T, R - 1, kAccumulate, kTransA>(n, k, a, lda, b, ldb, c, ldc);
+    gemm_tail_rows<T, R - 1, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc);
   }
 }
 
-// C[m x n] (+)= A[m x k] * B[k x n], all row-major with the given leading dimensions.
-template <bool kAccumulate, typename T>
-inline void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                    int64_t ldb, T* c, int64_t ldc) {
+// C[m x n] (+)= op(A)[m x k] * B[k x n]: B and C row-major, A row-major [m x k] or, when
+// kTransA, stored as A^T [k x m]; lda is the leading dimension of what is stored.
+template <bool kAccumulate, bool kTransA = false, typename T>
+inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T* c, int64_t ldc) {
+  auto rows_of_a = [&](int64_t i) { return kTransA ? a + i : a + i * lda; };
   int64_t i = 0;
   for (; i + kGemmRows <= m; i += kGemmRows) {
-    gemm_rows<T, kGemmRows, kAccumulate>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+    gemm_rows<T, kGemmRows, kAccumulate, kTransA>(n, k, rows_of_a(i), lda, b, ldb, c + i * ldc, ldc);
   }
-  gemm_tail_rows<T, kGemmRows, kAccumulate>(m - i, n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
-}
-
-// dst[c x r] = src[r x c]^T.
-template <typename T>
-inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst,
-                      int64_t ld_dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-  }
+  gemm_tail_rows<T, kGemmRows, kAccumulate, kTransA>(m - i, n, k, rows_of_a(i), lda, b, ldb,
+                                                     c + i * ldc, ldc);
 }
 
 // dst[r x D] = src rows converted to T and multiplied by `mul`.
@@ -107,13 +111,34 @@ inline void load_rows(int64_t rows, int64_t dim, const scalar_t* src, int64_t ro
   }
 }
 
-// dst[D x r] = (src rows converted to T)^T, so that X * src^T becomes a plain NN product.
+// dst[D x r] = mul * (src rows converted to T)^T: loaded once per task, so that products with
+// src^T become plain row-major products.
 template <typename T, typename scalar_t>
 inline void load_rows_transposed(int64_t rows, int64_t dim, const scalar_t* src,
-                                 int64_t row_stride, T* dst, int64_t ld_dst) {
+                                 int64_t row_stride, T mul, T* dst, int64_t ld_dst) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* s = src + i * row_stride;
-    for (int64_t j = 0; j < dim; ++j) dst[j * ld_dst + i] = static_cast<T>(s[j]);
+    for (int64_t j = 0; j < dim; ++j) dst[j * ld_dst + i] = static_cast<T>(s[j]) * mul;
+  }
+}
+
+// Rows of an operand in the accumulation type with their leading dimension.
+template <typename T>
+struct RowsView {
+  const T* data;
+  int64_t ld;
+};
+
+// Rows [0, rows) at src: the operand itself when it already has the accumulation type (no
+// copy), else a converted copy in scratch [rows x D].
+template <typename T, typename scalar_t>
+inline RowsView<T> rows_as(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t dim,
+                           T* scratch) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    return {src, row_stride};
+  } else {
+    load_rows(rows, dim, src, row_stride, T(1), scratch);
+    return {scratch, dim};
   }
 }
 
@@ -177,6 +202,34 @@ inline void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
   at::vec::map2([delta](Vectorized<T> pv, Vectorized<T> dpv) {
     return pv * (dpv - Vectorized<T>(delta));
   }, dp, p, dp, n);
+}
+
+// Column-wise forms, for tiles stored transposed (one row per key, one column per query).
+
+// m[i] = max(m[i], x[i]).
+template <typename T>
+inline void max_into(T* m, const T* x, int64_t n) {
+  at::vec::map2([](Vectorized<T> a, Vectorized<T> b) { return at::vec::maximum(a, b); }, m, m, x, n);
+}
+
+// x[i] = exp(x[i] - shift[i]); sum[i] += x[i] when sum is given.
+template <typename T>
+inline void exp_shift_columns(T* x, const T* shift, T* sum, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  for (int64_t i = 0; i < n; i += kV) {
+    const int64_t count = std::min<int64_t>(kV, n - i);
+    const Vec e = (Vec::loadu(x + i, count) - Vec::loadu(shift + i, count)).exp_u20();
+    e.store(x + i, count);
+    if (sum) (Vec::loadu(sum + i, count) + e).store(sum + i, count);
+  }
+}
+
+// ds[i] = p[i] * (dp[i] - delta[i]), in place in dp.
+template <typename T>
+inline void softmax_grad_columns(const T* p, T* dp, const T* delta, int64_t n) {
+  at::vec::map3([](Vectorized<T> pv, Vectorized<T> dpv, Vectorized<T> d) { return pv * (dpv - d); },
+                dp, p, dp, delta, n);
 }
 
 }  // namespace CPU_CAPABILITY
