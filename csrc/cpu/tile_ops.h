@@ -104,10 +104,21 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
 template <typename T, typename scalar_t>
 inline void load_rows(int64_t rows, int64_t dim, const scalar_t* src, int64_t row_stride,
                       T mul, T* dst) {
+  constexpr bool kReduced =
+      std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* s = src + i * row_stride;
     T* d = dst + i * dim;
-    for (int64_t j = 0; j < dim; ++j) d[j] = static_cast<T>(s[j]) * mul;
+    int64_t j = 0;
+    if constexpr (kReduced && std::is_same_v<T, float>) {  // vector conversion (F16C, shifts)
+      using Vec = Vectorized<float>;
+      for (; j + Vec::size() <= dim; j += Vec::size()) {
+        Vec x;
+        at::vec::load_to_float(s + j, x);
+        (x * Vec(mul)).store(d + j);
+      }
+    }
+    for (; j < dim; ++j) d[j] = static_cast<T>(s[j]) * mul;
   }
 }
 
