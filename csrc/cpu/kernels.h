@@ -16,6 +16,15 @@ namespace sparse_attention::cpu {
   bool available();                                \
   }
 
+// The entry points of an instruction set the compiler cannot target: never picked, since
+// available() is false.
+#define SA_DEFINE_UNAVAILABLE_KERNELS(CAPABILITY)                                         \
+  namespace sparse_attention::cpu::capability::CAPABILITY {                               \
+  void forward(const ForwardParams&) { TORCH_CHECK(false, #CAPABILITY " kernels not built"); } \
+  void backward(const BackwardParams&) { TORCH_CHECK(false, #CAPABILITY " kernels not built"); } \
+  bool available() { return false; }                                                      \
+  }
+
 SA_DECLARE_KERNELS(DEFAULT)
 SA_DECLARE_KERNELS(AVX2)
 SA_DECLARE_KERNELS(AVX512)

@@ -17,11 +17,8 @@
 #pragma clang attribute pop
 #endif
 #else
-#include "kernels.h"
 #include <c10/util/Exception.h>
-namespace sparse_attention::cpu::capability::AVX2 {
-void forward(const ForwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
-void backward(const BackwardParams&) { TORCH_CHECK(false, "AVX2 kernels not built"); }
-bool available() { return false; }
-}  // namespace sparse_attention::cpu::capability::AVX2
+
+#include "kernels.h"
+SA_DEFINE_UNAVAILABLE_KERNELS(AVX2)
 #endif

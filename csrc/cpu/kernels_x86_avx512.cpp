@@ -14,11 +14,8 @@
 #define CPU_CAPABILITY_AVX512
 #include "kernels_impl.h"
 #else
-#include "kernels.h"
 #include <c10/util/Exception.h>
-namespace sparse_attention::cpu::capability::AVX512 {
-void forward(const ForwardParams&) { TORCH_CHECK(false, "AVX-512 kernels not built"); }
-void backward(const BackwardParams&) { TORCH_CHECK(false, "AVX-512 kernels not built"); }
-bool available() { return false; }
-}  // namespace sparse_attention::cpu::capability::AVX512
+
+#include "kernels.h"
+SA_DEFINE_UNAVAILABLE_KERNELS(AVX512)
 #endif

@@ -164,22 +164,6 @@ inline void store_rows(int64_t rows, int64_t dim, const T* src, T mul, scalar_t*
   }
 }
 
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kV = Vec::size();
-  T result = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  if (n >= kV) {
-    Vec m = Vec::loadu(x);
-    for (j = kV; j + kV <= n; j += kV) m = at::vec::maximum(m, Vec::loadu(x + j));
-    result = at::vec::vec_reduce_all<T>(
-        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
-  }
-  for (; j < n; ++j) result = std::max(result, x[j]);
-  return result;
-}
-
 // x[j] = exp(x[j] - shift) in place; returns the sum. shift must be finite.
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {
