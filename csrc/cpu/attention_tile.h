@@ -91,6 +91,49 @@ inline void for_each_block_pair(const Problem& p, const BlockLists& lists, int64
   }
 }
 
+// Entries of list `list`: the block pairs a task walks.
+inline int64_t list_length(const BlockLists& lists, int64_t list) {
+  return lists.offsets[list + 1] - lists.offsets[list];
+}
+
+// One query block of one (batch, head): a task of the forward and of the dQ pass.
+struct RowTask {
+  int64_t batch, head, qb;
+  int64_t list(const Problem& p) const { return p.layout_head(head) * p.q_blocks + qb; }
+};
+
+inline RowTask row_task(const Problem& p, int64_t task) {
+  return {task / (p.q_blocks * p.heads), (task / p.q_blocks) % p.heads, task % p.q_blocks};
+}
+
+// Work of a row task, for longest-first scheduling: its block pairs plus the fixed cost of
+// loading and storing the query block.
+inline int64_t row_task_cost(const Problem& p, const BlockLists& rows, int64_t task) {
+  return 1 + list_length(rows, row_task(p, task).list(p));
+}
+
+// One key block of one (batch, kv head): a task of the dK/dV pass, which walks the block's
+// column for every query head of the GQA group.
+struct ColumnTask {
+  int64_t batch, kv_head, kb;
+  int64_t list(const Problem& p, int64_t head) const {
+    return p.layout_head(head) * p.k_blocks + kb;
+  }
+};
+
+inline ColumnTask column_task(const Problem& p, int64_t task) {
+  return {task / (p.k_blocks * p.kv_heads), (task / p.k_blocks) % p.kv_heads, task % p.k_blocks};
+}
+
+inline int64_t column_task_cost(const Problem& p, const BlockLists& cols, int64_t task) {
+  const ColumnTask t = column_task(p, task);
+  int64_t cost = 1;
+  for (int64_t head = t.kv_head * p.group(); head < (t.kv_head + 1) * p.group(); ++head) {
+    cost += list_length(cols, t.list(p, head));
+  }
+  return cost;
+}
+
 // Pointer to row `row` of head `head` of batch entry `batch` of an operand.
 template <typename scalar_t>
 inline const scalar_t* operand_rows(const Operand& op, int64_t batch, int64_t head, int64_t row) {

@@ -51,12 +51,13 @@ void grad_key_value_kernel(const BackwardParams& g) {
   const int64_t bs = p.block_size, dim = p.head_dim;
   const auto* lse = static_cast<const T*>(g.lse);
   const auto* delta = static_cast<const T*>(g.delta);
-  run_parallel(p.batch * p.kv_heads * p.k_blocks, [&](const NextTask& next) {
+  const auto cost = [&](int64_t task) { return column_task_cost(p, g.cols, task); };
+  run_parallel_longest_first(p.batch * p.kv_heads * p.k_blocks, cost, [&](const NextTask& next) {
     std::vector<T> k_t(dim * bs), v_t(dim * bs), q_rows(bs * dim), do_rows(bs * dim),
         s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
-      const int64_t kb = task % p.k_blocks, kv_head = (task / p.k_blocks) % p.kv_heads,
-                    batch = task / (p.k_blocks * p.kv_heads);
+      const ColumnTask column = column_task(p, task);
+      const int64_t batch = column.batch, kv_head = column.kv_head, kb = column.kb;
       const int64_t k0 = kb * bs, kn = std::min(bs, p.k_len - k0);
       std::fill(grad_k.begin(), grad_k.end(), T(0));
       std::fill(grad_v.begin(), grad_v.end(), T(0));
@@ -66,8 +67,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
                            T(1), v_t.data(), kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
-        const int64_t list = p.layout_head(head) * p.k_blocks + kb;
-        for_each_block_pair<false>(p, g.cols, list, batch, kb, [&](const BlockPair& blk) {
+        for_each_block_pair<false>(p, g.cols, column.list(p, head), batch, kb, [&](const BlockPair& blk) {
           const int64_t qn = blk.qn, row0 = (batch * p.heads + head) * p.q_len + blk.q0;
           const RowsView<T> q = rows_as(operand_rows<scalar_t>(g.q, batch, head, blk.q0),
                                         g.q.row_stride, qn, dim, q_rows.data());
@@ -105,13 +105,14 @@ void grad_query_kernel(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
   const Problem& p = g.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
-  run_parallel(p.batch * p.heads * p.q_blocks, [&](const NextTask& next) {
+  const auto cost = [&](int64_t task) { return row_task_cost(p, g.rows, task); };
+  run_parallel_longest_first(p.batch * p.heads * p.q_blocks, cost, [&](const NextTask& next) {
     std::vector<T> q_t(dim * bs), do_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim),
         s_t(bs * bs), dp_t(bs * bs), shift(bs), delta(bs), grad_q(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
-      const int64_t qb = task % p.q_blocks, head = (task / p.q_blocks) % p.heads,
-                    batch = task / (p.q_blocks * p.heads), kv_head = head / p.group();
-      const int64_t q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
+      const RowTask row = row_task(p, task);
+      const int64_t batch = row.batch, head = row.head, qb = row.qb;
+      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
       std::fill(grad_q.begin(), grad_q.end(), T(0));
       // (scale Q)^T and dO^T, kept for every key block of the row; a query that saw no key
@@ -125,8 +126,7 @@ void grad_query_kernel(const BackwardParams& g) {
         shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
         delta[i] = static_cast<const T*>(g.delta)[row0 + i];
       }
-      const int64_t list = p.layout_head(head) * p.q_blocks + qb;
-      for_each_block_pair<true>(p, g.rows, list, batch, qb, [&](const BlockPair& blk) {
+      for_each_block_pair<true>(p, g.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
         const RowsView<T> k = rows_as(operand_rows<scalar_t>(g.k, batch, kv_head, blk.k0),
                                       g.k.row_stride, kn, dim, k_rows.data());

@@ -24,23 +24,23 @@ void forward_kernel(const ForwardParams& f) {
   auto* out = static_cast<scalar_t*>(f.out);
   auto* lse = static_cast<T*>(f.lse);
 
-  run_parallel(p.batch * p.heads * p.q_blocks, [&](const NextTask& next) {
+  const auto cost = [&](int64_t task) { return row_task_cost(p, f.rows, task); };
+  run_parallel_longest_first(p.batch * p.heads * p.q_blocks, cost, [&](const NextTask& next) {
     // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
     // block_sum are per query.
     std::vector<T> q_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim), s_t(bs * bs), acc(bs * dim),
         m(bs), l(bs), new_max(bs), shift(bs), block_sum(bs);
     for (int64_t task = next(); task >= 0; task = next()) {
-      const int64_t qb = task % p.q_blocks, head = (task / p.q_blocks) % p.heads,
-                    batch = task / (p.q_blocks * p.heads), kv_head = head / p.group();
-      const int64_t q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
+      const RowTask row = row_task(p, task);
+      const int64_t batch = row.batch, head = row.head, qb = row.qb;
+      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
       load_rows_transposed(qn, dim, operand_rows<scalar_t>(f.q, batch, head, q0), f.q.row_stride,
                            static_cast<T>(p.scale), q_t.data(), qn);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
 
-      const int64_t list = p.layout_head(head) * p.q_blocks + qb;
-      for_each_block_pair<true>(p, f.rows, list, batch, qb, [&](const BlockPair& blk) {
+      for_each_block_pair<true>(p, f.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
         const RowsView<T> k = rows_as(operand_rows<scalar_t>(f.k, batch, kv_head, blk.k0),
                                       f.k.row_stride, kn, dim, k_rows.data());

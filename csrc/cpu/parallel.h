@@ -1,6 +1,4 @@
-// Dynamic scheduling of independent tasks over the ATen thread pool. Rows of a sparse
-// layout differ in length (global rows see every key), so a static split would leave
-// threads idle; each thread instead claims the next task from a shared counter.
+// Task scheduling over ATen's intra-op thread pool.
 #pragma once
 
 #include <cstdint>
@@ -8,11 +6,17 @@
 
 namespace sparse_attention::cpu {
 
-// Hands out task indices 0..n-1, each once; returns -1 when none are left.
+// Hands out the next task id to the calling thread, or -1 when none is left.
 using NextTask = std::function<int64_t()>;
 
-// Calls worker(next) once on each thread of the pool; workers keep per-thread scratch
-// alive across the tasks they claim. Which thread runs a task never changes its result.
+// Calls worker(next) once on each of min(threads, num_tasks) threads; the threads then take
+// tasks one at a time, so uneven tasks balance themselves.
 void run_parallel(int64_t num_tasks, const std::function<void(const NextTask&)>& worker);
+
+// As run_parallel, but hands out the costliest tasks first (stable order among equal costs):
+// rows of a layout differ in length (a global row sees every block), and a long task taken
+// last would leave the other threads idle. Each task's result must not depend on the order.
+void run_parallel_longest_first(int64_t num_tasks, const std::function<int64_t(int64_t)>& cost,
+                                const std::function<void(const NextTask&)>& worker);
 
 }  // namespace sparse_attention::cpu
