@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparse_attention import demo
+from sparse_attention.benchmark import command as bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
+    bench_parser = commands.add_parser(
+        "bench", help="benchmark against torch SDPA and compiled FlexAttention",
+        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.run)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""`sparse-attention bench` (also `python benchmarks/bench_attention.py`): our block-sparse
+attention against torch SDPA (dense, and with the equivalent boolean mask) and compiled
+FlexAttention (the equivalent BlockMask), in one process on the same inputs.
+
+For each pattern (with its sqrt(N) defaults), sequence length, head dim and dtype it reports
+median times, GFLOP/s per computed block (4 * bs^2 * D per block pair; backward 2.5x),
+peak memory and speed-ups, then writes results.md, results.json and time_vs_n.png to --out.
+Contenders predicted not to fit in memory are skipped, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import sparse_attention as sa
+from sparse_attention.benchmark import report
+from sparse_attention.benchmark.cases import FULL_GRID, QUICK_GRID, grid
+from sparse_attention.benchmark.contenders import Settings, measure_case
+
+
+def _csv(kind):
+    def parse(text: str):
+        return tuple(kind(item) for item in text.split(",") if item)
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small grid: {QUICK_GRID} (explicit flags still win)")
+    parser.add_argument("--patterns", type=_csv(str), help=f"default {','.join(FULL_GRID['patterns'])}")
+    parser.add_argument("--seq-lens", type=_csv(int),
+                        help=f"default {','.join(map(str, FULL_GRID['seq_lens']))}")
+    parser.add_argument("--head-dims", type=_csv(int), help="default 64,128")
+    parser.add_argument("--dtypes", type=_csv(str), help="default float32,bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls, median reported")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds of timed calls per measurement at most (default 20)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="folder for results.md, results.json, time_vs_n.png")
+
+
+def machine_header(device: str) -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    header = {"cpu": model, "cores": os.cpu_count(), "cpu capability": sa.cpu_capability(),
+              "torch": torch.__version__, "sparse_attention": sa.__version__,
+              "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device.startswith("cuda"):
+        header["gpu"] = torch.cuda.get_device_name()
+    return header
+
+
+def run(args: argparse.Namespace) -> list[report.Row]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = QUICK_GRID if args.quick else FULL_GRID
+    cases = grid(args.patterns or base["patterns"], args.seq_lens or base["seq_lens"],
+                 args.head_dims or base["head_dims"], args.dtypes or base["dtypes"],
+                 args.batch_size, args.heads, args.block)
+    settings = Settings(repeats=args.repeats, budget=args.budget, device=args.device)
+    header = machine_header(args.device)
+    print(" | ".join(f"{k} {v}" for k, v in header.items()))
+    print(f"B={args.batch_size} H={args.heads} block={args.block}; {len(cases)} cases", flush=True)
+
+    rows, dense_cache = [], {}
+    for case in cases:
+        layout, results = measure_case(case, settings, dense_cache)
+        row = report.Row(case, layout.density, layout.flops(case.head_dim, case.batch, case.heads),
+                         results)
+        rows.append(row)
+        ours, dense = results["ours"], results["sdpa_dense"]
+        print(f"{case.pattern:8s} N={case.seq_len:6d} D={case.head_dim:3d} {case.dtype:8s} "
+              f"density {row.density:6.1%}  ours fwd {ours.forward * 1e3:8.1f} ms "
+              f"fwd+bwd {ours.forward_backward * 1e3:9.1f} ms  "
+              f"SDPA dense fwd+bwd {dense.forward_backward * 1e3:9.1f} ms", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = report.markdown_table(rows)
+    notes = report.notes(rows)
+    growth = report.growth_exponents(rows)
+    command = "sparse-attention bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    text = "\n".join([
+        f"Machine: {', '.join(f'{k} {v}' for k, v in header.items())}",
+        f"Command: `{command.strip()}`", "",
+        f"B={args.batch_size}, H={args.heads}, block {args.block}. Times are medians in ms; "
+        "GF/s per computed block (4 * bs^2 * D FLOPs per block pair, backward 2.5x; dense SDPA "
+        "counted on N^2, halved when causal). Speed-ups are SDPA dense / ours (forward+backward) "
+        "and Flex / ours (forward). Peak memory is forward+backward above the inputs.", "",
+        table, "", *(f"- {line}" for line in growth + notes)])
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(report.to_json(rows, header))
+    plotted = report.plot(rows, args.out / "time_vs_n.png")
+    print()
+    print(text)
+    print(f"\nwrote {args.out / 'results.md'}, results.json"
+          + (", time_vs_n.png" if plotted else " (no plot: pip install matplotlib)"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))

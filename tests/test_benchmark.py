@@ -1,0 +1,53 @@
+"""The benchmark suite: its Flex block mask is equivalent to our layout, and a tiny run
+writes a complete report. (Speed is shown by running the suite, never asserted here.)"""
+
+import json
+
+import pytest
+import torch
+
+import sparse_attention as sa
+from sparse_attention.benchmark import command
+from sparse_attention.benchmark.flex import flex_block_mask
+
+flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_flex_block_mask_matches_ours(causal, per_head):
+    torch.manual_seed(0)
+    heads, n, bs, dim = 2, 5 * 16, 16, 16
+    mask = torch.rand(heads if per_head else 1, 5, 5) < 0.5
+    mask[:, :, 0] = True  # every row sees a key, so both sides agree on no empty row
+    layout = sa.BlockLayout(mask, bs)
+    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    block_mask = flex_block_mask(layout, n, n, causal, "cpu")
+    expected = sa.sparse_attention(q, k, v, layout, causal=causal)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_run_writes_a_complete_report(tmp_path, capsys):
+    parser = command.argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([
+        "--patterns", "local,bigbird", "--seq-lens", "256,512", "--head-dims", "32",
+        "--dtypes", "float32", "--heads", "2", "--block", "32", "--repeats", "1",
+        "--out", str(tmp_path)])
+    rows = command.run(args)
+    assert [(r.case.pattern, r.case.seq_len) for r in rows] == [
+        ("local", 256), ("bigbird", 256), ("local", 512), ("bigbird", 512)]
+    for row in rows:
+        ours = row.results["ours"]
+        assert ours.forward > 0 and ours.forward_backward > 0 and ours.skipped is None
+        assert row.results["sdpa_dense"].forward_backward > 0
+        masked = row.results["sdpa_masked"]
+        assert masked.skipped is None and masked.max_error < 1e-4
+        flex = row.results["flex"]
+        assert flex.skipped or flex.max_error < 1e-4
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| local |") == 2 and table.count("\n| bigbird |") == 2
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["rows"]) == 4 and data["machine"]["torch"] == torch.__version__
+    assert "time ~ N^" in table
