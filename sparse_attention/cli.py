@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_attention import demo
+from sparse_attention import demo, show_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
+    show_parser = commands.add_parser(
+        "show", help="picture, density and FLOPs of an attention pattern",
+        description=show_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    show_command.add_arguments(show_parser)
+    show_parser.set_defaults(run=show_command.run)
     return parser
 
 
