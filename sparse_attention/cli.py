@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """Runs a command; returns what it measured (for scripts and tests)."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    return args.run(args)

@@ -35,17 +35,28 @@ def resolve(pattern, seq_len: int, heads: int | None = None, causal: bool = Fals
 
 
 def _panels(layout: BlockLayout, max_panels: int) -> list[tuple[str, torch.Tensor]]:
-    """(title, [qb, kb] mask) per head to draw; heads with equal layouts are drawn once."""
-    masks = layout.mask
-    if layout.num_heads == 1 or bool((masks == masks[:1]).all()):
-        return [("all heads", masks[0])]
-    return [(f"head {h}", masks[h]) for h in range(min(layout.num_heads, max_panels))]
+    """(title, [qb, kb] mask) per distinct head layout, at most max_panels; heads that share a
+    layout share a panel."""
+    if layout.num_heads == 1:
+        return [("all heads", layout.mask[0])]
+    groups: list[tuple[torch.Tensor, list[int]]] = []
+    for h, mask in enumerate(layout.mask):
+        for seen, heads in groups:
+            if torch.equal(seen, mask):
+                heads.append(h)
+                break
+        else:
+            groups.append((mask, [h]))
+    if len(groups) == 1:
+        return [("all heads", groups[0][0])]
+    return [(("head " if len(heads) == 1 else "heads ") + ", ".join(map(str, heads)), mask)
+            for mask, heads in groups[:max_panels]]
 
 
 def show(pattern, seq_len: int, heads: int | None = None, out: str | os.PathLike | None = None, *,
          causal: bool = False, max_panels: int = 4, title: str | None = None):
-    """Draws the block layout of `pattern` for seq_len tokens, one panel per head (heads whose
-    layouts are equal share one panel; at most max_panels).
+    """Draws the block layout of `pattern` for seq_len tokens, one panel per distinct head
+    layout (heads with equal layouts share a panel; at most max_panels panels).
 
     Args:
         pattern: a Pattern, a DeepSpeed-style sparsity config, or a BlockLayout.
