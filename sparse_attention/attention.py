@@ -163,8 +163,10 @@ def sparse_attention(
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
+    # A pattern's layout may depend on the head count: graphs specialise on it then only.
+    num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
     lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device,
-                                q.shape[1], causal)
+                                num_heads, causal)
     out, lse = ops.forward(
         q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
     )

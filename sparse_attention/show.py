@@ -85,10 +85,13 @@ def show(pattern, seq_len: int, heads: int | None = None, out: str | os.PathLike
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
-    if title is None:
-        title = (textwrap.fill(repr(pattern), width=48 * len(panels))
-                 + f"\nN={seq_len}{', causal' if causal else ''}: {layout.density:.1%} of blocks")
-    fig.suptitle(title, fontsize=9)
+    if title is None:  # the repr when it fits in two lines, else the class name
+        name = repr(pattern)
+        if len(name) > 2 * 48 * len(panels):
+            name = type(pattern).__name__
+        title = f"{name}\nN={seq_len}{', causal' if causal else ''}: {layout.density:.1%} of blocks"
+    width = 48 * len(panels)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=9)
     if out is not None:
         fig.savefig(out, dpi=100)
     return fig

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from sparse_attention.layout import num_blocks
-from sparse_attention.patterns.arguments import check_attention, check_bool, check_int, check_int_list
+from sparse_attention.patterns.arguments import (
+    check_attention, check_bool, check_int, check_int_list, renamed,
+)
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import Grid
 from sparse_attention.patterns.sampling import random_blocks
@@ -43,7 +45,7 @@ class SparsityConfig(Pattern):
         try:
             super().__init__(block)
         except (TypeError, ValueError) as error:  # DeepSpeed calls the block size `block`
-            raise type(error)(str(error).replace("block_size", "block", 1)) from None
+            raise renamed(error, "block_size", "block") from None
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
         self.block = block
         self.different_layout_per_head = check_bool("different_layout_per_head", different_layout_per_head)
@@ -82,8 +84,12 @@ class SparsityConfig(Pattern):
         if n < count:
             raise ValueError(f"{name}: {count} blocks do not fit in a sequence of {n} blocks")
 
+    # Constructor arguments shown by repr, after num_heads and block.
+    _shown = ("different_layout_per_head",)
+
     def _describe(self) -> str:
-        return f"num_heads={self.num_heads}, block={self.block}"
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
+        return f"num_heads={self.num_heads}, block={self.block}, {shown}"
 
 
 class _Directed(SparsityConfig):
@@ -122,8 +128,6 @@ class _Directed(SparsityConfig):
                 )
         return starts, ends
 
-    def _describe(self) -> str:
-        return f"{super()._describe()}, attention={self.attention!r}"
 
 
 class DenseSparsityConfig(SparsityConfig):
@@ -139,6 +143,11 @@ class FixedSparsityConfig(_Directed):
     with different_layout_per_head, head h uses the (h mod num_different_global_patterns)-th
     group from the end instead. A short last window takes its global blocks from its own
     start, or the last blocks of the sequence, as DeepSpeed does."""
+
+    _shown = (
+        "different_layout_per_head", "num_local_blocks", "num_global_blocks", "attention", "horizontal_global_attention",
+        "num_different_global_patterns",
+    )
 
     def __init__(self, num_heads, block=16, different_layout_per_head=False, num_local_blocks=4,
                  num_global_blocks=1, attention="bidirectional", horizontal_global_attention=False,
@@ -194,9 +203,6 @@ class FixedSparsityConfig(_Directed):
         as_rows = selected.transpose(-1, -2)  # block r is global when column r is
         return vertical | as_rows
 
-    def _describe(self) -> str:
-        return (f"{super()._describe()}, num_local_blocks={self.num_local_blocks}, "
-                f"num_global_blocks={self.num_global_blocks}")
 
 
 class VariableSparsityConfig(_Directed):
@@ -204,6 +210,11 @@ class VariableSparsityConfig(_Directed):
     repeats to the end), and global blocks by index or by [start, end) ranges.
 
     `seed` (an addition) seeds the random blocks."""
+
+    _shown = (
+        "different_layout_per_head", "num_random_blocks", "local_window_blocks", "global_block_indices",
+        "global_block_end_indices", "attention", "horizontal_global_attention", "seed",
+    )
 
     def __init__(self, num_heads, block=16, different_layout_per_head=False, num_random_blocks=0,
                  local_window_blocks=(4,), global_block_indices=(0,), global_block_end_indices=None,
@@ -249,10 +260,6 @@ class VariableSparsityConfig(_Directed):
             layout = layout | selected.transpose(0, 1)
         return layout.expand(self.num_layout_heads, n, n)
 
-    def _describe(self) -> str:
-        return (f"{super()._describe()}, num_random_blocks={self.num_random_blocks}, "
-                f"local_window_blocks={list(self.local_window_blocks)}, "
-                f"global_block_indices={list(self.global_block_indices)}")
 
 
 class BigBirdSparsityConfig(_Directed):
@@ -260,6 +267,11 @@ class BigBirdSparsityConfig(_Directed):
     (centred), and the first num_global_blocks blocks as global rows and columns; the lower
     triangle only under unidirectional attention. `seed` (an addition) seeds the random
     blocks."""
+
+    _shown = (
+        "different_layout_per_head", "num_random_blocks", "num_sliding_window_blocks", "num_global_blocks", "attention",
+        "seed",
+    )
 
     def __init__(self, num_heads, block=16, different_layout_per_head=False, num_random_blocks=1,
                  num_sliding_window_blocks=3, num_global_blocks=1, attention="bidirectional", *, seed=0):
@@ -282,16 +294,17 @@ class BigBirdSparsityConfig(_Directed):
             layout = layout & (cols <= rows)
         return layout.expand(self.num_layout_heads, n, n)
 
-    def _describe(self) -> str:
-        return (f"{super()._describe()}, num_random_blocks={self.num_random_blocks}, "
-                f"num_sliding_window_blocks={self.num_sliding_window_blocks}, "
-                f"num_global_blocks={self.num_global_blocks}")
 
 
 class BSLongformerSparsityConfig(_Directed):
     """DeepSpeed's block-sparse Longformer: a sliding window of num_sliding_window_blocks
     (centred) and global blocks (rows and columns) by index or [start, end) ranges; the lower
     triangle only under unidirectional attention."""
+
+    _shown = (
+        "different_layout_per_head", "num_sliding_window_blocks", "global_block_indices", "global_block_end_indices",
+        "attention",
+    )
 
     def __init__(self, num_heads, block=16, different_layout_per_head=False, num_sliding_window_blocks=3,
                  global_block_indices=(0,), global_block_end_indices=None, attention="bidirectional"):
@@ -312,14 +325,13 @@ class BSLongformerSparsityConfig(_Directed):
             layout = layout & (cols <= rows)
         return layout.expand(self.num_layout_heads, n, n)
 
-    def _describe(self) -> str:
-        return (f"{super()._describe()}, num_sliding_window_blocks={self.num_sliding_window_blocks}, "
-                f"global_block_indices={list(self.global_block_indices)}")
 
 
 class LocalSlidingWindowSparsityConfig(_Directed):
     """DeepSpeed's purely local sliding window of num_sliding_window_blocks (centred;
     unidirectional: the num_sliding_window_blocks // 2 blocks before the diagonal block)."""
+
+    _shown = ("num_sliding_window_blocks", "attention")
 
     def __init__(self, num_heads, block=16, num_sliding_window_blocks=3, attention="unidirectional"):
         super().__init__(num_heads, block)
@@ -334,8 +346,6 @@ class LocalSlidingWindowSparsityConfig(_Directed):
         layout = (distance <= w) & (distance >= (0 if self.causal else -w))
         return layout.unsqueeze(0)
 
-    def _describe(self) -> str:
-        return f"{super()._describe()}, num_sliding_window_blocks={self.num_sliding_window_blocks}"
 
 
 __all__ = [

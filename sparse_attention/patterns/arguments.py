@@ -42,6 +42,11 @@ def check_int_list(name: str, values, *, minimum: int = 0) -> tuple[int, ...]:
     return values
 
 
+def renamed(error: Exception, old: str, new: str) -> Exception:
+    """The same error, naming the argument as the caller knows it (old -> new)."""
+    return type(error)(str(error).replace(old, new, 1))
+
+
 def check_attention(attention) -> str:
     """DeepSpeed's attention direction."""
     if attention not in ("unidirectional", "bidirectional"):
@@ -52,4 +57,4 @@ def check_attention(attention) -> str:
 
 
 __all__ = ["check_attention", "check_block_size", "check_bool", "check_int", "check_int_list",
-           "check_multiple_of_block"]
+           "check_multiple_of_block", "renamed"]

@@ -6,7 +6,8 @@ import itertools
 
 import torch
 
-from sparse_attention.patterns.arguments import check_bool
+from sparse_attention.layout import BlockLayout
+from sparse_attention.patterns.arguments import check_bool, renamed
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import Grid
 
@@ -37,18 +38,11 @@ class Custom(Pattern):
         super().__init__(block_size)
         self.fn = self.mask = None
         if isinstance(mask_or_fn, torch.Tensor):
-            mask = mask_or_fn
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask_or_fn: expected a bool tensor, got {mask.dtype}")
-            if mask.dim() == 2:
-                mask = mask.unsqueeze(0)
-            if mask.dim() != 3 or 0 in mask.shape:
-                raise ValueError(
-                    "mask_or_fn: expected a non-empty [heads, rows, cols] or [rows, cols] mask, "
-                    f"got shape {tuple(mask_or_fn.shape)}"
-                )
-            self.mask = mask.detach().to("cpu", copy=True)
-            self.per_head = mask.shape[0] > 1
+            try:  # BlockLayout checks and copies the mask
+                self.mask = BlockLayout(mask_or_fn, self.block_size).mask
+            except (TypeError, ValueError) as error:
+                raise renamed(error, "mask", "mask_or_fn") from None
+            self.per_head = self.mask.shape[0] > 1
         elif callable(mask_or_fn):
             self.fn = mask_or_fn
             self.per_head = check_bool("per_head", per_head)
