@@ -53,14 +53,38 @@ class SparsityConfig(Pattern):
         self.per_head = different_layout_per_head
 
     def _square(self, n: int) -> torch.Tensor:
-        """Bool layout [num_layout_heads or 1, n, n] for n blocks, DeepSpeed's rules."""
-        raise NotImplementedError
+        """Bool layout [num_layout_heads or 1, n, n] for n blocks, DeepSpeed's rules.
+
+        The configs here define it; a user subclass written for DeepSpeed defines make_layout
+        instead (with setup_layout and check_and_propagate_first_head_layout), and is used
+        through it."""
+        if type(self).make_layout is SparsityConfig.make_layout:
+            raise NotImplementedError(f"{type(self).__name__}: define make_layout(seq_len)")
+        layout = self.make_layout(n * self.block_size)
+        if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != (self.num_heads, n, n):
+            raise ValueError(
+                f"make_layout: expected a [{self.num_heads}, {n}, {n}] tensor for {n} blocks, got "
+                f"{tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout).__name__}"
+            )
+        return layout.bool()[: self.num_layout_heads]
 
     def make_layout(self, seq_len: int) -> torch.Tensor:
         """int64 [num_heads, ceil(seq_len / block), ceil(seq_len / block)], 1 = computed."""
         check_int("seq_len", seq_len, minimum=1)
         n = num_blocks(seq_len, self.block_size)
         return self._square(n).expand(self.num_heads, n, n).to(torch.int64).contiguous()
+
+    def setup_layout(self, seq_len: int) -> torch.Tensor:
+        """DeepSpeed's helper for subclasses: zeros, int64 [num_heads, blocks, blocks]."""
+        check_int("seq_len", seq_len, minimum=1)
+        n = num_blocks(seq_len, self.block_size)
+        return torch.zeros(self.num_heads, n, n, dtype=torch.int64)
+
+    def check_and_propagate_first_head_layout(self, layout: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's helper for subclasses: copies head 0 to every head unless heads differ."""
+        if not self.different_layout_per_head:
+            layout[1:] = layout[0]
+        return layout
 
     def check_num_heads(self, num_heads: int) -> None:
         if num_heads != self.num_heads:

@@ -394,6 +394,7 @@ def test_from_name_defaults_and_overrides():
     (lambda: sa.from_name("nonsense", seq_len=10), "name"),
     (lambda: sa.from_name("strided", seq_len=0), "seq_len"),
     (lambda: sa.from_name("strided", seq_len=1024, window=3), "params"),
+    (lambda: sa.from_name("variable", seq_len=1024, stride=3), "params"),
     (lambda: sa.stride_for(1024, 24), "block_size"),
 ])
 def test_errors_name_the_argument(make, argument):

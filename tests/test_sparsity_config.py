@@ -324,6 +324,29 @@ def test_unidirectional_config_is_causal_inside_diagonal_blocks():
     torch.testing.assert_close(out, want)
 
 
+class DiagonalPlusFirstColumn(sa.SparsityConfig):
+    """A config written for DeepSpeed: make_layout with DeepSpeed's helpers."""
+
+    def make_layout(self, seq_len):
+        layout = self.setup_layout(seq_len)
+        layout[0] = torch.eye(layout.shape[1], dtype=torch.int64)
+        layout[0, :, 0] = 1
+        return self.check_and_propagate_first_head_layout(layout)
+
+
+def test_a_deepspeed_style_subclass_works_as_a_pattern():
+    config = DiagonalPlusFirstColumn(2, BLOCK)
+    assert config.layout(100, num_heads=2).num_heads == 1
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g).requires_grad_(True) for _ in range(3))
+    out = sa.sparse_attention(q, k, v, config, causal=True)
+    layout = sa.BlockLayout(config.make_layout(100).bool(), BLOCK)
+    assert layout.mask[:, :, 0].all() and layout.nnz == 2 * (2 * 7 - 1)
+    assert_matches_reference(out, q, k, v, layout, causal=True)
+    with pytest.raises(NotImplementedError, match="make_layout"):
+        sa.SparsityConfig(2, BLOCK).make_layout(64)
+
+
 @pytest.mark.parametrize("make,argument", [
     (lambda: sa.FixedSparsityConfig(2, BLOCK, num_local_blocks=4, num_global_blocks=3), "num_global_blocks"),
     (lambda: sa.FixedSparsityConfig(2, BLOCK, attention="sideways"), "attention"),

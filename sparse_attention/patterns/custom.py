@@ -23,8 +23,8 @@ class Custom(Pattern):
         mask_or_fn: either
             - a bool block mask [heads, rows, cols] or [rows, cols] (heads 1: shared; else one
               layout per head, and calls must use that many heads). It must be the call's block
-              grid, or a square grid at least as large whose top-left corner serves shorter
-              sequences;
+              grid, or a square grid of a longer sequence, of which a call with qb query and kb
+              key blocks uses rows kb - qb .. kb - 1 and columns 0 .. kb - 1;
             - or a function fn(head, q_block, k_block) -> bool. It is first called once with
               int64 tensors head [H, 1, 1], q_block [1, qb, 1], k_block [1, 1, kb] and may
               return a bool tensor broadcastable to [H, qb, kb] (e.g.

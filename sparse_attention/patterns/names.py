@@ -28,36 +28,26 @@ from sparse_attention.patterns.local import Dense, Dilated, Local
 from sparse_attention.patterns.sparse_transformer import Fixed, Strided, stride_for
 
 
-def _variable(seq_len, block_size, num_heads, **params):
-    from sparse_attention.sparsity_config import VariableSparsityConfig
-    return VariableSparsityConfig(num_heads, block_size, **params)
+def _variable_config() -> type:
+    from sparse_attention.sparsity_config import VariableSparsityConfig  # it imports patterns
+    return VariableSparsityConfig
 
 
-def _defaults(name: str, seq_len: int, bs: int) -> tuple[type, dict]:
-    """The class of a name and its default keyword arguments."""
-    if name == "dense":
-        return Dense, {}
-    if name == "local":
-        return Local, {"window": 4 * bs}
-    if name == "strided":
-        return Strided, {"stride": stride_for(seq_len, bs)}
-    if name == "fixed":
-        return Fixed, {"chunk": stride_for(seq_len, bs)}
-    if name == "dilated":
-        return Dilated, {"dilation": 2 * bs, "window": 16 * bs}
-    if name == "global":
-        return Global, {"num_blocks": 1}
-    if name == "random":
-        return Random, {"num_blocks": 3}
-    if name == "bigbird":
-        return BigBird, {"num_window_blocks": 3, "num_global_blocks": 2, "num_random_blocks": 3}
-    if name == "longformer":
-        return Longformer, {"window": 4 * bs, "global_tokens": (0,)}
-    raise AssertionError(name)
+# name -> (class, default keyword arguments for (seq_len, block_size)); see the table above.
+_DEFAULTS = {
+    "dense": (Dense, lambda n, bs: {}),
+    "local": (Local, lambda n, bs: {"window": 4 * bs}),
+    "strided": (Strided, lambda n, bs: {"stride": stride_for(n, bs)}),
+    "fixed": (Fixed, lambda n, bs: {"chunk": stride_for(n, bs)}),
+    "dilated": (Dilated, lambda n, bs: {"dilation": 2 * bs, "window": 16 * bs}),
+    "global": (Global, lambda n, bs: {"num_blocks": 1}),
+    "random": (Random, lambda n, bs: {"num_blocks": 3}),
+    "bigbird": (BigBird, lambda n, bs: {"num_window_blocks": 3, "num_global_blocks": 2,
+                                        "num_random_blocks": 3}),
+    "longformer": (Longformer, lambda n, bs: {"window": 4 * bs, "global_tokens": (0,)}),
+}
 
-
-PATTERN_NAMES = ("dense", "local", "strided", "fixed", "dilated", "global", "random", "bigbird",
-                 "longformer", "variable")
+PATTERN_NAMES = tuple(_DEFAULTS) + ("variable",)
 
 
 def from_name(name: str, *, seq_len: int, block_size: int = 64, num_heads: int = 1,
@@ -73,11 +63,13 @@ def from_name(name: str, *, seq_len: int, block_size: int = 64, num_heads: int =
     check_block_size(block_size)
     check_int("num_heads", num_heads, minimum=1)
     if name == "variable":
-        return _variable(seq_len, block_size, num_heads, **params)
-    cls, kwargs = _defaults(name, seq_len, block_size)
-    kwargs.update(params)
+        cls = _variable_config()
+        args, kwargs = (num_heads, block_size), params
+    else:
+        cls, defaults = _DEFAULTS[name]
+        args, kwargs = (), {**defaults(seq_len, block_size), **params, "block_size": block_size}
     try:
-        return cls(block_size=block_size, **kwargs)
+        return cls(*args, **kwargs)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
             raise TypeError(f"params: {name} ({cls.__name__}) does not take {error}") from None
