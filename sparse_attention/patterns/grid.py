@@ -88,18 +88,25 @@ class Grid:
     def key_set(self, selected: torch.Tensor, causal: bool) -> torch.Tensor:
         """Blocks holding a pair whose key is selected (bool [..., Nk]); [..., qb, kb].
         Under causal the key must not be after the block's last query."""
-        hi = self.j_hi.expand(self.shape)
-        if causal:
-            hi = torch.minimum(hi, self.p_hi)
-        return _any_in_ranges(selected, self.j_lo.expand(self.shape), hi)
+        whole = _any_in_ranges(selected, self.j_lo, self.j_hi)  # per key block: [..., 1, kb]
+        if not causal:
+            return whole.expand(*whole.shape[:-2], *self.shape)
+        # Only the key block holding a row's last query p_hi is cut (at p_hi); later blocks
+        # are empty. The cut is one range per row, so no [qb, kb] gather is needed.
+        cut = _any_in_ranges(selected, self.p_hi - self.p_hi % self.block_size, self.p_hi)
+        return torch.where(self.j_hi <= self.p_hi, whole, (self.j_lo <= self.p_hi) & cut)
 
     def query_set(self, selected: torch.Tensor, causal: bool) -> torch.Tensor:
         """Blocks holding a pair whose query is selected (bool [..., Nq], by query index);
         [..., qb, kb]. Under causal the query must not be before the block's first key."""
-        lo = self.p_lo.expand(self.shape)
-        if causal:
-            lo = torch.maximum(lo, self.j_lo)
-        return _any_in_ranges(selected, lo - self.offset, self.p_hi.expand(self.shape) - self.offset)
+        whole = _any_in_ranges(selected, self.p_lo - self.offset, self.p_hi - self.offset)
+        if not causal:
+            return whole.expand(*whole.shape[:-2], *self.shape)
+        # A key block that starts inside a query block (there is at most one: blocks are
+        # block_size long) sees only the queries from its start on.
+        start = self.p_lo - self.p_lo % self.block_size + self.block_size
+        cut = _any_in_ranges(selected, start - self.offset, self.p_hi - self.offset)
+        return torch.where(self.j_lo <= self.p_lo, whole, (self.j_lo <= self.p_hi) & cut)
 
 
 def _any_in_ranges(selected: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
