@@ -75,13 +75,13 @@ class SparsityConfig(Pattern):
         return self._square(n).expand(self.num_heads, n, n).to(torch.int64).contiguous()
 
     def setup_layout(self, seq_len: int) -> torch.Tensor:
-        """DeepSpeed's helper for subclasses: zeros, int64 [num_heads, blocks, blocks]."""
+        """As in DeepSpeed, for subclasses: zeros, int64 [num_heads, blocks, blocks]."""
         check_int("seq_len", seq_len, minimum=1)
         n = num_blocks(seq_len, self.block_size)
         return torch.zeros(self.num_heads, n, n, dtype=torch.int64)
 
     def check_and_propagate_first_head_layout(self, layout: torch.Tensor) -> torch.Tensor:
-        """DeepSpeed's helper for subclasses: copies head 0 to every head unless heads differ."""
+        """As in DeepSpeed, for subclasses: copies head 0 to every head unless heads differ."""
         if not self.different_layout_per_head:
             layout[1:] = layout[0]
         return layout

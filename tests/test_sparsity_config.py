@@ -325,7 +325,7 @@ def test_unidirectional_config_is_causal_inside_diagonal_blocks():
 
 
 class DiagonalPlusFirstColumn(sa.SparsityConfig):
-    """A config written for DeepSpeed: make_layout with DeepSpeed's helpers."""
+    """A config written for DeepSpeed: make_layout with setup_layout and check_and_propagate_first_head_layout."""
 
     def make_layout(self, seq_len):
         layout = self.setup_layout(seq_len)

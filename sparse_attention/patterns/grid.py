@@ -6,7 +6,7 @@ rule is, so that decoding one token or prefilling a chunk against a longer key s
 the keys that the same position sees in the full sequence.
 
 A block (query block, key block) is computed when at least one (p, j) pair inside it obeys the
-rule: the layout is the smallest block layout that covers the rule. Every helper here finds
+rule: the layout is the smallest block layout that covers the rule. Every method here finds
 that cover from the first and last position of each block, with tensor ops over the
 [q_blocks, k_blocks] grid: O(blocks), never O(N^2) elements.
 """
