@@ -10,6 +10,7 @@ import torch
 from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
 from sparse_attention._extension import ops
 from sparse_attention.layout import BlockLayout, BlockLists
+from sparse_attention.patterns.base import Pattern
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -61,9 +62,15 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         raise ValueError(f"k: kv heads ({kv_heads}) must divide the query heads of q ({heads})")
     if q_len == 0 or k_len == 0 or batch == 0 or head_dim == 0:
         raise ValueError(f"q, k: empty dimension in shapes {tuple(q.shape)}, {tuple(k.shape)}")
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
-    layout.check_fits(q_len, k_len, heads)
+    if isinstance(layout, Pattern):
+        layout.check_num_heads(heads)  # a pattern builds the layout that fits
+    elif isinstance(layout, BlockLayout):
+        layout.check_fits(q_len, k_len, heads)
+    else:
+        raise TypeError(
+            f"layout: expected a BlockLayout or a Pattern (or DeepSpeed-style sparsity config), "
+            f"got {type(layout).__name__}"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask: expected a bool tensor [batch, Nk] (True = ignore)")
@@ -76,8 +83,9 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
 
 
-def _window_bounds(causal: bool, window) -> tuple[int, int]:
-    """(left, right) token distances from the bottom-right diagonal; -1 = unbounded."""
+def _window_bounds(causal: bool, window, pattern_window=None) -> tuple[int, int]:
+    """(left, right) token distances from the bottom-right diagonal; -1 = unbounded. A
+    pattern's exact token window narrows the caller's."""
     left = right = -1
     if window is not None:
         if not (isinstance(window, tuple) and len(window) == 2):
@@ -91,14 +99,20 @@ def _window_bounds(causal: bool, window) -> tuple[int, int]:
             else:
                 bounds.append(w)
         left, right = bounds
+    if pattern_window is not None:
+        left = pattern_window[0] if left < 0 else min(left, pattern_window[0])
+        right = pattern_window[1] if right < 0 else min(right, pattern_window[1])
     if causal:
         right = 0
     return left, right
 
 
 @torch.compiler.assume_constant_result
-def _cached_block_lists(layout, q_len, k_len, window, device) -> BlockLists:
-    # Runs eagerly even under torch.compile: the lists become constants of the graph.
+def _cached_block_lists(layout, q_len, k_len, window, device, num_heads, causal) -> BlockLists:
+    # Runs eagerly even under torch.compile: the pattern's layout and the lists become
+    # constants of the graph.
+    if isinstance(layout, Pattern):
+        layout = layout.layout(q_len, k_len, num_heads=num_heads, causal=causal)
     return layout.block_lists(q_len, k_len, window, device)
 
 
@@ -106,7 +120,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | Pattern,
     *,
     causal: bool = False,
     scale: float | None = None,
@@ -118,12 +132,16 @@ def sparse_attention(
 
     Args:
         q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (GQA / MQA).
-        layout: which (query block, key block) pairs are computed.
-        causal: query i sees key j only if j <= i + Nk - Nq (aligned bottom-right).
+        layout: which (query block, key block) pairs are computed: a BlockLayout, or a Pattern
+            (sparse_attention.patterns, or a DeepSpeed-style sparsity config), whose layout is
+            built (once, cached) with pattern.layout(Nq, Nk, num_heads=H, causal=causal).
+        causal: query i sees key j only if j <= i + Nk - Nq (aligned bottom-right). Always on
+            for a pattern that is causal by definition (a unidirectional DeepSpeed config).
         scale: multiplies q k^T; default 1/sqrt(D).
         key_padding_mask: bool [B, Nk], True marks keys to ignore.
         window: (left, right) token distances around the diagonal that stay visible inside
-            the layout's blocks (None = unbounded on that side); causal sets right to 0.
+            the layout's blocks (None = unbounded on that side); causal sets right to 0. A
+            pattern's exact token window (Local(..., exact=True)) narrows it.
         return_lse: also return the log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs).
 
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
@@ -134,14 +152,21 @@ def sparse_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    window_left, window_right = _window_bounds(causal, window)
+    pattern_window = None
+    if isinstance(layout, Pattern):
+        causal = causal or layout.causal
+        pattern_window = layout.token_window
+    window_left, window_right = _window_bounds(causal, window, pattern_window)
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
-    lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device)
+    # A pattern's layout may depend on the head count: graphs specialise on it then only.
+    num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
+    lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device,
+                                num_heads, causal)
     out, lse = ops.forward(
         q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
     )

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_attention import demo
+from sparse_attention import demo, show_command
 from sparse_attention.benchmark import command as bench
+
+# Subcommand name -> (module with add_arguments/run and a docstring, one-line help).
+SUBCOMMANDS = {
+    "demo": (demo, "time and memory of sparse against dense attention on a long sequence"),
+    "bench": (bench, "benchmark against torch SDPA and compiled FlexAttention"),
+    "show": (show_command, "picture, density and FLOPs of an attention pattern"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-attention", description="Block-sparse attention for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser(
-        "demo", help="time and memory of sparse against dense attention on a long sequence",
-        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
-    bench_parser = commands.add_parser(
-        "bench", help="benchmark against torch SDPA and compiled FlexAttention",
-        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.run)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """Runs a command; returns what it measured (for scripts and tests)."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    return args.run(args)

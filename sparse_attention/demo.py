@@ -1,15 +1,15 @@
 """`sparse-attention demo`: block-sparse against dense attention on one long sequence.
 
-Runs forward + backward of causal attention with a Sparse Transformer "fixed"-style layout
-(a local band of blocks plus summary blocks every `stride` blocks, stride ~ sqrt(N)) and
-with torch's scaled_dot_product_attention, dense causal and with the equivalent boolean mask,
-then prints the time and peak memory of each.
+Runs forward + backward of causal attention with the Sparse Transformer's "fixed" pattern
+(chunks of about sqrt(N / block) blocks, each query seeing its own chunk and the last block of
+every earlier chunk: see `sparse-attention show fixed`) and with torch's
+scaled_dot_product_attention, dense causal and with the equivalent boolean mask, then prints
+the time and peak memory of each.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 
 import torch
@@ -19,16 +19,11 @@ import sparse_attention as sa
 from sparse_attention import measure
 
 
-def demo_layout(seq_len: int, block_size: int, local_blocks: int) -> sa.BlockLayout:
-    """Causal band of `local_blocks` blocks plus every stride-th block column as a summary
-    column, stride ~ sqrt(number of blocks): about N*sqrt(N) computed elements."""
-    n = math.ceil(seq_len / block_size)
-    stride = max(1, round(math.sqrt(n)))
-    row = torch.arange(n).unsqueeze(1)
-    col = torch.arange(n).unsqueeze(0)
-    local = (row - col >= 0) & (row - col < local_blocks)
-    summary = (col % stride == stride - 1) & (col <= row)
-    return sa.BlockLayout((local | summary).unsqueeze(0), block_size)
+def demo_layout(seq_len: int, block_size: int, chunk: int | None = None) -> sa.BlockLayout:
+    """The causal layout of the Fixed pattern with chunk length `chunk` tokens (default
+    stride_for(seq_len): about N*sqrt(N) computed elements)."""
+    chunk = sa.stride_for(seq_len, block_size) if chunk is None else chunk
+    return sa.Fixed(chunk, block_size=block_size).layout(seq_len, causal=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
-    parser.add_argument("--local-blocks", type=int, default=4, help="width of the local band in blocks")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunk length of the fixed pattern in tokens, a multiple of the block "
+                             "(default: stride_for(seq-len, block))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median is shown)")
     parser.add_argument("--skip-masked", action="store_true",
@@ -48,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     shape = (args.batch_size, args.heads, args.seq_len, args.head_dim)
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
-    layout = demo_layout(args.seq_len, args.block, args.local_blocks)
+    layout = demo_layout(args.seq_len, args.block, args.chunk)
     print(f"sparse_attention {sa.__version__} | torch {torch.__version__} | {platform.machine()} "
           f"{sa.cpu_capability()} | {torch.get_num_threads()} threads")
     print(f"q, k, v {list(shape)} {args.dtype}; causal; layout {layout}")

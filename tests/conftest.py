@@ -109,3 +109,16 @@ def run_case(case: Case, check_grads: bool = True):
     for name, a, b, c in zip(("dq", "dk", "dv"), ours, low_grads, exact_grads):
         assert a.dtype == case.dtype
         assert_rule(name, a, b, c)
+
+
+def assert_matches_reference(out: torch.Tensor, q, k, v, layout: sa.BlockLayout, **kwargs):
+    """The rule on out and on dq, dk, dv, for an output computed from q, k, v (which require
+    grad) with this layout and these element rules (causal, window, ...)."""
+    exact = reference.attention(q, k, v, layout, **kwargs)
+    low = reference.attention(q, k, v, layout, compute_dtype=q.dtype, **kwargs)
+    assert_rule("out", out, low, exact)
+    grad = torch.randn_like(out)
+    for name, a, b, c in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), grad),
+                             torch.autograd.grad(low, (q, k, v), grad),
+                             torch.autograd.grad(exact, (q, k, v), grad)):
+        assert_rule(name, a, b, c)

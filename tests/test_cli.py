@@ -20,7 +20,7 @@ def test_demo_small(capsys):
 
 
 def test_demo_layout_is_causal_and_grows_like_n_sqrt_n():
-    small, large = demo_layout(4096, 64, 4), demo_layout(4 * 4096, 64, 4)
+    small, large = demo_layout(4096, 64), demo_layout(4 * 4096, 64)
     assert not small.mask.triu(1).any()
     growth = large.nnz / small.nnz  # N x4: N^1.5 gives 8, N^2 gives 16, N gives 4
     assert 5 < growth < 11

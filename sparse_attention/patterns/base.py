@@ -1,0 +1,108 @@
+"""Pattern: an attention pattern that builds a BlockLayout for any lengths and head count."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+from sparse_attention.layout import BlockLayout
+from sparse_attention.patterns.arguments import check_block_size, check_bool, check_int
+from sparse_attention.patterns.grid import Grid
+
+# Layouts kept per pattern instance; decoding asks for a new key length every step, so the
+# cache is bounded (least recently used entries go first).
+CACHE_SIZE = 64
+
+
+class Pattern:
+    """Base class of attention patterns.
+
+    A pattern is a rule saying which keys each query sees, defined on absolute positions (see
+    `sparse_attention.patterns.grid`). `layout(q_len, k_len, num_heads=, causal=)` returns the
+    smallest BlockLayout that covers the rule; the kernels then apply the element rules
+    (causal, `token_window`, sequence tails) inside the partial blocks.
+
+    Attributes:
+        block_size: tokens per block (a power of two from 16 to 256).
+        token_window: (left, right) exact token window that `sparse_attention` applies inside
+            the blocks (None: the pattern is exactly its blocks).
+        causal: True when the pattern is causal by definition: `sparse_attention` then applies
+            the causal rule even when called with causal=False.
+        per_head: True when heads get different layouts ([num_heads, qb, kb] instead of
+            [1, qb, kb]).
+
+    Subclasses implement `_mask(grid, num_heads, causal)`. `a | b` is the union of two
+    patterns' layouts, `a & b` their intersection.
+    """
+
+    token_window: tuple[int, int] | None = None
+    causal: bool = False
+    per_head: bool = False
+
+    def __init__(self, block_size: int = 64):
+        self.block_size = check_block_size(block_size)
+        self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
+        """Bool block mask [num_heads or 1, qb, kb] of the rule on this grid."""
+        raise NotImplementedError
+
+    def block_mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
+        """Bool block mask [num_heads or 1, qb, kb] (or [qb, kb]) on a grid, with the causal
+        rule applied (also when the pattern is causal by definition)."""
+        causal = causal or self.causal
+        mask = self._mask(grid, num_heads, causal)
+        return mask & grid.visible() if causal else mask
+
+    def check_num_heads(self, num_heads: int) -> None:
+        """Raises ValueError when the pattern cannot serve num_heads heads."""
+
+    def layout(self, q_len: int, k_len: int | None = None, *, num_heads: int = 1,
+               causal: bool = False) -> BlockLayout:
+        """The BlockLayout of this pattern for Nq = q_len queries and Nk = k_len keys
+        (default q_len), cached per instance and (q_len, k_len, num_heads, causal).
+
+        Under causal, blocks that lie wholly after their queries are never set. A pattern with
+        per-head variation gives [num_heads, qb, kb]; otherwise [1, qb, kb], shared by heads."""
+        key = self._check_call(q_len, k_len, num_heads, causal)
+        with self._lock:
+            layout = self._layouts.get(key)
+            if layout is not None:
+                self._layouts.move_to_end(key)
+                return layout
+        q_len, k_len, num_heads, causal = key
+        grid = Grid(q_len, k_len, self.block_size)
+        mask = self.block_mask(grid, num_heads, causal)
+        heads = num_heads if self.per_head else 1
+        layout = BlockLayout(mask.expand(heads, *grid.shape), self.block_size)
+        with self._lock:
+            layout = self._layouts.setdefault(key, layout)
+            while len(self._layouts) > CACHE_SIZE:
+                self._layouts.popitem(last=False)
+        return layout
+
+    def _check_call(self, q_len, k_len, num_heads, causal) -> tuple:
+        check_int("q_len", q_len, minimum=1)
+        k_len = q_len if k_len is None else check_int("k_len", k_len, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        check_bool("causal", causal)
+        self.check_num_heads(num_heads)
+        return q_len, k_len, num_heads, causal
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        from sparse_attention.patterns.composite import Union
+        return Union(self, other)
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        from sparse_attention.patterns.composite import Intersection
+        return Intersection(self, other)
+
+    def _describe(self) -> str:
+        """Constructor arguments for repr."""
+        return f"block_size={self.block_size}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._describe()})"
