@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> list[report.Row]:
     args.out.mkdir(parents=True, exist_ok=True)
     table = report.markdown_table(rows)
     notes = report.notes(rows)
-    growth = report.growth_exponents(rows)
+    # Growth is fitted from 4k up (shorter runs are dominated by fixed costs), or over the
+    # two longest lengths of a smaller grid.
+    longest = max(case.seq_len for case in cases)
+    growth = report.growth_exponents(rows, min_seq_len=min(4096, longest // 2))
     command = "sparse-attention bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     text = "\n".join([
         f"Machine: {', '.join(f'{k} {v}' for k, v in header.items())}",
