@@ -113,6 +113,7 @@ def sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ):
     """Block-sparse scaled dot-product attention.
 
@@ -125,6 +126,9 @@ def sparse_attention(
         window: (left, right) token distances around the diagonal that stay visible inside
             the layout's blocks (None = unbounded on that side); causal sets right to 0.
         return_lse: also return the log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs).
+        deterministic: make the backward pass bit-identical run to run. On CUDA this
+            computes dQ in a separate pass over the rows instead of with fp32 atomics (a
+            little slower); the CPU kernels are always deterministic and ignore it.
 
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
@@ -143,6 +147,7 @@ def sparse_attention(
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
     lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device)
     out, lse = ops.forward(
-        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
+        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right,
+        bool(deterministic),
     )
     return (out, lse) if return_lse else out
