@@ -99,7 +99,7 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
-def flex_block_mask(mask: torch.Tensor, causal: bool, n: int):
+def flex_block_mask(mask: torch.Tensor, causal: bool):
     """FlexAttention BlockMask with the same full and partial blocks as our lists."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -118,8 +118,8 @@ def flex_block_mask(mask: torch.Tensor, causal: bool, n: int):
     full_num, full_idx = to_lists(full)
     mask_mod = (lambda b, h, q_idx, kv_idx_: q_idx >= kv_idx_) if causal else None
     kwargs = {} if mask_mod is None else {"mask_mod": mask_mod}
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                    seq_lengths=(n, n), **kwargs)
+    # n is a multiple of BLOCK, so the sequence lengths follow from the block counts.
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, **kwargs)
 
 
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> None:
@@ -147,7 +147,7 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> 
     if head_dim == 128 and n == 16384:
         impls["ours_deterministic"] = ours_det
     if flex is not None:
-        block_mask = flex_block_mask(mask, causal, n)
+        block_mask = flex_block_mask(mask, causal)
         impls["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
     if layout_name == "dense":
         from torch.nn.attention import SDPBackend, sdpa_kernel
