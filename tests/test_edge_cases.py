@@ -131,3 +131,24 @@ def test_large_logits_do_not_overflow():
                                   compute_dtype=torch.float32).to(dtype)
         assert torch.isfinite(out).all()
         assert_rule("out", out, low, exact)
+
+
+def test_deterministic_flag_reaches_the_backward_op(monkeypatch):
+    # The CPU kernels ignore it (they are always deterministic); CUDA picks its dQ pass by it.
+    import sparse_attention.ops as ops_module
+
+    real, seen = ops_module.ops, []
+
+    class Recorder:
+        def backward(self, *args):
+            seen.append(args[-1])
+            return real.backward(*args)
+
+    monkeypatch.setattr(ops_module, "ops", Recorder())
+    q, k, v, layout, _ = make_inputs(Case(q_len=50, k_len=50, density=0.6, seed=21))
+    grads = {}
+    for deterministic in (False, True):
+        out = sa.sparse_attention(q, k, v, layout, causal=True, deterministic=deterministic)
+        grads[deterministic] = torch.autograd.grad(out.sum(), (q, k, v))
+    assert seen == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
