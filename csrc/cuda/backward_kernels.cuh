@@ -102,12 +102,11 @@ __global__ void __launch_bounds__(Traits::kColThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) pt[j][e] = exp2f(pt[j][e] - lse2[j * 8 + 2 * c + (e & 1)]);
     }
-    // dV += P^T dO.
-    {
-      uint32_t a[kQueryTile / 16][4];
-      accumulator_to_a<kQueryTile, Element>(a, pt);
-      gemm_a_regs_b_kn<kQueryTile, D, D>(dv, a, do_tile, 0);
-    }
+    // dV += P^T dO. P^T is kept only as the rounded operand of this product (dS below is
+    // formed from it too), which frees 32 registers for the dK/dV accumulators at D = 128.
+    uint32_t p_frag[kQueryTile / 16][4];
+    accumulator_to_a<kQueryTile, Element>(p_frag, pt);
+    gemm_a_regs_b_kn<kQueryTile, D, D>(dv, p_frag, do_tile, 0);
     // dP^T = V dO^T; dS^T = P^T (dP^T - delta); dK += dS^T Q.
     float dst[kQueryTile / 8][4];
     zero(dst);
@@ -115,7 +114,10 @@ __global__ void __launch_bounds__(Traits::kColThreads)
 #pragma unroll
     for (int j = 0; j < kQueryTile / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - delta[j * 8 + 2 * c + (e & 1)]);
+      for (int e = 0; e < 4; ++e) {
+        dst[j][e] = packed_element<Element, kQueryTile>(p_frag, j, e) *
+                    (dst[j][e] - delta[j * 8 + 2 * c + (e & 1)]);
+      }
     }
     uint32_t ds_frag[kQueryTile / 16][4];
     accumulator_to_a<kQueryTile, Element>(ds_frag, dst);

@@ -122,6 +122,9 @@ struct ElementOps<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+  }
 };
 
 template <>
@@ -138,6 +141,9 @@ struct ElementOps<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+  }
 };
 
 // C += A B over K = kK for one 16-row A tile (from shared, rows m0..) and kN columns of a
@@ -187,6 +193,13 @@ __device__ __forceinline__ void gemm_a_regs_b_kn(float (&acc)[kN / 8][4], const 
       ElementOps<Element>::mma(acc[2 * j + 1], a[kk], b[2], b[3]);
     }
   }
+}
+
+// Element (j, e) of the C-fragment tile that accumulator_to_a packed into `a`.
+template <typename Element, int kK>
+__device__ __forceinline__ float packed_element(const uint32_t (&a)[kK / 16][4], int j, int e) {
+  const float2 pair = ElementOps<Element>::unpack(a[j / 2][(j % 2) * 2 + e / 2]);
+  return e % 2 == 0 ? pair.x : pair.y;
 }
 
 template <int kN>
