@@ -58,8 +58,8 @@ Problem make_problem_with_rows(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& row_indices, const at::Tensor& row_num_full) {
   Problem p = make_problem(q, k, v, key_padding_mask, block_size, scale, window_left,
                            window_right, c10::DeviceType::CPU);
-  TORCH_CHECK_VALUE(p.head_dim <= kMaxHeadDim, "q: head_dim must be in [1, ", kMaxHeadDim,
-                    "] on CPU, got ", p.head_dim);
+  TORCH_CHECK_VALUE(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim, "q: head_dim must be in [1, ",
+                    kMaxHeadDim, "] on CPU, got ", p.head_dim);
   set_layout_heads(&p, row_offsets);
   check_block_lists("row", row_offsets, row_indices, row_num_full, layout_heads(p) * p.q_blocks,
                     p.q_blocks, p.k_blocks, true, p.q_len, p.k_len, block_size, p.window);
