@@ -223,10 +223,7 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
   for_each_step_pipelined(walk, load, [&](int buffer, const Step& step, int k0, int) {
     // P = exp2(S - lse2); dP = dO V^T; dS = P (dP - delta); dQ += dS K.
     float s[kKeyTile / 8][4];
-    zero(s);
-    gemm_a_smem_b_nk<D, kKeyTile, D, D>(s, s_q, warp * kRowsPerWarp, kv.k_tile(buffer), 0);
-    scale_and_mask<false, kKeyTile>(s, p, batch, block_needs_mask(p, batch, qb, step.block),
-                                    q0 + warp * kRowsPerWarp, k0);
+    masked_row_scores<Traits>(s, p, batch, s_q, kv.k_tile(buffer), qb, step.block, k0);
     float dp[kKeyTile / 8][4];
     zero(dp);
     gemm_a_smem_b_nk<D, kKeyTile, D, D>(dp, s_do, warp * kRowsPerWarp, kv.v_tile(buffer), 0);

@@ -45,6 +45,21 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kN / 8][4], const Para
   }
 }
 
+// S = Q K^T for this warp's 16 query rows of query block qb against the key tile starting
+// at k0 (of key block kb), scaled to base 2 and masked if the block needs it.
+template <typename Traits>
+__device__ __forceinline__ void masked_row_scores(float (&s)[kKeyTile / 8][4], const Params& p,
+                                                  int batch, const typename Traits::Element* s_q,
+                                                  const typename Traits::Element* k_tile, int qb,
+                                                  int kb, int k0) {
+  constexpr int D = Traits::kHeadDim;
+  const int row0 = threadIdx.x / 32 * kRowsPerWarp;
+  zero(s);
+  gemm_a_smem_b_nk<D, kKeyTile, D, D>(s, s_q, row0, k_tile, 0);
+  scale_and_mask<false, kKeyTile>(s, p, batch, block_needs_mask(p, batch, qb, kb),
+                                  qb * Traits::kBlockSize + row0, k0);
+}
+
 // The double-buffered K and V tiles of a row walk (forward and deterministic dQ kernels).
 template <typename Traits>
 struct KeyValueTiles {
@@ -94,10 +109,7 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
   auto load = [&](int buffer) { kv.load(buffer, walk.tile_start()); };
   for_each_step_pipelined(walk, load, [&](int buffer, const Step& step, int k0, int) {
     float s[kKeyTile / 8][4];
-    zero(s);
-    gemm_a_smem_b_nk<D, kKeyTile, D, D>(s, s_q, warp * kRowsPerWarp, kv.k_tile(buffer), 0);
-    scale_and_mask<false, kKeyTile>(s, p, batch, block_needs_mask(p, batch, qb, step.block),
-                                    q0 + warp * kRowsPerWarp, k0);
+    masked_row_scores<Traits>(s, p, batch, s_q, kv.k_tile(buffer), qb, step.block, k0);
 
     // Online softmax for rows g (r = 0) and g + 8 (r = 1). A row that has seen no key yet
     // shifts by 0, so exp2(-inf) = 0 everywhere instead of NaN.
