@@ -12,18 +12,21 @@ TORCH_LIBRARY(sparse_attention, m) {
   // (out, lse) of block-sparse attention. window_left/right < 0 mean unbounded;
   // causal is window_right = 0. key_padding_mask: bool [B, Nk], True = ignore. The forward
   // pass walks the row lists only; it takes the column lists so autograd can hand them to
-  // the backward op.
+  // the backward op. deterministic: the backward pass must give bit-identical gradients run
+  // to run (CUDA then computes dQ in a pass over the rows instead of with atomics); forward
+  // takes it so autograd can hand it on. The CPU kernels are always deterministic.
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor row_offsets, Tensor row_indices, "
       "Tensor row_num_full, Tensor col_offsets, Tensor col_indices, Tensor col_num_full, "
       "Tensor? key_padding_mask, int block_size, float scale, int window_left, "
-      "int window_right) -> (Tensor, Tensor)");
+      "int window_right, bool deterministic=False) -> (Tensor, Tensor)");
   // (grad_q, grad_k, grad_v). grad_lse may be None.
   m.def(
       "backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor row_offsets, Tensor row_indices, Tensor row_num_full, "
       "Tensor col_offsets, Tensor col_indices, Tensor col_num_full, Tensor? key_padding_mask, "
-      "int block_size, float scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+      "int block_size, float scale, int window_left, int window_right, bool deterministic=False) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // forward's autograd lives in Python (sparse_attention/ops.py); the backward op itself is not

@@ -127,6 +127,7 @@ def sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ):
     """Block-sparse scaled dot-product attention.
 
@@ -143,6 +144,9 @@ def sparse_attention(
             the layout's blocks (None = unbounded on that side); causal sets right to 0. A
             pattern's exact token window (Local(..., exact=True)) narrows it.
         return_lse: also return the log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs).
+        deterministic: make the backward pass bit-identical run to run. On CUDA this
+            computes dQ in a separate pass over the rows instead of with fp32 atomics (a
+            little slower); the CPU kernels are always deterministic and ignore it.
 
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
@@ -168,6 +172,7 @@ def sparse_attention(
     lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device,
                                 num_heads, causal)
     out, lse = ops.forward(
-        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right
+        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right,
+        bool(deterministic),
     )
     return (out, lse) if return_lse else out

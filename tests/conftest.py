@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -30,6 +31,7 @@ class Case:
     window: tuple | None = None
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    device: str = "cpu"
 
     def __str__(self):
         parts = [f"B{self.batch}H{self.heads}/{self.kv_heads}", f"N{self.q_len}x{self.k_len}",
@@ -38,6 +40,8 @@ class Case:
         parts += [name for name in ("per_head", "causal", "padding") if getattr(self, name)]
         if self.window:
             parts.append(f"win{self.window}")
+        if self.device != "cpu":
+            parts.append(self.device)
         return "-".join(parts)
 
 
@@ -50,11 +54,12 @@ def random_layout(case: Case, generator: torch.Generator) -> sa.BlockLayout:
 
 
 def make_inputs(case: Case, requires_grad: bool = True):
-    """Fresh random q, k, v, layout and padding mask for a case."""
+    """Fresh random q, k, v, layout and padding mask for a case (drawn on the CPU, so every
+    device gets the same inputs)."""
     g = torch.Generator().manual_seed(case.seed)
 
     def rand(*shape):
-        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(case.dtype)
+        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(case.device, case.dtype)
         return t.requires_grad_(requires_grad)
 
     q = rand(case.batch, case.heads, case.q_len, case.head_dim)
@@ -65,7 +70,23 @@ def make_inputs(case: Case, requires_grad: bool = True):
     if case.padding:
         pad = torch.rand(case.batch, case.k_len, generator=g) < 0.3
         pad[0, : case.k_len // 2] = True  # a long padded run: whole blocks padded
+        pad = pad.to(case.device)
     return q, k, v, layout, pad
+
+
+@contextlib.contextmanager
+def fresh_memory_filled_with_nan():
+    """While active, torch.empty fills fresh memory with NaN: an element a kernel forgets to
+    write shows up as NaN."""
+    saved = torch.utils.deterministic.fill_uninitialized_memory
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = saved
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,12 +103,13 @@ def assert_rule(name: str, ours: torch.Tensor, same_precision: torch.Tensor, exa
     assert ours_err <= bound, f"{name}: error {ours_err:.3g} > bound {bound:.3g} (baseline {base_err:.3g})"
 
 
-def run_case(case: Case, check_grads: bool = True):
+def run_case(case: Case, check_grads: bool = True, deterministic: bool = False):
     """Runs ours, the fp64 reference and the same-precision reference; checks the rule on
     out and lse (and dq, dk, dv)."""
     q, k, v, layout, pad = make_inputs(case)
     kwargs = dict(causal=case.causal, key_padding_mask=pad, window=case.window)
-    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True, **kwargs)
+    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True, deterministic=deterministic,
+                                   **kwargs)
     exact, exact_lse = reference.attention(q, k, v, layout, return_lse=True, **kwargs)
     low = reference.attention(q, k, v, layout, compute_dtype=case.dtype, **kwargs)
     assert out.dtype == q.dtype and out.shape == q.shape

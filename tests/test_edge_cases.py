@@ -6,7 +6,7 @@ import torch
 
 import sparse_attention as sa
 from sparse_attention import reference
-from conftest import Case, assert_rule, make_inputs, max_error, run_case
+from conftest import Case, assert_rule, fresh_memory_filled_with_nan, make_inputs, max_error, run_case
 
 
 def test_empty_layout_gives_zeros_and_zero_grads():
@@ -41,22 +41,13 @@ def test_fully_padded_batch_entry():
 
 
 def test_every_output_element_is_written():
-    # With this flag set, torch.empty fills fresh memory with NaN: an element the kernels
-    # forget to write shows up as NaN.
     case = Case(batch=2, heads=4, kv_heads=2, q_len=111, k_len=77, density=0.3, per_head=True,
                 causal=True, padding=True, seed=14)
     q, k, v, layout, pad = make_inputs(case)
-    saved = torch.utils.deterministic.fill_uninitialized_memory
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
+    with fresh_memory_filled_with_nan():
         out, lse = sa.sparse_attention(q, k, v, layout, causal=True, key_padding_mask=pad,
                                        return_lse=True)
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = saved
     for t in (out, lse, *grads):
         assert not torch.isnan(t).any()
 
@@ -140,3 +131,24 @@ def test_large_logits_do_not_overflow():
                                   compute_dtype=torch.float32).to(dtype)
         assert torch.isfinite(out).all()
         assert_rule("out", out, low, exact)
+
+
+def test_deterministic_flag_reaches_the_backward_op(monkeypatch):
+    # The CPU kernels ignore it (they are always deterministic); CUDA picks its dQ pass by it.
+    import sparse_attention.ops as ops_module
+
+    real, seen = ops_module.ops, []
+
+    class Recorder:
+        def backward(self, *args):
+            seen.append(args[-1])
+            return real.backward(*args)
+
+    monkeypatch.setattr(ops_module, "ops", Recorder())
+    q, k, v, layout, _ = make_inputs(Case(q_len=50, k_len=50, density=0.6, seed=21))
+    grads = {}
+    for deterministic in (False, True):
+        out = sa.sparse_attention(q, k, v, layout, causal=True, deterministic=deterministic)
+        grads[deterministic] = torch.autograd.grad(out.sum(), (q, k, v))
+    assert seen == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))

@@ -1,0 +1,248 @@
+"""GPU benchmark: block-sparse attention forward and backward against SDPA (flash backend,
+dense causal) and compiled FlexAttention on the same block masks.
+
+Rates are TFLOP/s per computed block (DESIGN.md section 8): a computed block pair costs
+4 * bs * bs * D FLOPs forward (partial blocks count as full), backward 2.5x that, times B * H.
+Every implementation is credited with the same FLOPs for the same mask, so rates compare
+time directly. Prints a short table and writes every measurement to --out (JSON lines).
+
+    python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparse_attention as sa
+
+BLOCK = 128
+
+
+# --- layouts: [1, Qb, Kb] bool block masks (a pattern library can replace these) ---------
+
+def local_mask(nb: int, window_blocks: int = 8) -> torch.Tensor:
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    return ((j <= i) & (j > i - window_blocks))[None]
+
+
+def fixed_mask(nb: int, stride_blocks: int = 8, summary_blocks: int = 1) -> torch.Tensor:
+    """Child et al. "fixed", causal: the query's own stride chunk plus the last
+    summary_blocks of every chunk."""
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    same_chunk = (j // stride_blocks) == (i // stride_blocks)
+    summary = (j % stride_blocks) >= stride_blocks - summary_blocks
+    return ((same_chunk | summary) & (j <= i))[None]
+
+
+def bigbird_mask(nb: int, window: int = 1, globals_: int = 2, randoms: int = 3, seed: int = 0) -> torch.Tensor:
+    """Bidirectional BigBird: a band of +-window blocks, global first rows and columns, and
+    `randoms` seeded random blocks per row."""
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    mask = ((j - i).abs() <= window) | (i < globals_) | (j < globals_)
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.rand(nb, nb, generator=g).argsort(dim=1)[:, :randoms]
+    mask[torch.arange(nb)[:, None], rand] = True
+    return mask[None]
+
+
+def dense_causal_mask(nb: int) -> torch.Tensor:
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    return (j <= i)[None]
+
+
+LAYOUTS = {  # name -> (mask builder, causal element rule)
+    "dense": (dense_causal_mask, True),
+    "local": (local_mask, True),
+    "fixed": (fixed_mask, True),
+    "bigbird": (bigbird_mask, False),
+}
+
+
+# --- timing ------------------------------------------------------------------------------
+
+def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
+    """(forward ms, backward ms); backward timed alone on a retained graph."""
+    with torch.no_grad():
+        fwd = cuda_time_ms(lambda: forward(q, k, v))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = forward(qg, kg, vg)
+    grad = torch.randn_like(out)
+    bwd = cuda_time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True))
+    return fwd, bwd
+
+
+# --- the three implementations on one mask -----------------------------------------------
+
+def flex_block_mask(mask: torch.Tensor, causal: bool):
+    """FlexAttention BlockMask with the same full and partial blocks as our lists."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = mask.shape[-1]
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    partial = mask & (j == i) if causal else torch.zeros_like(mask)
+    full = mask & ~partial
+
+    def to_lists(m):
+        counts = m.sum(-1).to(torch.int32)[None].cuda()  # [1, H, Qb]
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None].cuda()
+        return counts, idx
+
+    kv_num, kv_idx = to_lists(partial)
+    full_num, full_idx = to_lists(full)
+    mask_mod = (lambda b, h, q_idx, kv_idx_: q_idx >= kv_idx_) if causal else None
+    kwargs = {} if mask_mod is None else {"mask_mod": mask_mod}
+    # n is a multiple of BLOCK, so the sequence lengths follow from the block counts.
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, **kwargs)
+
+
+def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> None:
+    heads = 2048 // head_dim
+    batch = max(1, 16384 // n)
+    builder, causal = LAYOUTS[layout_name]
+    nb = n // BLOCK
+    mask = builder(nb)
+    blocks = int(mask.sum())
+    flops_fwd = 4 * BLOCK * BLOCK * head_dim * blocks * batch * heads
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    row = {"head_dim": head_dim, "n": n, "batch": batch, "heads": heads, "layout": layout_name,
+           "causal": causal, "density": blocks / (nb * nb), "blocks": blocks,
+           "gflop_fwd": flops_fwd / 1e9}
+    layout = sa.BlockLayout(mask, BLOCK)
+
+    def ours(q, k, v):
+        return sa.sparse_attention(q, k, v, layout, causal=causal)
+
+    def ours_det(q, k, v):
+        return sa.sparse_attention(q, k, v, layout, causal=causal, deterministic=True)
+
+    impls = {"ours": ours}
+    if head_dim == 128 and n == 16384:
+        impls["ours_deterministic"] = ours_det
+    if flex is not None:
+        block_mask = flex_block_mask(mask, causal)
+        impls["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    if layout_name == "dense":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        impls["sdpa_flash"] = sdpa
+    for name, fn in impls.items():
+        try:
+            fwd, bwd = fwd_bwd_ms(fn, q, k, v)
+            row[name] = {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops_fwd / fwd / 1e9,
+                         "bwd_tflops": 2.5 * flops_fwd / bwd / 1e9}
+        except Exception as error:  # a failing implementation must not hide the others
+            row[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  {name} failed: {row[name]['error']}", file=sys.stderr)
+    results.append(row)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def fmt(row: dict, impl: str, key: str) -> str:
+    value = row.get(impl, {}).get(key)
+    return "-" if value is None else f"{value:.1f}" if "tflops" in key else f"{value:.2f}"
+
+
+HEADER = (f"{'D':>4} {'N':>6} {'layout':>8} {'dens':>5} | {'ours fwd':>8} {'TF/s':>6} {'flex':>6} "
+          f"{'x':>5} {'sdpa':>6} | {'ours bwd':>8} {'TF/s':>6} {'flex':>6} {'x':>5} {'sdpa':>6} | {'%dense':>6}")
+LEGEND = ("ms: ours; TF/s: TFLOP/s per computed block (ours, flex, sdpa); x: FlexAttention time / "
+          "ours (>1 = ours faster); %dense: our forward rate as a share of our dense-causal rate "
+          "at the same D and N.")
+
+
+def table_row(r: dict, results: list) -> str:
+    o, f = r.get("ours", {}), r.get("flex", {})
+    sp_f = o.get("fwd_ms") and f.get("fwd_ms") and f["fwd_ms"] / o["fwd_ms"]
+    sp_b = o.get("bwd_ms") and f.get("bwd_ms") and f["bwd_ms"] / o["bwd_ms"]
+    dense = next((d.get("ours", {}).get("fwd_tflops") for d in results if d["layout"] == "dense"
+                  and (d["head_dim"], d["n"]) == (r["head_dim"], r["n"])), None)
+    rel = o.get("fwd_tflops") / dense * 100 if dense and o.get("fwd_tflops") else None
+    return (f"{r['head_dim']:>4} {r['n']:>6} {r['layout']:>8} {r['density']:>5.2f} | "
+            f"{fmt(r, 'ours', 'fwd_ms'):>8} {fmt(r, 'ours', 'fwd_tflops'):>6} "
+            f"{fmt(r, 'flex', 'fwd_tflops'):>6} {('%.2f' % sp_f) if sp_f else '-':>5} "
+            f"{fmt(r, 'sdpa_flash', 'fwd_tflops'):>6} | "
+            f"{fmt(r, 'ours', 'bwd_ms'):>8} {fmt(r, 'ours', 'bwd_tflops'):>6} "
+            f"{fmt(r, 'flex', 'bwd_tflops'):>6} {('%.2f' % sp_b) if sp_b else '-':>5} "
+            f"{fmt(r, 'sdpa_flash', 'bwd_tflops'):>6} | {('%.0f' % rel) if rel else '-':>6}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_cuda_results.jsonl")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="stop starting new configurations after this many seconds")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 4096, 8192, 32768])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--no-flex", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not sa.built_with_cuda():
+        print("bench_cuda: needs a GPU and the CUDA build", file=sys.stderr)
+        return 1
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as error:
+            print(f"FlexAttention unavailable: {error}", file=sys.stderr)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, block {BLOCK}, bf16")
+    print(HEADER, flush=True)
+    start = time.monotonic()
+    results, skipped = [], []
+    # Most wanted first: the target configuration (D 128, N 16k) for every layout.
+    for head_dim in args.head_dims:
+        for n in args.seq_lens:
+            for layout_name in args.layouts:
+                if time.monotonic() - start > args.budget_s:
+                    skipped.append((head_dim, n, layout_name))
+                    continue
+                t0 = time.monotonic()
+                run_config(head_dim, n, layout_name, flex, results)
+                print(table_row(results[-1], results), flush=True)  # a row at a time: a timeout keeps them
+                print(f"  D{head_dim} N{n} {layout_name}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+                with open(args.out, "w") as f:
+                    for r in results:
+                        f.write(json.dumps(r) + "\n")
+    print(LEGEND)
+    if skipped:
+        print(f"skipped for time ({len(skipped)}): " + ", ".join(f"D{d} N{n} {l}" for d, n, l in skipped))
+    print(f"full results: {args.out}")
+    return 0 if all("error" not in r.get("ours", {}) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

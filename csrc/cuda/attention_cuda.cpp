@@ -1,0 +1,238 @@
+// Host side of the CUDA ops: the shared input checks, then the CUDA kernels' own limits
+// (dtypes, head dims, block sizes), a plain Params struct, and the launch on the current
+// stream of q's device. Registers the ops for the CUDA dispatch key.
+//
+// The block lists are checked for shape, dtype and device only: scanning their contents as
+// the CPU ops do would copy them to the host and synchronise on every call. The kernels
+// instead clamp every offset, skip indices outside the block grid and recompute each block's
+// kind from the element rules, so malformed lists cannot make them read out of bounds or skip
+// a needed mask.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "../input_checks.h"
+#include "params.h"
+
+namespace sparse_attention::cuda {
+
+namespace {
+
+constexpr int64_t kMaxGridYZ = 65535;  // heads and batch become grid dimensions y and z
+
+void check_cuda_limits(const Problem& p) {
+  TORCH_CHECK_TYPE(p.dtype == at::kHalf || p.dtype == at::kBFloat16,
+                   "q, k, v: the CUDA kernels take float16 or bfloat16, got ", p.dtype,
+                   "; run under torch.autocast(\"cuda\") or convert with .half() or .bfloat16()");
+  TORCH_CHECK_VALUE(p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128,
+                    "q: head_dim must be 32, 64 or 128 on CUDA, got ", p.head_dim);
+  TORCH_CHECK_VALUE(p.block_size == 64 || p.block_size == 128,
+                    "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+  TORCH_CHECK_VALUE(p.heads <= kMaxGridYZ && p.batch <= kMaxGridYZ, "q: at most ", kMaxGridYZ,
+                    " heads and batch entries on CUDA, got ", p.heads, " and ", p.batch);
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(p.q_len + p.block_size < kIntMax && p.k_len + p.block_size < kIntMax &&
+                        p.batch * p.heads * p.q_len / 4 < kIntMax,
+                    "q, k: sequences too long for the CUDA kernels' 32-bit row indices");
+}
+
+// A view the kernels can copy 16 bytes at a time: unit stride along head_dim, 16-byte
+// aligned start and row, head and batch strides (a broadcast stride of 0 is fine).
+at::Tensor copyable(const at::Tensor& t) {
+  auto ok = [](const at::Tensor& x) {
+    const int64_t per16 = 16 / static_cast<int64_t>(x.element_size());
+    return x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+           x.stride(0) % per16 == 0 && x.stride(1) % per16 == 0 && x.stride(2) % per16 == 0;
+  };
+  if (ok(t)) return t;
+  at::Tensor c = t.contiguous();
+  return ok(c) ? c : t.clone(at::MemoryFormat::Contiguous);
+}
+
+Operand operand(const at::Tensor& t) {
+  return Operand{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+DeviceLists device_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
+                         const at::Tensor& num_full, int64_t num_lists, const at::Device& device) {
+  for (const auto* t : {&offsets, &indices, &num_full}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() &&
+                          t->device() == device,
+                      name, " block lists: expected contiguous 1-d int32 tensors on ", device,
+                      ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK_VALUE(offsets.numel() == num_lists + 1 && num_full.numel() == num_lists, name,
+                    " block lists: expected ", num_lists + 1, " offsets and ", num_lists,
+                    " full counts, got ", offsets.numel(), " and ", num_full.numel());
+  TORCH_CHECK_VALUE(indices.numel() < std::numeric_limits<int32_t>::max(), name,
+                    " block lists: too many entries");
+  return DeviceLists{offsets.data_ptr<int32_t>(), indices.data_ptr<int32_t>(),
+                     static_cast<int32_t>(indices.numel())};
+}
+
+// Per (batch, key block) KeyBlockState of the padding mask, computed on the device.
+at::Tensor key_block_states(const at::Tensor& mask_bytes, const Problem& p) {
+  const int64_t padded_len = p.k_blocks * p.block_size;
+  const at::Tensor counts = at::constant_pad_nd(mask_bytes.to(at::kInt), {0, padded_len - p.k_len}, 0)
+                                .view({p.batch, p.k_blocks, p.block_size})
+                                .sum(-1);
+  at::Tensor lengths = at::full({p.k_blocks}, p.block_size, counts.options());
+  lengths[-1].fill_(p.k_len - (p.k_blocks - 1) * p.block_size);
+  const at::Tensor mixed = at::full({}, static_cast<int>(KeyBlockState::kMixed), counts.options());
+  const at::Tensor state =
+      at::where(counts == 0, static_cast<int64_t>(KeyBlockState::kAllValid),
+                at::where(counts == lengths, static_cast<int64_t>(KeyBlockState::kAllPadded), mixed));
+  return state.to(at::kByte).contiguous();
+}
+
+// Checks and describes a call; `keep` holds the tensors the params point into.
+struct Prepared {
+  Problem problem;
+  Params params;
+  std::vector<at::Tensor> keep;
+};
+
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
+                 double scale, int64_t window_left, int64_t window_right,
+                 const at::Tensor& row_offsets, const at::Tensor& row_indices,
+                 const at::Tensor& row_num_full) {
+  Prepared r;
+  Problem& p = r.problem;
+  p = make_problem(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
+                   c10::DeviceType::CUDA);
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
+                    "q, k, v: expected one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  check_cuda_limits(p);
+  set_layout_heads(&p, row_offsets);
+  Params& c = r.params;
+  c.rows = device_lists("row", row_offsets, row_indices, row_num_full, layout_heads(p) * p.q_blocks,
+                        q.device());
+  c.batch = p.batch;
+  c.heads = p.heads;
+  c.kv_heads = p.kv_heads;
+  c.q_len = p.q_len;
+  c.k_len = p.k_len;
+  c.head_dim = p.head_dim;
+  c.block_size = p.block_size;
+  c.q_blocks = p.q_blocks;
+  c.k_blocks = p.k_blocks;
+  c.per_head_layout = p.per_head_layout;
+  c.scale = static_cast<float>(scale);
+  c.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  c.window = p.window;
+  if (key_padding_mask) {
+    TORCH_CHECK_VALUE(key_padding_mask->device() == q.device(),
+                      "key_padding_mask: expected device ", q.device(), ", got ", key_padding_mask->device());
+    const at::Tensor bytes = key_padding_mask->to(at::kByte).contiguous();
+    const at::Tensor states = key_block_states(bytes, p);
+    c.key_padding = bytes.data_ptr<uint8_t>();
+    c.key_block_state = states.data_ptr<uint8_t>();
+    r.keep.push_back(bytes);
+    r.keep.push_back(states);
+  }
+  for (const at::Tensor* t : {&q, &k, &v}) r.keep.push_back(copyable(*t));
+  c.q = operand(r.keep[r.keep.size() - 3]);
+  c.k = operand(r.keep[r.keep.size() - 2]);
+  c.v = operand(r.keep[r.keep.size() - 1]);
+  return r;
+}
+
+template <bool kForward>
+void run(const Params& p, at::ScalarType dtype) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto by_dim = [&](auto dtype_tag) {
+    constexpr DType kDType = decltype(dtype_tag)::value;
+    switch (p.head_dim) {
+      case 32: return kForward ? run_forward<kDType, 32>(p, stream) : run_backward<kDType, 32>(p, stream);
+      case 64: return kForward ? run_forward<kDType, 64>(p, stream) : run_backward<kDType, 64>(p, stream);
+      case 128: return kForward ? run_forward<kDType, 128>(p, stream) : run_backward<kDType, 128>(p, stream);
+      default: TORCH_CHECK_VALUE(false, "q: head_dim must be 32, 64 or 128 on CUDA, got ", p.head_dim);
+    }
+  };
+  if (dtype == at::kHalf) {
+    by_dim(std::integral_constant<DType, DType::kHalf>{});
+  } else {
+    by_dim(std::integral_constant<DType, DType::kBFloat16>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_offsets,
+    const at::Tensor& row_indices, const at::Tensor& row_num_full, const at::Tensor& /*col_offsets*/,
+    const at::Tensor& /*col_indices*/, const at::Tensor& /*col_num_full*/,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
+    int64_t window_left, int64_t window_right, bool /*deterministic: the forward always is*/) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
+                       row_offsets, row_indices, row_num_full);
+  const Problem& p = r.problem;
+  at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  r.params.out = out.data_ptr();
+  r.params.lse = lse.data_ptr<float>();
+  run<true>(r.params, p.dtype);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& row_offsets, const at::Tensor& row_indices, const at::Tensor& row_num_full,
+    const at::Tensor& col_offsets, const at::Tensor& col_indices, const at::Tensor& col_num_full,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
+    int64_t window_left, int64_t window_right, bool deterministic) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
+                       row_offsets, row_indices, row_num_full);
+  const Problem& p = r.problem;
+  Params& c = r.params;
+  c.cols = device_lists("column", col_offsets, col_indices, col_num_full, layout_heads(p) * p.k_blocks,
+                        q.device());
+  check_backward_operands(p, q, out, grad_out, lse, grad_lse, c10::DeviceType::CUDA);
+  for (const at::Tensor* t : {&out, &grad_out, &lse}) {
+    TORCH_CHECK_VALUE(t->device() == q.device(), "out, grad_out, lse: expected device ", q.device());
+  }
+  const at::Tensor out_c = copyable(out), grad_out_c = copyable(grad_out), lse_c = lse.contiguous();
+  c.out_in = operand(out_c);
+  c.grad_out = operand(grad_out_c);
+  c.lse = const_cast<float*>(lse_c.data_ptr<float>());  // read only in the backward kernels
+  at::Tensor grad_lse_c;
+  if (grad_lse) {
+    TORCH_CHECK_VALUE(grad_lse->device() == q.device(), "grad_lse: expected device ", q.device());
+    grad_lse_c = grad_lse->to(at::kFloat).contiguous();
+    c.grad_lse = grad_lse_c.data_ptr<float>();
+  }
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_q = at::empty(q.sizes(), contiguous);
+  at::Tensor grad_k = at::empty(k.sizes(), contiguous);
+  at::Tensor grad_v = at::empty(v.sizes(), contiguous);
+  at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  at::Tensor grad_q_accum;
+  if (!deterministic) {
+    grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    c.grad_q_accum = grad_q_accum.data_ptr<float>();
+  }
+  c.delta = delta.data_ptr<float>();
+  c.grad_q = grad_q.data_ptr();
+  c.grad_k = grad_k.data_ptr();
+  c.grad_v = grad_v.data_ptr();
+  c.deterministic = deterministic;
+  run<false>(c, p.dtype);
+  if (!deterministic) grad_q.copy_(grad_q_accum.mul_(scale));  // the final conversion
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_attention, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace sparse_attention::cuda

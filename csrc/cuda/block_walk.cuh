@@ -1,0 +1,138 @@
+// Walking the block lists on the device: which (query tile, key tile) pairs a thread block
+// computes, whether each needs the element mask, and the mask itself. Every thread of a block
+// walks the same lists, so all control flow here is uniform across the block.
+#pragma once
+
+#include <cstdint>
+
+#include "../block_rules.h"
+#include "params.h"
+#include "tensor_core.cuh"
+
+namespace sparse_attention::cuda {
+
+__device__ __forceinline__ KeyBlockState key_block_state(const Params& p, int batch, int kb) {
+  return p.key_block_state ? static_cast<KeyBlockState>(p.key_block_state[batch * p.k_blocks + kb])
+                           : KeyBlockState::kAllValid;
+}
+
+// Whether pair (qb, kb) must apply the element rules: a partial block under the layout rules
+// (recomputed here rather than trusted from the lists' full counts), or mixed key padding.
+__device__ __forceinline__ bool block_needs_mask(const Params& p, int batch, int qb, int kb) {
+  return classify_block(qb, kb, p.q_len, p.k_len, p.block_size, p.window) != BlockKind::kFull ||
+         key_block_state(p, batch, kb) == KeyBlockState::kMixed;
+}
+
+// Whether key `key` is visible to query `query` (both inside their sequences' tiles).
+__device__ __forceinline__ bool element_visible(const Params& p, int batch, int query, int key) {
+  return key < p.k_len && p.window.visible(query, key) &&
+         !(p.key_padding && p.key_padding[static_cast<int64_t>(batch) * p.k_len + key]);
+}
+
+// Entry range [begin, end) of list `list`, clamped to the index array.
+__device__ __forceinline__ void list_range(const DeviceLists& l, int list, int* begin, int* end) {
+  *begin = min(max(l.offsets[list], 0), l.nnz);
+  *end = min(max(l.offsets[list + 1], *begin), l.nnz);
+}
+
+// One step of a walk: tile `sub` of the block named by entry `entry`.
+struct Step {
+  int group_head = 0;  // column walks: which query head of the kv head's group
+  int entry = 0, end = 0, sub = 0;
+  int block = 0;       // the listed block: a key block (row walks) or query block (column walks)
+};
+
+// Walks a row list (the key tiles of query block `fixed`, kRows) or the column lists of
+// every query head sharing a kv head (the query tiles of key block `fixed`), skipping
+// entries outside the grid, tiles past the sequence end and key blocks padding hides.
+template <bool kRows, int kSubTiles, int kTile>
+struct BlockWalk {
+  const Params& p;
+  int batch, head, fixed, group;
+  Step step;
+  bool done = false;
+
+  __device__ BlockWalk(const Params& params, int batch_, int head_, int fixed_)
+      : p(params), batch(batch_), head(head_), fixed(fixed_),
+        group(kRows ? 1 : params.heads / params.kv_heads) {
+    start_list(0);
+    settle();
+  }
+
+  // The query head of this step (column walks go through the kv head's group).
+  __device__ int query_head() const { return kRows ? head : head * group + step.group_head; }
+
+  // First row (query or key) of the step's tile.
+  __device__ int tile_start() const { return step.block * p.block_size + step.sub * kTile; }
+
+  __device__ void next() {
+    advance();
+    settle();
+  }
+
+ private:
+  __device__ void start_list(int group_head) {
+    step.group_head = group_head;
+    step.sub = 0;
+    if (group_head >= group) {
+      done = true;
+      return;
+    }
+    const int layout_head = p.per_head_layout ? (kRows ? head : head * group + group_head) : 0;
+    const int list = layout_head * (kRows ? p.q_blocks : p.k_blocks) + fixed;
+    list_range(kRows ? p.rows : p.cols, list, &step.entry, &step.end);
+  }
+
+  __device__ void advance() {
+    if (++step.sub == kSubTiles) {
+      step.sub = 0;
+      ++step.entry;
+    }
+  }
+
+  __device__ bool valid() {
+    const int block = (kRows ? p.rows : p.cols).indices[step.entry];
+    const int across = kRows ? p.k_blocks : p.q_blocks;
+    if (block < 0 || block >= across) return false;
+    step.block = block;
+    if (tile_start() >= (kRows ? p.k_len : p.q_len)) return false;
+    return !kRows || key_block_state(p, batch, block) != KeyBlockState::kAllPadded;
+  }
+
+  // Moves to the first valid step at or after the current one.
+  __device__ void settle() {
+    while (!done) {
+      if (step.entry >= step.end) {
+        start_list(step.group_head + 1);
+      } else if (valid()) {
+        return;
+      } else {
+        advance();
+      }
+    }
+  }
+};
+
+// Runs body(buffer, step, tile_start, query_head) for every step of a walk, with the tiles of
+// the next step copied (load(buffer), which reads the walk's current step) while the current
+// step computes: double buffering over cp.async groups. Groups committed before the call
+// (e.g. the resident Q tile) are complete when the first body runs.
+template <typename Walk, typename Load, typename Body>
+__device__ __forceinline__ void for_each_step_pipelined(Walk& walk, const Load& load, const Body& body) {
+  if (!walk.done) load(0);
+  cp_async_commit();
+  for (int buffer = 0; !walk.done; buffer ^= 1) {
+    const Step step = walk.step;
+    const int tile_start = walk.tile_start(), query_head = walk.query_head();
+    walk.next();
+    if (!walk.done) load(buffer ^ 1);
+    cp_async_commit();  // possibly empty, so that one wait count fits every iteration
+    cp_async_wait<1>();
+    __syncthreads();
+    body(buffer, step, tile_start, query_head);
+    __syncthreads();  // the buffer is refilled by the next iteration's copy
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace sparse_attention::cuda

@@ -1,0 +1,54 @@
+// Compile-time shape of each kernel: tile sizes, warps, shared memory. A layout block of
+// kBlockSize keys is walked as kBlockSize / kKeyTile key tiles, so the register and shared
+// memory budget does not grow with the block size.
+#pragma once
+
+#include <cstddef>
+
+namespace sparse_attention::cuda {
+
+constexpr int kKeyTile = 64;        // keys per tile (forward, dQ pass) and per dK/dV thread block
+constexpr int kQueryTile = 64;      // queries per tile in the dK/dV pass
+constexpr int kRowsPerWarp = 16;    // one m16 MMA row tile per warp
+constexpr int kMaxSharedBytes = 227 * 1024;  // sm_90 opt-in limit; the host checks the device's
+
+template <typename Element_, int kHeadDim_, int kBlockSize_>
+struct KernelTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockSize = kBlockSize_;
+  static constexpr int kSubTiles = kBlockSize / kKeyTile;  // key (or query) tiles per layout block
+
+  static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "head dims 32, 64, 128");
+  static_assert(kBlockSize == 64 || kBlockSize == 128, "block sizes 64 and 128");
+  static_assert(sizeof(Element) == 2, "fp16 or bf16 operands");
+
+  // Row kernels (forward, deterministic dQ): a thread block per query block, a warp per 16
+  // query rows; Q (and dO) stay in shared memory, K and V tiles are double buffered.
+  static constexpr int kRowWarps = kBlockSize / kRowsPerWarp;
+  static constexpr int kRowThreads = kRowWarps * 32;
+  static constexpr int kQTileElems = kBlockSize * kHeadDim;
+  static constexpr int kKVTileElems = kKeyTile * kHeadDim;
+  static constexpr size_t kForwardSmem = (kQTileElems + 4 * kKVTileElems) * sizeof(Element);
+  static constexpr size_t kGradQSmem = (2 * kQTileElems + 4 * kKVTileElems) * sizeof(Element);
+
+  // Column kernel (dK, dV and atomic dQ): a thread block per kKeyTile keys, a warp per 16
+  // keys; K and V stay in shared memory, Q and dO tiles (with their lse and delta) are
+  // double buffered; dS^T goes through shared memory for the atomic dQ product.
+  static constexpr int kColWarps = kKeyTile / kRowsPerWarp;
+  static constexpr int kColThreads = kColWarps * 32;
+  static constexpr int kQueryTileElems = kQueryTile * kHeadDim;
+  static constexpr size_t kGradKVSmem = (2 * kKVTileElems + 4 * kQueryTileElems) * sizeof(Element) +
+                                        4 * kQueryTile * sizeof(float) +
+                                        kKeyTile * kQueryTile * sizeof(Element);
+
+  static_assert(kKeyTile % 16 == 0 && kQueryTile == kColWarps * kRowsPerWarp,
+                "the atomic dQ product gives each warp 16 query rows");
+  static_assert(kForwardSmem <= kMaxSharedBytes && kGradQSmem <= kMaxSharedBytes &&
+                    kGradKVSmem <= kMaxSharedBytes,
+                "tiles fit in shared memory");
+  static_assert((kQTileElems * sizeof(Element)) % 128 == 0 && (kKVTileElems * sizeof(Element)) % 128 == 0,
+                "tiles start 128-byte aligned");
+};
+
+}  // namespace sparse_attention::cuda

@@ -1,0 +1,109 @@
+// Launch templates: pick the kernel traits for a block size, size the grid and shared memory,
+// name the launch for nsys (header-only NVTX v3) and check every CUDA call. Included only by
+// the generated instantiations/*.cu, one (dtype, head dim) each.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include <string>
+
+#include "backward_kernels.cuh"
+#include "forward_kernel.cuh"
+#include "kernel_traits.h"
+#include "params.h"
+
+namespace sparse_attention::cuda {
+
+template <DType kDType>
+struct ElementOf;
+template <>
+struct ElementOf<DType::kHalf> {
+  using type = __half;
+  static constexpr const char* name = "fp16";
+};
+template <>
+struct ElementOf<DType::kBFloat16> {
+  using type = __nv_bfloat16;
+  static constexpr const char* name = "bf16";
+};
+
+// An NVTX range for the lifetime of the object, e.g. "sparse_attention.forward bf16 d128 bs64".
+class NvtxRange {
+ public:
+  explicit NvtxRange(const std::string& name) { nvtxRangePushA(name.c_str()); }
+  ~NvtxRange() { nvtxRangePop(); }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStream_t stream,
+            const Params& p) {
+  if (shared_bytes > 48 * 1024) {
+    int device = 0, limit = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK_VALUE(shared_bytes <= static_cast<size_t>(limit), "q: head_dim ", p.head_dim,
+                      " with block_size ", p.block_size, " needs ", shared_bytes / 1024,
+                      " KB of shared memory per thread block; this GPU offers ", limit / 1024,
+                      " KB (A100 and H100 offer 163 and 227)");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+  }
+  kernel<<<grid, threads, shared_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <DType kDType, int kHeadDim, int kBlockSize>
+void launch_forward(const Params& p, cudaStream_t stream) {
+  using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
+  launch(forward_kernel<Traits>, dim3(p.q_blocks, p.heads, p.batch), Traits::kRowThreads,
+         Traits::kForwardSmem, stream, p);
+}
+
+template <DType kDType, int kHeadDim, int kBlockSize>
+void launch_backward(const Params& p, cudaStream_t stream) {
+  using Element = typename ElementOf<kDType>::type;
+  using Traits = KernelTraits<Element, kHeadDim, kBlockSize>;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  launch(delta_kernel<Element, kHeadDim>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.batch),
+         Traits::kColThreads, Traits::kGradKVSmem, stream, p);
+  if (p.deterministic) {
+    launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.batch), Traits::kRowThreads,
+           Traits::kGradQSmem, stream, p);
+  }
+}
+
+inline std::string range_name(const char* op, const char* dtype, int head_dim, int block_size) {
+  return std::string("sparse_attention.") + op + " " + dtype + " d" + std::to_string(head_dim) +
+         " bs" + std::to_string(block_size);
+}
+
+template <DType kDType, int kHeadDim>
+void run_forward(const Params& p, void* stream) {
+  const NvtxRange range(range_name("forward", ElementOf<kDType>::name, kHeadDim, p.block_size));
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.block_size) {
+    case 64: return launch_forward<kDType, kHeadDim, 64>(p, s);
+    case 128: return launch_forward<kDType, kHeadDim, 128>(p, s);
+    default: TORCH_CHECK_VALUE(false, "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+  }
+}
+
+template <DType kDType, int kHeadDim>
+void run_backward(const Params& p, void* stream) {
+  const NvtxRange range(range_name(p.deterministic ? "backward(deterministic)" : "backward",
+                                   ElementOf<kDType>::name, kHeadDim, p.block_size));
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.block_size) {
+    case 64: return launch_backward<kDType, kHeadDim, 64>(p, s);
+    case 128: return launch_backward<kDType, kHeadDim, 128>(p, s);
+    default: TORCH_CHECK_VALUE(false, "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+  }
+}
+
+}  // namespace sparse_attention::cuda

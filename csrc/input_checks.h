@@ -1,0 +1,38 @@
+// Checks of the ops' tensor arguments that hold on every device, and the Problem they
+// describe. The ops are callable directly through torch.ops, so no device's host code
+// trusts the Python layer; each calls these first, then adds its own limits (head dims,
+// dtypes, block sizes its kernels support).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+
+#include <optional>
+
+#include "problem.h"
+
+namespace sparse_attention {
+
+// q, k, v: 4-d, on `device`, a floating dtype.
+void check_operand(const char* name, const at::Tensor& t, c10::DeviceType device);
+
+// Validates q, k, v, the window and the padding mask and describes the problem.
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
+                     double scale, int64_t window_left, int64_t window_right,
+                     c10::DeviceType device);
+
+// Layout heads implied by the row lists: one shared layout or one per query head.
+int64_t layout_heads(const Problem& p);
+
+void set_layout_heads(Problem* p, const at::Tensor& row_offsets);
+
+// fp64 for fp64 inputs, else fp32: the dtype of lse and of the kernels' accumulators.
+at::ScalarType accum_dtype(at::ScalarType dtype);
+
+// The backward op's out, grad_out, lse and grad_lse against the problem of q, k, v.
+void check_backward_operands(const Problem& p, const at::Tensor& q, const at::Tensor& out,
+                             const at::Tensor& grad_out, const at::Tensor& lse,
+                             const std::optional<at::Tensor>& grad_lse, c10::DeviceType device);
+
+}  // namespace sparse_attention

@@ -1,0 +1,144 @@
+"""The CUDA kernels against the fp64 reference: the CPU suite's cases moved to the GPU (head
+dims and block sizes rounded up to ones the CUDA kernels take), fp16 and bf16, gradients
+with atomic and deterministic dQ, bit-identical deterministic runs, and the CUDA-only errors.
+Skipped without a GPU or without a CUDA build."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import sparse_attention as sa
+from sparse_attention import reference
+from conftest import Case, assert_rule, fresh_memory_filled_with_nan, make_inputs, max_error, run_case
+from test_correctness import LONG, SHAPES
+
+pytestmark = pytest.mark.skipif(
+    not (sa.built_with_cuda() and torch.cuda.is_available()),
+    reason="needs a GPU and the CUDA build of the extension",
+)
+
+CUDA_DTYPES = [torch.float16, torch.bfloat16]
+WINDOW_CASES = [
+    Case(q_len=300, k_len=300, block_size=64, density=0.8, window=window, seed=7)
+    for window in [(64, 0), (10, 10), (None, 5), (0, None)]
+] + [Case(q_len=150, k_len=400, block_size=64, density=1.0, causal=True, window=(100, None), seed=8)]
+EDGE_CASES = [
+    Case(q_len=120, k_len=40, density=1.0, causal=True, seed=12),  # first rows see nothing
+    Case(batch=2, heads=4, kv_heads=2, q_len=111, k_len=77, density=0.3, per_head=True,
+         causal=True, padding=True, seed=14),
+    Case(heads=4, kv_heads=1, q_len=1, k_len=700, density=1.0, causal=True, seed=30),  # decode
+    Case(heads=3, kv_heads=3, q_len=129, k_len=129, block_size=128, density=0.0, seed=31),  # empty
+]
+
+
+def on_cuda(case: Case, dtype: torch.dtype, seed_salt: str = "") -> Case:
+    """The case on the GPU, with the smallest head dim and block size the kernels take that
+    are at least the case's."""
+    head_dim = next(d for d in (32, 64, 128, case.head_dim) if case.head_dim <= d)
+    block_size = 64 if case.block_size <= 64 else 128
+    seed = zlib.crc32(f"{case}{dtype}{seed_salt}".encode())
+    return Case(**{**case.__dict__, "head_dim": min(head_dim, 128), "block_size": block_size,
+                   "dtype": dtype, "device": "cuda", "seed": seed})
+
+
+ALL_CASES = SHAPES + LONG + WINDOW_CASES + EDGE_CASES
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_against_reference(case, dtype, deterministic):
+    run_case(on_cuda(case, dtype), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_every_head_dim_and_block_size(head_dim, block_size):
+    for dtype in CUDA_DTYPES:
+        run_case(Case(batch=2, heads=4, kv_heads=2, q_len=517, k_len=390, head_dim=head_dim,
+                      block_size=block_size, density=0.4, per_head=True, causal=True,
+                      padding=True, dtype=dtype, device="cuda", seed=head_dim + block_size))
+
+
+def test_deterministic_mode_is_bit_identical():
+    case = Case(batch=2, heads=8, kv_heads=2, q_len=1500, k_len=1500, head_dim=64, block_size=64,
+                density=0.5, per_head=True, causal=True, dtype=torch.bfloat16, device="cuda", seed=40)
+    q, k, v, layout, _ = make_inputs(case)
+    grad = torch.randn_like(q)
+
+    def run():
+        out = sa.sparse_attention(q, k, v, layout, causal=True, deterministic=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_every_output_element_is_written():
+    case = Case(batch=2, heads=4, kv_heads=2, q_len=333, k_len=200, head_dim=64, block_size=64,
+                density=0.3, per_head=True, causal=True, padding=True, dtype=torch.float16,
+                device="cuda", seed=41)
+    q, k, v, layout, pad = make_inputs(case)
+    with fresh_memory_filled_with_nan():
+        for deterministic in (False, True):
+            out, lse = sa.sparse_attention(q, k, v, layout, causal=True, key_padding_mask=pad,
+                                           return_lse=True, deterministic=deterministic)
+            grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            for t in (out, lse, *grads):
+                assert not torch.isnan(t).any()
+
+
+def test_matches_the_cpu_kernels():
+    case = Case(batch=1, heads=4, kv_heads=2, q_len=300, k_len=300, head_dim=64, block_size=64,
+                density=0.5, causal=True, padding=True, dtype=torch.bfloat16, device="cuda", seed=42)
+    q, k, v, layout, pad = make_inputs(case, requires_grad=False)
+    gpu = sa.sparse_attention(q, k, v, layout, causal=True, key_padding_mask=pad)
+    cpu = sa.sparse_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), layout, causal=True,
+                              key_padding_mask=pad.cpu())
+    assert max_error(gpu.cpu(), cpu) < 3e-2
+
+
+def test_autocast_runs_fp32_inputs_in_half_precision():
+    case = Case(q_len=200, k_len=200, head_dim=64, block_size=64, density=0.6, dtype=torch.float32,
+                device="cuda", seed=43)
+    q, k, v, layout, _ = make_inputs(case, requires_grad=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sa.sparse_attention(q, k, v, layout, causal=True)
+    assert out.dtype == torch.bfloat16
+    exact = reference.attention(q.double(), k.double(), v.double(), layout, causal=True)
+    low = reference.attention(q, k, v, layout, causal=True, compute_dtype=torch.bfloat16)
+    assert_rule("out", out, low.to(torch.bfloat16), exact)
+
+
+def test_non_contiguous_inputs():
+    case = Case(batch=2, heads=2, kv_heads=2, q_len=190, k_len=190, head_dim=64, block_size=64,
+                density=0.6, dtype=torch.float16, device="cuda", seed=44)
+    q, k, v, layout, _ = make_inputs(case, requires_grad=False)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage
+    k_e = k[:1].expand(2, -1, -1, -1)                     # broadcast batch
+    v_s = torch.randn(2, 2, 190, 128, device="cuda", dtype=v.dtype)[..., ::2]  # stride 2
+    out = sa.sparse_attention(q_t, k_e, v_s, layout, causal=True)
+    exact = reference.attention(q_t.double(), k_e.double(), v_s.double(), layout, causal=True)
+    low = reference.attention(q_t, k_e, v_s, layout, causal=True, compute_dtype=torch.float16)
+    assert_rule("out", out, low.to(torch.float16), exact)
+
+
+CUDA_ERRORS = {
+    "fp32": (dict(dtype=torch.float32), TypeError, r"float16 or bfloat16.*autocast"),
+    "head dim": (dict(head_dim=100), ValueError, "head_dim must be 32, 64 or 128"),
+    "block size": (dict(block_size=32), ValueError, "block_size: expected 64 or 128"),
+}
+
+
+@pytest.mark.parametrize("name", list(CUDA_ERRORS))
+def test_cuda_errors(name):
+    changes, error, match = CUDA_ERRORS[name]
+    case = Case(**{**Case(q_len=128, k_len=128, head_dim=64, block_size=64, dtype=torch.float16,
+                          device="cuda").__dict__, **changes})
+    q, k, v, layout, _ = make_inputs(case, requires_grad=False)
+    with pytest.raises(error, match=match):
+        sa.sparse_attention(q, k, v, layout)
