@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -22,52 +21,19 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
+from sparse_attention.benchmark.flex import flex_block_mask
 
 BLOCK = 128
 
 
-# --- layouts: [1, Qb, Kb] bool block masks (a pattern library can replace these) ---------
+# --- layouts: the pattern library's, with its sqrt(N) defaults ---------------------------
 
-def local_mask(nb: int, window_blocks: int = 8) -> torch.Tensor:
-    i = torch.arange(nb)[:, None]
-    j = torch.arange(nb)[None, :]
-    return ((j <= i) & (j > i - window_blocks))[None]
+LAYOUTS = {"dense": True, "local": True, "fixed": True, "bigbird": False}  # name -> causal
 
 
-def fixed_mask(nb: int, stride_blocks: int = 8, summary_blocks: int = 1) -> torch.Tensor:
-    """Child et al. "fixed", causal: the query's own stride chunk plus the last
-    summary_blocks of every chunk."""
-    i = torch.arange(nb)[:, None]
-    j = torch.arange(nb)[None, :]
-    same_chunk = (j // stride_blocks) == (i // stride_blocks)
-    summary = (j % stride_blocks) >= stride_blocks - summary_blocks
-    return ((same_chunk | summary) & (j <= i))[None]
-
-
-def bigbird_mask(nb: int, window: int = 1, globals_: int = 2, randoms: int = 3, seed: int = 0) -> torch.Tensor:
-    """Bidirectional BigBird: a band of +-window blocks, global first rows and columns, and
-    `randoms` seeded random blocks per row."""
-    i = torch.arange(nb)[:, None]
-    j = torch.arange(nb)[None, :]
-    mask = ((j - i).abs() <= window) | (i < globals_) | (j < globals_)
-    g = torch.Generator().manual_seed(seed)
-    rand = torch.rand(nb, nb, generator=g).argsort(dim=1)[:, :randoms]
-    mask[torch.arange(nb)[:, None], rand] = True
-    return mask[None]
-
-
-def dense_causal_mask(nb: int) -> torch.Tensor:
-    i = torch.arange(nb)[:, None]
-    j = torch.arange(nb)[None, :]
-    return (j <= i)[None]
-
-
-LAYOUTS = {  # name -> (mask builder, causal element rule)
-    "dense": (dense_causal_mask, True),
-    "local": (local_mask, True),
-    "fixed": (fixed_mask, True),
-    "bigbird": (bigbird_mask, False),
-}
+def layout_for(name: str, n: int, heads: int) -> sa.BlockLayout:
+    pattern = sa.from_name(name, seq_len=n, block_size=BLOCK, num_heads=heads)
+    return pattern.layout(n, num_heads=heads, causal=LAYOUTS[name])
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -99,44 +65,17 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
-def flex_block_mask(mask: torch.Tensor, causal: bool):
-    """FlexAttention BlockMask with the same full and partial blocks as our lists."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nb = mask.shape[-1]
-    i = torch.arange(nb)[:, None]
-    j = torch.arange(nb)[None, :]
-    partial = mask & (j == i) if causal else torch.zeros_like(mask)
-    full = mask & ~partial
-
-    def to_lists(m):
-        counts = m.sum(-1).to(torch.int32)[None].cuda()  # [1, H, Qb]
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None].cuda()
-        return counts, idx
-
-    kv_num, kv_idx = to_lists(partial)
-    full_num, full_idx = to_lists(full)
-    mask_mod = (lambda b, h, q_idx, kv_idx_: q_idx >= kv_idx_) if causal else None
-    kwargs = {} if mask_mod is None else {"mask_mod": mask_mod}
-    # n is a multiple of BLOCK, so the sequence lengths follow from the block counts.
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, **kwargs)
-
-
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> None:
     heads = 2048 // head_dim
     batch = max(1, 16384 // n)
-    builder, causal = LAYOUTS[layout_name]
-    nb = n // BLOCK
-    mask = builder(nb)
-    blocks = int(mask.sum())
-    flops_fwd = 4 * BLOCK * BLOCK * head_dim * blocks * batch * heads
+    causal = LAYOUTS[layout_name]
+    layout = layout_for(layout_name, n, heads)
+    flops_fwd = layout.flops(head_dim, batch, heads)
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     row = {"head_dim": head_dim, "n": n, "batch": batch, "heads": heads, "layout": layout_name,
-           "causal": causal, "density": blocks / (nb * nb), "blocks": blocks,
+           "causal": causal, "density": layout.density, "blocks": layout.nnz,
            "gflop_fwd": flops_fwd / 1e9}
-    layout = sa.BlockLayout(mask, BLOCK)
-
     def ours(q, k, v):
         return sa.sparse_attention(q, k, v, layout, causal=causal)
 
@@ -147,7 +86,7 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> 
     if head_dim == 128 and n == 16384:
         impls["ours_deterministic"] = ours_det
     if flex is not None:
-        block_mask = flex_block_mask(mask, causal)
+        block_mask = flex_block_mask(layout, n, n, causal, "cuda")
         impls["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
     if layout_name == "dense":
         from torch.nn.attention import SDPBackend, sdpa_kernel
