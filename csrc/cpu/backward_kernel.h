@@ -60,20 +60,23 @@ void grad_key_value_kernel(const BackwardParams& g) {
       const int64_t k0 = kb * bs, kn = std::min(bs, p.k_len - k0);
       std::fill(grad_k.begin(), grad_k.end(), T(0));
       std::fill(grad_v.begin(), grad_v.end(), T(0));
-      // (scale K)^T and V^T, kept for every query block of the column.
+      // K^T and V^T, kept for every query block of the column. The scale goes on Q, as in the
+      // forward pass: S must round exactly as it did there, or exp(S - lse) drifts when logits
+      // are large.
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, k0), g.k.row_stride,
-                           static_cast<T>(p.scale), k_t.data(), kn);
+                           T(1), k_t.data(), kn);
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
                            T(1), v_t.data(), kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
         const int64_t list = p.layout_head(head) * p.k_blocks + kb;
         for_each_block_pair<false>(p, g.cols, list, batch, kb, [&](const BlockPair& blk) {
           const int64_t qn = blk.qn, row0 = (batch * p.heads + head) * p.q_len + blk.q0;
-          const RowsView<T> q = rows_as(operand_rows<scalar_t>(g.q, batch, head, blk.q0),
-                                        g.q.row_stride, qn, dim, q_rows.data());
+          load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, blk.q0), g.q.row_stride,
+                    static_cast<T>(p.scale), q_rows.data());
+          const RowsView<T> q{q_rows.data(), dim};  // scale Q
           const RowsView<T> d_o = rows_as(operand_rows<scalar_t>(g.grad_out, batch, head, blk.q0),
                                           g.grad_out.row_stride, qn, dim, do_rows.data());
-          // P = exp(Q (scale K)^T - lse) per row; rows that saw no key get 0.
+          // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
           row_scores(p, batch, blk, q, k_t.data(), s.data());
           for (int64_t i = 0; i < qn; ++i) {
             T* row = s.data() + i * kn;
@@ -83,7 +86,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
               exp_shift_sum(row, kn, lse[row0 + i]);
             }
           }
-          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q (scale applied when storing).
+          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T (scale Q).
           gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
           gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
           for (int64_t i = 0; i < qn; ++i) {
@@ -93,7 +96,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
         });
       }
       const int64_t out0 = (batch * p.kv_heads + kv_head) * p.k_len + k0;
-      store_rows(kn, dim, grad_k.data(), static_cast<T>(p.scale),
+      store_rows(kn, dim, grad_k.data(), T(1),
                  static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
       store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
     }
