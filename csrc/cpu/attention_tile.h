@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "params.h"
@@ -55,6 +56,34 @@ inline void row_scores(const Problem& p, int64_t batch, const BlockPair& blk,
                        const RowsView<T>& q, const T* k_t, T* s) {
   gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
   if (blk.masked) apply_element_mask<false>(p, batch, blk, s, blk.kn);
+}
+
+// Whether rows [0, rows) of a tile with leading dimension ld hold only finite values.
+template <typename T>
+inline bool all_finite(const T* x, int64_t ld, int64_t rows, int64_t dim) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < dim; ++j) {
+      if (!std::isfinite(x[i * ld + j])) return false;
+    }
+  }
+  return true;
+}
+
+// acc[qn x D] += P V over the nonzero entries of P only, P stored transposed as p_t[kn x qn].
+// For masked tiles whose values hold inf or NaN: a key hidden from a query has P = 0, and the
+// plain product's 0 * inf = NaN would leak that key into queries that never see it. Skipped
+// terms add exactly 0 in the plain product, and the order of the others is the same, so
+// queries that see only finite values get the plain product's result.
+template <typename T>
+inline void add_visible_products(int64_t qn, int64_t kn, int64_t dim, const T* p_t, const T* v,
+                                 int64_t ldv, T* acc) {
+  for (int64_t j = 0; j < kn; ++j) {
+    for (int64_t i = 0; i < qn; ++i) {
+      const T w = p_t[j * qn + i];
+      if (w == T(0)) continue;
+      for (int64_t d = 0; d < dim; ++d) acc[i * dim + d] = std::fma(w, v[j * ldv + d], acc[i * dim + d]);
+    }
+  }
 }
 
 // Key-block state of a batch entry under key padding (all valid when there is none).

@@ -65,7 +65,11 @@ void forward_kernel(const ForwardParams& f) {
           m[i] = new_max[i];
         }
         // O += P V, with P read from its transposed tile.
-        gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+        if (blk.masked && !all_finite(v.data, v.ld, kn, dim)) {
+          add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc.data());
+        } else {
+          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+        }
       });
 
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
