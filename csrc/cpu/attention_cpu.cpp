@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../block_lists.h"
+#include "../size_limits.h"
 #include "kernels.h"
 
 namespace sparse_attention::cpu {
@@ -55,7 +56,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK_VALUE(q.size(2) > 0 && k.size(2) > 0, "q, k: sequence lengths must be >= 1");
   TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "q: head_dim must be in [1, ",
                     kMaxHeadDim, "] on CPU, got ", q.size(3));
-  TORCH_CHECK_VALUE(block_size >= 1, "block_size: expected a positive integer, got ", block_size);
+  check_size_limits(q.size(2), k.size(2), block_size);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
                     "window: bounds must be >= 0, or -1 for unbounded");
