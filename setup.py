@@ -84,13 +84,22 @@ def sources(with_cuda: bool) -> list[str]:
     return files
 
 
+def openmp_flags() -> list[str]:
+    """at::parallel_for is inline OpenMP code in ATen's headers when torch uses the OpenMP
+    backend: compiled without -fopenmp it runs every task on the calling thread."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def extension():
     with_cuda = want_cuda()
+    link = openmp_flags()
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     # The vector headers of ATen use CUDA-style unroll pragmas and AVX types GCC warns about.
     cxx = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+    cxx += openmp_flags()
     if not with_cuda:
-        return cpp_extension.CppExtension("sparse_attention._C", sources(False), extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("sparse_attention._C", sources(False), extra_compile_args={"cxx": cxx},
+                                          extra_link_args=link)
     cuda_home = find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
@@ -101,6 +110,7 @@ def extension():
         sources(True),
         define_macros=[("SPARSE_ATTENTION_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
