@@ -167,3 +167,32 @@ def test_reference_refuses_what_cannot_fit_in_memory():
         reference.attention(q, q, q, layout)
     with pytest.raises(MemoryError, match="reference.element_mask: needs at least 1024.0 GiB"):
         reference.element_mask(layout, 2**20, 2**20)
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("operand", ["q", "k", "v", "grad"])
+def test_non_finite_values_leave_other_batch_entries_and_head_groups_gradients_alone(operand, value):
+    # Gradients: a bad value in batch 1, kv head 0 (query heads 0 and 1) may spread to the
+    # gradients of its own block rows and columns, never to batch 0 or to kv head 1's group.
+    case = Case(batch=2, heads=4, kv_heads=2, q_len=70, k_len=90, head_dim=16, density=0.6,
+                per_head=True, causal=True, padding=True, seed=23)
+    q, k, v, layout, pad = make_inputs(case, requires_grad=False)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(24))
+    kwargs = dict(causal=True, key_padding_mask=pad)
+
+    def grads(q, k, v, grad):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = sa.sparse_attention(q, k, v, layout, **kwargs)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    clean = grads(q, k, v, grad)
+    args = {"q": q, "k": k, "v": v, "grad": grad}
+    bad = args[operand].clone()
+    bad[1, 0, 40, 3] = value
+    poisoned = grads(**{**args, operand: bad})
+    for name, a, b in zip(("dq", "dk", "dv"), poisoned, clean):
+        heads_of_other_group = slice(2, 4) if name == "dq" else slice(1, 2)
+        assert torch.equal(a[0], b[0]), f"{name}: batch 0 changed"
+        assert torch.equal(a[1, heads_of_other_group], b[1, heads_of_other_group]), f"{name}: other head group changed"
+    if value != value:
+        assert any(torch.isnan(g[1]).any() for g in poisoned)
