@@ -145,10 +145,7 @@ def make_operand(shape, storage: str, dtype, g: torch.Generator, device: str) ->
     return t.detach().requires_grad_()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@given(p=problems())
-def test_matches_reference(device, p):
-    note(repr(p))
+def check_problem(p: Problem, device: str) -> None:
     g = torch.Generator().manual_seed(p.seed)
     q = make_operand((p.batch, p.heads, p.q_len, p.head_dim), p.storages[0], p.dtype, g, device)
     k = make_operand((p.batch, p.kv_heads, p.k_len, p.head_dim), p.storages[1], p.dtype, g, device)
@@ -159,3 +156,26 @@ def test_matches_reference(device, p):
     kwargs = dict(causal=p.causal, window=p.window,
                   key_padding_mask=None if pad is None else pad.to(device))
     check_against_reference(q, k, v, layout, kwargs, check_grads=True, grad=grad)
+
+
+# Examples the long profile once found failing, kept so every run checks them.
+FOUND = [
+    # GQA fp16 dv a rounding unit off: the dK/dV pass rounded the scores differently from
+    # the forward pass, so P = exp(S - lse) was not exactly 1 for a query's only key.
+    Problem(batch=1, heads=6, kv_heads=2, q_len=1, k_len=2, head_dim=100, block_size=16,
+            layout_kind="single", density=0.0, per_head=False, causal=False, window=(0, None),
+            padding=None, dtype=torch.float16, storages=("contiguous",) * 3, seed=2),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", FOUND, ids=repr)
+def test_found_examples(device, p):
+    check_problem(p, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(p=problems())
+def test_matches_reference(device, p):
+    note(repr(p))
+    check_problem(p, device)
