@@ -86,6 +86,67 @@ inline void add_visible_products(int64_t qn, int64_t kn, int64_t dim, const T* p
   }
 }
 
+// The backward products of masked tiles that hold inf or NaN, pair by pair. As in
+// add_visible_products, a pair hidden by the element rules (score -inf) is skipped rather than
+// multiplied by P = 0, so 0 * NaN never reaches the gradients of a row or key that does not
+// see the bad value; every other pair contributes what the plain products give it.
+
+// Whether the saved statistics of rows [0, n) are usable by the plain products: lse finite or
+// -inf (a row that sees no key) and delta finite.
+template <typename T>
+inline bool row_stats_finite(const T* lse, const T* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(lse[i]) || lse[i] == std::numeric_limits<T>::infinity() || !std::isfinite(delta[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// dK/dV pass on row tile s[qn x kn] = (scale Q) K^T: grad_v += P^T dO and
+// grad_k += dS^T (scale Q), dS = P (dO V^T - delta); v_t is V^T [D x kn].
+template <typename T>
+inline void grad_key_value_visible(int64_t qn, int64_t kn, int64_t dim, const T* s, const T* lse,
+                                   const T* delta, const RowsView<T>& q, const RowsView<T>& d_o,
+                                   const T* v_t, T* grad_k, T* grad_v) {
+  for (int64_t i = 0; i < qn; ++i) {
+    if (std::isinf(lse[i])) continue;  // the row sees no key
+    const T* q_i = q.data + i * q.ld;
+    const T* do_i = d_o.data + i * d_o.ld;
+    for (int64_t j = 0; j < kn; ++j) {
+      if (s[i * kn + j] == -std::numeric_limits<T>::infinity()) continue;
+      const T prob = std::exp(s[i * kn + j] - lse[i]);
+      T dp = 0;
+      for (int64_t d = 0; d < dim; ++d) dp += do_i[d] * v_t[d * kn + j];
+      const T ds = prob * (dp - delta[i]);
+      for (int64_t d = 0; d < dim; ++d) {
+        grad_v[j * dim + d] += prob * do_i[d];
+        grad_k[j * dim + d] += ds * q_i[d];
+      }
+    }
+  }
+}
+
+// dQ pass on column tile s_t[kn x qn] = K (scale Q)^T: grad_q += dS K, dS^T = P^T (V dO^T -
+// delta), P^T = exp(S^T - shift); do_t is dO^T [D x qn].
+template <typename T>
+inline void grad_query_visible(int64_t qn, int64_t kn, int64_t dim, const T* s_t, const T* shift,
+                               const T* delta, const RowsView<T>& k, const RowsView<T>& v,
+                               const T* do_t, T* grad_q) {
+  for (int64_t j = 0; j < kn; ++j) {
+    const T* k_j = k.data + j * k.ld;
+    const T* v_j = v.data + j * v.ld;
+    for (int64_t i = 0; i < qn; ++i) {
+      if (s_t[j * qn + i] == -std::numeric_limits<T>::infinity()) continue;
+      const T prob = std::exp(s_t[j * qn + i] - shift[i]);
+      T dp = 0;
+      for (int64_t d = 0; d < dim; ++d) dp += v_j[d] * do_t[d * qn + i];
+      const T ds = prob * (dp - delta[i]);
+      for (int64_t d = 0; d < dim; ++d) grad_q[i * dim + d] += ds * k_j[d];
+    }
+  }
+}
+
 // Key-block state of a batch entry under key padding (all valid when there is none).
 inline KeyBlockState key_block_state(const Problem& p, int64_t batch, int64_t kb) {
   return p.key_block_state

@@ -67,6 +67,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
                            T(1), k_t.data(), kn);
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
                            T(1), v_t.data(), kn);
+      const bool v_finite = all_finite(v_t.data(), kn, dim, kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
         const int64_t list = p.layout_head(head) * p.k_blocks + kb;
         for_each_block_pair<false>(p, g.cols, list, batch, kb, [&](const BlockPair& blk) {
@@ -78,6 +79,12 @@ void grad_key_value_kernel(const BackwardParams& g) {
                                           g.grad_out.row_stride, qn, dim, do_rows.data());
           // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
           row_scores(p, batch, blk, q, k_t.data(), s.data());
+          if (blk.masked && !(v_finite && all_finite(q.data, q.ld, qn, dim) &&
+                              all_finite(d_o.data, d_o.ld, qn, dim) &&
+                              row_stats_finite(lse + row0, delta + row0, qn))) {
+            return grad_key_value_visible(qn, kn, dim, s.data(), lse + row0, delta + row0, q, d_o,
+                                          v_t.data(), grad_k.data(), grad_v.data());
+          }
           for (int64_t i = 0; i < qn; ++i) {
             T* row = s.data() + i * kn;
             if (std::isinf(lse[row0 + i])) {
@@ -123,6 +130,7 @@ void grad_query_kernel(const BackwardParams& g) {
                            static_cast<T>(p.scale), q_t.data(), qn);
       load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, q0),
                            g.grad_out.row_stride, T(1), do_t.data(), qn);
+      const bool do_finite = all_finite(do_t.data(), qn, dim, qn);
       for (int64_t i = 0; i < qn; ++i) {
         const T lse = static_cast<const T*>(g.lse)[row0 + i];
         shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
@@ -137,6 +145,11 @@ void grad_query_kernel(const BackwardParams& g) {
                                       g.v.row_stride, kn, dim, v_rows.data());
         // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
         column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+        if (blk.masked && !(do_finite && all_finite(k.data, k.ld, kn, dim) &&
+                            all_finite(v.data, v.ld, kn, dim))) {
+          return grad_query_visible(qn, kn, dim, s_t.data(), shift.data(), delta.data(), k, v,
+                                    do_t.data(), grad_q.data());
+        }
         for (int64_t j = 0; j < kn; ++j) {
           exp_shift_columns(s_t.data() + j * qn, shift.data(), static_cast<T*>(nullptr), qn);
         }
