@@ -18,8 +18,13 @@ if [ -z "$python" ]; then
 fi
 cxx=${CXX:-c++}
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/sparse_attention_sanitize.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# SANITIZE_WORKDIR keeps the copy and its build there (later runs rebuild only what changed).
+if [ -n "${SANITIZE_WORKDIR:-}" ]; then
+  work=$(mkdir -p "$SANITIZE_WORKDIR" && cd "$SANITIZE_WORKDIR" && pwd)
+else
+  work=$(mktemp -d "${TMPDIR:-/tmp}/sparse_attention_sanitize.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+fi
 git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work"
 cd "$work"
 
@@ -27,11 +32,16 @@ echo "== building with -fsanitize=address,undefined in $work"
 SPARSE_ATTENTION_SANITIZE=1 SPARSE_ATTENTION_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
   "$python" setup.py build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
 
-# Python itself is not instrumented, so the ASan runtime must be loaded first. Python and
-# torch keep memory alive until exit on purpose: leak reports would be noise.
+# Python itself is not instrumented, so the ASan runtime must be loaded first, and the C++
+# runtime with it: ASan wraps __cxa_throw and must find the real one when it starts, or the
+# first C++ exception aborts. Python and torch keep memory alive until exit on purpose: leak
+# reports would be noise.
 libasan=$("$cxx" -print-file-name=libasan.so)
-[ -f "$libasan" ] || { echo "libasan.so not found (got '$libasan')" >&2; exit 1; }
-export LD_PRELOAD=$libasan
+libstdcxx=$("$cxx" -print-file-name=libstdc++.so)
+for lib in "$libasan" "$libstdcxx"; do
+  [ -f "$lib" ] || { echo "$lib not found" >&2; exit 1; }
+done
+export LD_PRELOAD="$libasan $libstdcxx"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_summary=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # The copy's package, not an installed one, must be the one under test.
