@@ -74,8 +74,9 @@ void forward_kernel(const ForwardParams& f) {
 
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
       for (int64_t i = 0; i < qn; ++i) {
-        // A row that saw no key returns 0 with lse = -inf.
-        const bool seen = l[i] > T(0);
+        // A row that saw no key returns 0 with lse = -inf; a NaN sum (NaN inputs) is not "no
+        // key": that row returns NaN.
+        const bool seen = !(l[i] == T(0));
         lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
         store_rows(1, dim, acc.data() + i * dim, seen ? T(1) / l[i] : T(0), out + (row0 + i) * dim, dim);
       }
