@@ -72,7 +72,7 @@ def test_non_finite_inputs_affect_only_the_rows_that_use_them(operand, value, dt
     for r in rows:
         bad[1, head, r, 3] = value
     args = {"q": q, "k": k, "v": v, operand: bad}
-    out = sa.sparse_attention(args["q"], args["k"], args["v"], layout, **kwargs)
+    out, lse = sa.sparse_attention(args["q"], args["k"], args["v"], layout, return_lse=True, **kwargs)
     affected = torch.zeros(q.shape[:3], dtype=torch.bool)
     if operand == "q":
         for r in rows:
@@ -83,8 +83,9 @@ def test_non_finite_inputs_affect_only_the_rows_that_use_them(operand, value, dt
     assert affected.any() and (~affected).any()
     unaffected = ~affected
     assert torch.equal(out[unaffected], clean[unaffected]), "a row that does not use the bad value changed"
-    if value != value:  # NaN in, NaN out
+    if value != value:  # NaN in, NaN out (and NaN lse, which v does not enter)
         assert torch.isnan(out[affected]).any(-1).all()
+        assert torch.isnan(lse[affected]).all() or operand == "v"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *REDUCED], ids=str)
