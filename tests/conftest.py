@@ -127,7 +127,7 @@ except ImportError:  # test_fuzz.py skips itself without hypothesis
     pass
 else:
     _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile("quick", max_examples=40, derandomize=True, database=None,
+    settings.register_profile("quick", max_examples=200, derandomize=True, database=None,
                               deadline=None, suppress_health_check=_slow_ok, print_blob=True)
     settings.register_profile("long", max_examples=3000, deadline=None,
                               suppress_health_check=_slow_ok, print_blob=True)
