@@ -49,9 +49,8 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
   echo "the sanitized build is not the one imported" >&2; exit 1; }
 
 if [ "$#" -eq 0 ]; then
-  # The kernels' own tests, without the long-sequence cases (slow under ASan); the
-  # build-inspection, CLI and torch.compile tests add only time.
-  set -- tests/test_correctness.py -k "not long" tests/test_edge_cases.py tests/test_errors.py \
+  # The kernels' own tests; the build-inspection, CLI and torch.compile tests add only time.
+  set -- tests/test_correctness.py tests/test_edge_cases.py tests/test_errors.py \
     tests/test_layout.py tests/test_numerics.py tests/test_threads.py tests/test_fuzz.py
 fi
 echo "== running pytest $* under ASan + UBSan"
