@@ -103,6 +103,18 @@ inline bool row_stats_finite(const T* lse, const T* delta, int64_t n) {
   return true;
 }
 
+// P = exp(score - shift) of one visible pair, and *ds = P (dP - delta) with dP the dot product
+// of a[0, dim) and b[0, dim) read with stride ldb (a dO row and a V column, or the reverse).
+template <typename T>
+inline T visible_pair(T score, T shift, T delta, const T* a, const T* b, int64_t ldb, int64_t dim,
+                      T* ds) {
+  const T prob = std::exp(score - shift);
+  T dp = 0;
+  for (int64_t d = 0; d < dim; ++d) dp += a[d] * b[d * ldb];
+  *ds = prob * (dp - delta);
+  return prob;
+}
+
 // dK/dV pass on row tile s[qn x kn] = (scale Q) K^T: grad_v += P^T dO and
 // grad_k += dS^T (scale Q), dS = P (dO V^T - delta); v_t is V^T [D x kn].
 template <typename T>
@@ -115,10 +127,8 @@ inline void grad_key_value_visible(int64_t qn, int64_t kn, int64_t dim, const T*
     const T* do_i = d_o.data + i * d_o.ld;
     for (int64_t j = 0; j < kn; ++j) {
       if (s[i * kn + j] == -std::numeric_limits<T>::infinity()) continue;
-      const T prob = std::exp(s[i * kn + j] - lse[i]);
-      T dp = 0;
-      for (int64_t d = 0; d < dim; ++d) dp += do_i[d] * v_t[d * kn + j];
-      const T ds = prob * (dp - delta[i]);
+      T ds;
+      const T prob = visible_pair(s[i * kn + j], lse[i], delta[i], do_i, v_t + j, kn, dim, &ds);
       for (int64_t d = 0; d < dim; ++d) {
         grad_v[j * dim + d] += prob * do_i[d];
         grad_k[j * dim + d] += ds * q_i[d];
@@ -138,10 +148,8 @@ inline void grad_query_visible(int64_t qn, int64_t kn, int64_t dim, const T* s_t
     const T* v_j = v.data + j * v.ld;
     for (int64_t i = 0; i < qn; ++i) {
       if (s_t[j * qn + i] == -std::numeric_limits<T>::infinity()) continue;
-      const T prob = std::exp(s_t[j * qn + i] - shift[i]);
-      T dp = 0;
-      for (int64_t d = 0; d < dim; ++d) dp += v_j[d] * do_t[d * qn + i];
-      const T ds = prob * (dp - delta[i]);
+      T ds;
+      visible_pair(s_t[j * qn + i], shift[i], delta[i], v_j, do_t + i, qn, dim, &ds);
       for (int64_t d = 0; d < dim; ++d) grad_q[i * dim + d] += ds * k_j[d];
     }
   }
