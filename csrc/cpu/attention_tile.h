@@ -72,16 +72,21 @@ inline bool all_finite(const T* x, int64_t ld, int64_t rows, int64_t dim) {
 // acc[qn x D] += P V over the nonzero entries of P only, P stored transposed as p_t[kn x qn].
 // For masked tiles whose values hold inf or NaN: a key hidden from a query has P = 0, and the
 // plain product's 0 * inf = NaN would leak that key into queries that never see it. Skipped
-// terms add exactly 0 in the plain product, and the order of the others is the same, so
-// queries that see only finite values get the plain product's result.
+// terms add exactly 0 in the plain product, and the others go through the same fmadd in the
+// same order, so queries that see only finite values get the plain product's result exactly.
 template <typename T>
 inline void add_visible_products(int64_t qn, int64_t kn, int64_t dim, const T* p_t, const T* v,
                                  int64_t ldv, T* acc) {
+  using Vec = at::vec::Vectorized<T>;
   for (int64_t j = 0; j < kn; ++j) {
     for (int64_t i = 0; i < qn; ++i) {
       const T w = p_t[j * qn + i];
       if (w == T(0)) continue;
-      for (int64_t d = 0; d < dim; ++d) acc[i * dim + d] = std::fma(w, v[j * ldv + d], acc[i * dim + d]);
+      T* a = acc + i * dim;
+      for (int64_t d = 0; d < dim; d += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), dim - d);
+        at::vec::fmadd(Vec(w), Vec::loadu(v + j * ldv + d, n), Vec::loadu(a + d, n)).store(a + d, n);
+      }
     }
   }
 }
