@@ -6,6 +6,8 @@ needed to build), a CppExtension otherwise. Environment switches:
   SPARSE_ATTENTION_CUDA=1   require the CUDA build (fail if torch or nvcc lack CUDA)
   TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0")
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
+  SPARSE_ATTENTION_SANITIZE=1  build with AddressSanitizer and UndefinedBehaviorSanitizer
+                            (for scripts/sanitize.sh; load with LD_PRELOAD of libasan)
 """
 
 from __future__ import annotations
@@ -85,13 +87,32 @@ def sources(with_cuda: bool) -> list[str]:
     return files
 
 
+def sanitizer_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags of the SPARSE_ATTENTION_SANITIZE=1 build: ASan + UBSan, -O1 so
+    reports point at the right lines; the last -O on the command line wins."""
+    if os.environ.get("SPARSE_ATTENTION_SANITIZE", "0") != "1":
+        return [], []
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    return flags, ["-fsanitize=address,undefined"]
+
+
+def openmp_flags() -> list[str]:
+    """at::parallel_for is inline OpenMP code in ATen's headers when torch uses the OpenMP
+    backend: compiled without -fopenmp it runs every task on the calling thread."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def extension():
     with_cuda = want_cuda()
+    sanitize_compile, sanitize_link = sanitizer_flags()
+    link = openmp_flags() + sanitize_link
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     # The vector headers of ATen use CUDA-style unroll pragmas and AVX types GCC warns about.
     cxx = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+    cxx += openmp_flags() + sanitize_compile
     if not with_cuda:
-        return cpp_extension.CppExtension("sparse_attention._C", sources(False), extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("sparse_attention._C", sources(False), extra_compile_args={"cxx": cxx},
+                                          extra_link_args=link)
     cuda_home = find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
@@ -102,6 +123,7 @@ def extension():
         sources(True),
         define_macros=[("SPARSE_ATTENTION_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

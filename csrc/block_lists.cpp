@@ -1,4 +1,5 @@
 #include "block_lists.h"
+#include "size_limits.h"
 
 #include <ATen/ATen.h>
 
@@ -32,6 +33,7 @@ BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, 
                     block_mask.scalar_type(), " ", block_mask.sizes(), " on ", block_mask.device());
   TORCH_CHECK_VALUE(block_size > 0 && q_len > 0 && k_len > 0,
                     "block_size, q_len and k_len must be positive");
+  check_size_limits(q_len, k_len, block_size);
   const int64_t heads = block_mask.size(0), q_blocks = block_mask.size(1),
                 k_blocks = block_mask.size(2);
   TORCH_CHECK_VALUE(q_blocks == (q_len + block_size - 1) / block_size &&

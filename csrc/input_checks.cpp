@@ -35,7 +35,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "k: kv heads (", k.size(1),
                     ") must divide the query heads (", q.size(1), ")");
   TORCH_CHECK_VALUE(q.size(2) > 0 && k.size(2) > 0, "q, k: sequence lengths must be >= 1");
-  TORCH_CHECK_VALUE(block_size >= 1, "block_size: expected a positive integer, got ", block_size);
+  check_size_limits(q.size(2), k.size(2), block_size);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
                     "window: bounds must be >= 0, or -1 for unbounded");

@@ -18,7 +18,8 @@ import torch
 from sparse_attention._extension import ops
 
 MIN_BLOCK_SIZE = 16
-MAX_BLOCK_SIZE = 256
+MAX_BLOCK_SIZE = 256  # csrc/size_limits.h has the same
+MAX_BLOCKS = 2**31 - 1  # block lists are int32
 
 
 class BlockLists(NamedTuple):
@@ -69,6 +70,11 @@ class BlockLayout:
             raise ValueError(
                 "mask: expected a non-empty [heads, q_blocks, k_blocks] or [q_blocks, k_blocks] "
                 f"tensor, got shape {tuple(mask.shape)}"
+            )
+        if mask.numel() >= MAX_BLOCKS:
+            raise ValueError(
+                f"mask: {mask.numel()} blocks; block lists index blocks with int32, so at most "
+                f"{MAX_BLOCKS - 1} (use a larger block_size)"
             )
         # A private copy: later edits of the caller's tensor must not change cached lists.
         self._mask = mask.detach().to("cpu", copy=True).contiguous()

@@ -11,6 +11,7 @@ import math
 import torch
 
 from sparse_attention.layout import BlockLayout
+from sparse_attention.memory import check_fits_in_memory
 
 
 def element_mask(
@@ -24,6 +25,8 @@ def element_mask(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Bool mask [B or 1, layout heads, Nq, Nk]: True where query i attends to key j."""
+    batch = 1 if key_padding_mask is None else key_padding_mask.shape[0]
+    check_fits_in_memory("reference.element_mask", batch * layout.num_heads * q_len * k_len)
     bs = layout.block_size
     blocks = layout.mask.to(device)
     mask = blocks.repeat_interleave(bs, dim=1).repeat_interleave(bs, dim=2)[:, :q_len, :k_len]
@@ -63,6 +66,9 @@ def attention(
     heads, kv_heads = q.shape[1], k.shape[1]
     q_len, k_len = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    # Scores, their masked copies and the probabilities: [B, H, Nq, Nk] each.
+    scores_bytes = q.shape[0] * heads * q_len * k_len * torch.empty((), dtype=compute_dtype).element_size()
+    check_fits_in_memory("reference.attention", 3 * scores_bytes)
     mask = element_mask(
         layout, q_len, k_len, causal=causal, window=window, key_padding_mask=key_padding_mask,
         device=q.device,

@@ -108,28 +108,42 @@ def run_case(case: Case, check_grads: bool = True, deterministic: bool = False):
     out and lse (and dq, dk, dv)."""
     q, k, v, layout, pad = make_inputs(case)
     kwargs = dict(causal=case.causal, key_padding_mask=pad, window=case.window)
+    check_against_reference(q, k, v, layout, kwargs, check_grads, deterministic=deterministic)
+
+
+def check_against_reference(q, k, v, layout, kwargs: dict, check_grads: bool = True, grad=None,
+                            deterministic: bool = False):
+    """Checks out, lse (and dq, dk, dv for the upstream gradient `grad`, random by default)
+    of sa.sparse_attention(q, k, v, layout, **kwargs) against the fp64 reference, under the
+    rule of assert_rule. q, k, v must require grad when check_grads is set."""
+    dtype = q.dtype
     out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True, deterministic=deterministic,
                                    **kwargs)
     exact, exact_lse = reference.attention(q, k, v, layout, return_lse=True, **kwargs)
-    low = reference.attention(q, k, v, layout, compute_dtype=case.dtype, **kwargs)
+    low = reference.attention(q, k, v, layout, compute_dtype=dtype, **kwargs)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_rule("out", out, low, exact)
     # Rows that see no key have lse = -inf in both; the others agree closely.
     assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "lse: -inf rows differ"
     seen = torch.isfinite(exact_lse)
     assert not torch.isnan(lse).any()
-    lse_tol = 1e-9 if case.dtype == torch.float64 else 1e-4 * (1 + exact_lse[seen].abs().max().item() if seen.any() else 1)
+    lse_tol = 1e-9 if dtype == torch.float64 else 1e-4 * (1 + exact_lse[seen].abs().max().item() if seen.any() else 1)
     if seen.any():
         assert max_error(lse[seen], exact_lse[seen]) <= lse_tol
     assert (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all(), "rows with no key must be 0"
-    if not check_grads:
-        return
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, (q, k, v), grad)
-    exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
-    low_grads = torch.autograd.grad(low, (q, k, v), grad)
+    if check_grads:
+        assert_grads_rule(out, low, exact, (q, k, v), grad)
+
+
+def assert_grads_rule(out, low, exact, inputs, grad=None):
+    """The rule on dq, dk, dv of our output against those of the same-precision and exact
+    reference outputs, for the upstream gradient `grad` (random by default)."""
+    grad = torch.randn_like(out) if grad is None else grad
+    ours = torch.autograd.grad(out, inputs, grad)
+    exact_grads = torch.autograd.grad(exact, inputs, grad)
+    low_grads = torch.autograd.grad(low, inputs, grad)
     for name, a, b, c in zip(("dq", "dk", "dv"), ours, low_grads, exact_grads):
-        assert a.dtype == case.dtype
+        assert a.dtype == out.dtype
         assert_rule(name, a, b, c)
 
 
@@ -139,8 +153,19 @@ def assert_matches_reference(out: torch.Tensor, q, k, v, layout: sa.BlockLayout,
     exact = reference.attention(q, k, v, layout, **kwargs)
     low = reference.attention(q, k, v, layout, compute_dtype=q.dtype, **kwargs)
     assert_rule("out", out, low, exact)
-    grad = torch.randn_like(out)
-    for name, a, b, c in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), grad),
-                             torch.autograd.grad(low, (q, k, v), grad),
-                             torch.autograd.grad(exact, (q, k, v), grad)):
-        assert_rule(name, a, b, c)
+    assert_grads_rule(out, low, exact, (q, k, v))
+
+
+# Hypothesis profiles (tests/test_fuzz.py): "quick", the default, is derandomized so CI runs
+# the same examples every time; "long" explores: pytest tests/test_fuzz.py --hypothesis-profile=long
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # test_fuzz.py skips itself without hypothesis
+    pass
+else:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("quick", max_examples=200, derandomize=True, database=None,
+                              deadline=None, suppress_health_check=_slow_ok, print_blob=True)
+    settings.register_profile("long", max_examples=3000, deadline=None,
+                              suppress_health_check=_slow_ok, print_blob=True)
+    settings.load_profile("quick")

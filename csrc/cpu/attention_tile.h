@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "params.h"
@@ -55,6 +56,108 @@ inline void row_scores(const Problem& p, int64_t batch, const BlockPair& blk,
                        const RowsView<T>& q, const T* k_t, T* s) {
   gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
   if (blk.masked) apply_element_mask<false>(p, batch, blk, s, blk.kn);
+}
+
+// Whether rows [0, rows) of a tile with leading dimension ld hold only finite values.
+template <typename T>
+inline bool all_finite(const T* x, int64_t ld, int64_t rows, int64_t dim) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < dim; ++j) {
+      if (!std::isfinite(x[i * ld + j])) return false;
+    }
+  }
+  return true;
+}
+
+// acc[qn x D] += P V over the nonzero entries of P only, P stored transposed as p_t[kn x qn].
+// For masked tiles whose values hold inf or NaN: a key hidden from a query has P = 0, and the
+// plain product's 0 * inf = NaN would leak that key into queries that never see it. Skipped
+// terms add exactly 0 in the plain product, and the others go through the same fmadd in the
+// same order, so queries that see only finite values get the plain product's result exactly.
+template <typename T>
+inline void add_visible_products(int64_t qn, int64_t kn, int64_t dim, const T* p_t, const T* v,
+                                 int64_t ldv, T* acc) {
+  using Vec = at::vec::Vectorized<T>;
+  for (int64_t j = 0; j < kn; ++j) {
+    for (int64_t i = 0; i < qn; ++i) {
+      const T w = p_t[j * qn + i];
+      if (w == T(0)) continue;
+      T* a = acc + i * dim;
+      for (int64_t d = 0; d < dim; d += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), dim - d);
+        at::vec::fmadd(Vec(w), Vec::loadu(v + j * ldv + d, n), Vec::loadu(a + d, n)).store(a + d, n);
+      }
+    }
+  }
+}
+
+// The backward products of masked tiles that hold inf or NaN, pair by pair. As in
+// add_visible_products, a pair hidden by the element rules (score -inf) is skipped rather than
+// multiplied by P = 0, so 0 * NaN never reaches the gradients of a row or key that does not
+// see the bad value; every other pair contributes what the plain products give it.
+
+// Whether the saved statistics of rows [0, n) are usable by the plain products: lse finite or
+// -inf (a row that sees no key) and delta finite.
+template <typename T>
+inline bool row_stats_finite(const T* lse, const T* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(lse[i]) || lse[i] == std::numeric_limits<T>::infinity() || !std::isfinite(delta[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// P = exp(score - shift) of one visible pair, and *ds = P (dP - delta) with dP the dot product
+// of a[0, dim) and b[0, dim) read with stride ldb (a dO row and a V column, or the reverse).
+template <typename T>
+inline T visible_pair(T score, T shift, T delta, const T* a, const T* b, int64_t ldb, int64_t dim,
+                      T* ds) {
+  const T prob = std::exp(score - shift);
+  T dp = 0;
+  for (int64_t d = 0; d < dim; ++d) dp += a[d] * b[d * ldb];
+  *ds = prob * (dp - delta);
+  return prob;
+}
+
+// dK/dV pass on row tile s[qn x kn] = (scale Q) K^T: grad_v += P^T dO and
+// grad_k += dS^T (scale Q), dS = P (dO V^T - delta); v_t is V^T [D x kn].
+template <typename T>
+inline void grad_key_value_visible(int64_t qn, int64_t kn, int64_t dim, const T* s, const T* lse,
+                                   const T* delta, const RowsView<T>& q, const RowsView<T>& d_o,
+                                   const T* v_t, T* grad_k, T* grad_v) {
+  for (int64_t i = 0; i < qn; ++i) {
+    if (std::isinf(lse[i])) continue;  // the row sees no key
+    const T* q_i = q.data + i * q.ld;
+    const T* do_i = d_o.data + i * d_o.ld;
+    for (int64_t j = 0; j < kn; ++j) {
+      if (s[i * kn + j] == -std::numeric_limits<T>::infinity()) continue;
+      T ds;
+      const T prob = visible_pair(s[i * kn + j], lse[i], delta[i], do_i, v_t + j, kn, dim, &ds);
+      for (int64_t d = 0; d < dim; ++d) {
+        grad_v[j * dim + d] += prob * do_i[d];
+        grad_k[j * dim + d] += ds * q_i[d];
+      }
+    }
+  }
+}
+
+// dQ pass on column tile s_t[kn x qn] = K (scale Q)^T: grad_q += dS K, dS^T = P^T (V dO^T -
+// delta), P^T = exp(S^T - shift); do_t is dO^T [D x qn].
+template <typename T>
+inline void grad_query_visible(int64_t qn, int64_t kn, int64_t dim, const T* s_t, const T* shift,
+                               const T* delta, const RowsView<T>& k, const RowsView<T>& v,
+                               const T* do_t, T* grad_q) {
+  for (int64_t j = 0; j < kn; ++j) {
+    const T* k_j = k.data + j * k.ld;
+    const T* v_j = v.data + j * v.ld;
+    for (int64_t i = 0; i < qn; ++i) {
+      if (s_t[j * qn + i] == -std::numeric_limits<T>::infinity()) continue;
+      T ds;
+      visible_pair(s_t[j * qn + i], shift[i], delta[i], v_j, do_t + i, qn, dim, &ds);
+      for (int64_t d = 0; d < dim; ++d) grad_q[i * dim + d] += ds * k_j[d];
+    }
+  }
 }
 
 // Key-block state of a batch entry under key padding (all valid when there is none).

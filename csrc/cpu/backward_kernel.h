@@ -61,20 +61,30 @@ void grad_key_value_kernel(const BackwardParams& g) {
       const int64_t k0 = kb * bs, kn = std::min(bs, p.k_len - k0);
       std::fill(grad_k.begin(), grad_k.end(), T(0));
       std::fill(grad_v.begin(), grad_v.end(), T(0));
-      // (scale K)^T and V^T, kept for every query block of the column.
+      // K^T and V^T, kept for every query block of the column. The scale goes on Q, as in the
+      // forward pass: S must round exactly as it did there, or exp(S - lse) drifts when logits
+      // are large.
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, k0), g.k.row_stride,
-                           static_cast<T>(p.scale), k_t.data(), kn);
+                           T(1), k_t.data(), kn);
       load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
                            T(1), v_t.data(), kn);
+      const bool v_finite = all_finite(v_t.data(), kn, dim, kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
         for_each_block_pair<false>(p, g.cols, column.list(p, head), batch, kb, [&](const BlockPair& blk) {
           const int64_t qn = blk.qn, row0 = (batch * p.heads + head) * p.q_len + blk.q0;
-          const RowsView<T> q = rows_as(operand_rows<scalar_t>(g.q, batch, head, blk.q0),
-                                        g.q.row_stride, qn, dim, q_rows.data());
+          load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, blk.q0), g.q.row_stride,
+                    static_cast<T>(p.scale), q_rows.data());
+          const RowsView<T> q{q_rows.data(), dim};  // scale Q
           const RowsView<T> d_o = rows_as(operand_rows<scalar_t>(g.grad_out, batch, head, blk.q0),
                                           g.grad_out.row_stride, qn, dim, do_rows.data());
-          // P = exp(Q (scale K)^T - lse) per row; rows that saw no key get 0.
+          // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
           row_scores(p, batch, blk, q, k_t.data(), s.data());
+          if (blk.masked && !(v_finite && all_finite(q.data, q.ld, qn, dim) &&
+                              all_finite(d_o.data, d_o.ld, qn, dim) &&
+                              row_stats_finite(lse + row0, delta + row0, qn))) {
+            return grad_key_value_visible(qn, kn, dim, s.data(), lse + row0, delta + row0, q, d_o,
+                                          v_t.data(), grad_k.data(), grad_v.data());
+          }
           for (int64_t i = 0; i < qn; ++i) {
             T* row = s.data() + i * kn;
             if (std::isinf(lse[row0 + i])) {
@@ -83,7 +93,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
               exp_shift_sum(row, kn, lse[row0 + i]);
             }
           }
-          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q (scale applied when storing).
+          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T (scale Q).
           gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
           gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
           for (int64_t i = 0; i < qn; ++i) {
@@ -93,7 +103,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
         });
       }
       const int64_t out0 = (batch * p.kv_heads + kv_head) * p.k_len + k0;
-      store_rows(kn, dim, grad_k.data(), static_cast<T>(p.scale),
+      store_rows(kn, dim, grad_k.data(), T(1),
                  static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
       store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
     }
@@ -121,6 +131,7 @@ void grad_query_kernel(const BackwardParams& g) {
                            static_cast<T>(p.scale), q_t.data(), qn);
       load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, q0),
                            g.grad_out.row_stride, T(1), do_t.data(), qn);
+      const bool do_finite = all_finite(do_t.data(), qn, dim, qn);
       for (int64_t i = 0; i < qn; ++i) {
         const T lse = static_cast<const T*>(g.lse)[row0 + i];
         shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
@@ -134,6 +145,11 @@ void grad_query_kernel(const BackwardParams& g) {
                                       g.v.row_stride, kn, dim, v_rows.data());
         // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
         column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+        if (blk.masked && !(do_finite && all_finite(k.data, k.ld, kn, dim) &&
+                            all_finite(v.data, v.ld, kn, dim))) {
+          return grad_query_visible(qn, kn, dim, s_t.data(), shift.data(), delta.data(), k, v,
+                                    do_t.data(), grad_q.data());
+        }
         for (int64_t j = 0; j < kn; ++j) {
           exp_shift_columns(s_t.data() + j * qn, shift.data(), static_cast<T*>(nullptr), qn);
         }

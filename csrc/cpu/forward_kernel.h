@@ -65,13 +65,18 @@ void forward_kernel(const ForwardParams& f) {
           m[i] = new_max[i];
         }
         // O += P V, with P read from its transposed tile.
-        gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+        if (blk.masked && !all_finite(v.data, v.ld, kn, dim)) {
+          add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc.data());
+        } else {
+          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+        }
       });
 
       const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
       for (int64_t i = 0; i < qn; ++i) {
-        // A row that saw no key returns 0 with lse = -inf.
-        const bool seen = l[i] > T(0);
+        // A row that saw no key returns 0 with lse = -inf; a NaN sum (NaN inputs) is not "no
+        // key": that row returns NaN.
+        const bool seen = !(l[i] == T(0));
         lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
         store_rows(1, dim, acc.data() + i * dim, seen ? T(1) / l[i] : T(0), out + (row0 + i) * dim, dim);
       }
