@@ -5,6 +5,8 @@
 #include <cmath>
 #include <vector>
 
+#include "size_limits.h"
+
 namespace sparse_attention {
 
 void check_operand(const char* name, const at::Tensor& t, c10::DeviceType device) {
