@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
-from sparse_attention.benchmark.flex import flex_block_mask
+from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 
 BLOCK = 128
 
@@ -153,9 +153,7 @@ def main() -> int:
     flex = None
     if not args.no_flex:
         try:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            flex = torch.compile(flex_attention, dynamic=False)
+            flex = compiled_flex()
         except Exception as error:
             print(f"FlexAttention unavailable: {error}", file=sys.stderr)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, block {BLOCK}, bf16")

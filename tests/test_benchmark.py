@@ -51,3 +51,18 @@ def test_tiny_run_writes_a_complete_report(tmp_path, capsys):
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["rows"]) == 4 and data["machine"]["torch"] == torch.__version__
     assert "time ~ N^" in table
+
+
+def test_skipped_contenders_are_reported_not_measured(tmp_path):
+    parser = command.argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([
+        "--patterns", "dense", "--seq-lens", "128", "--head-dims", "16", "--dtypes", "float32",
+        "--heads", "1", "--block", "32", "--repeats", "1", "--skip", "sdpa_masked,flex",
+        "--out", str(tmp_path)])
+    (row,) = command.run(args)
+    assert row.density == pytest.approx(10 / 16)  # the causal half of a 4 x 4 block grid
+    assert row.results["sdpa_masked"].skipped and row.results["flex"].skipped
+    assert "not measured in this run: flex, sdpa_masked" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="--skip"):
+        command.run(parser.parse_args(["--skip", "ours", "--out", str(tmp_path)]))

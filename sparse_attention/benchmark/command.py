@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls, median reported")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed calls per measurement at most (default 20)")
+    parser.add_argument("--skip", type=_csv(str), default=(),
+                        help="contenders to leave out: sdpa_masked, flex (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -72,7 +74,11 @@ def run(args: argparse.Namespace) -> list[report.Row]:
     cases = grid(args.patterns or base["patterns"], args.seq_lens or base["seq_lens"],
                  args.head_dims or base["head_dims"], args.dtypes or base["dtypes"],
                  args.batch_size, args.heads, args.block)
-    settings = Settings(repeats=args.repeats, budget=args.budget, device=args.device)
+    unknown = set(args.skip) - {"sdpa_masked", "flex"}
+    if unknown:
+        raise ValueError(f"--skip: expected sdpa_masked and/or flex, got {sorted(unknown)}")
+    settings = Settings(repeats=args.repeats, budget=args.budget, device=args.device,
+                        skip=frozenset(args.skip))
     header = machine_header(args.device)
     print(" | ".join(f"{k} {v}" for k, v in header.items()))
     print(f"B={args.batch_size} H={args.heads} block={args.block}; {len(cases)} cases", flush=True)

@@ -5,7 +5,6 @@ with the equivalent BlockMask (forward only on the CPU, where Flex has no backwa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import sparse_attention as sa
 from sparse_attention import measure
 from sparse_attention.benchmark.cases import Case
-from sparse_attention.benchmark.flex import flex_block_mask
+from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 
 CONTENDERS = ("ours", "sdpa_dense", "sdpa_masked", "flex")
 
@@ -26,6 +25,7 @@ class Settings:
     budget: float = 20.0      # seconds of timed calls per measurement at most
     device: str = "cpu"
     memory_fraction: float = 0.8  # skip a contender predicted to need more of the free memory
+    skip: frozenset = frozenset()  # contenders left out (names from CONTENDERS)
 
 
 @dataclasses.dataclass
@@ -93,13 +93,6 @@ def _too_big(needed: int, settings: Settings) -> str | None:
     return None
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def measure_case(case: Case, settings: Settings, dense_cache: dict) -> tuple[sa.BlockLayout, dict]:
     """Results per contender for one case. dense_cache holds the dense SDPA result per
     (dtype, head dim, N, causal), which all patterns of that shape share."""
@@ -126,27 +119,37 @@ def measure_case(case: Case, settings: Settings, dense_cache: dict) -> tuple[sa.
             inputs, grad_out, settings)
     results["sdpa_dense"] = dense_cache[dense_key]
 
-    # SDPA with a mask materialises O(N^2) scores (math path): skip it where it cannot fit.
-    scores = 3 * case.batch * case.heads * case.seq_len**2 * 4
-    skip = _too_big(scores + layout.num_heads * case.seq_len**2, settings)
-    if skip:
-        results["sdpa_masked"] = Result(skipped=skip)
-    else:
-        mask = sa.reference.element_mask(layout, case.seq_len, case.seq_len, causal=causal,
-                                         device=settings.device)[0]
-        results["sdpa_masked"] = _measure(
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-            inputs, grad_out, settings, expected=expected)
-        del mask
+    results["sdpa_masked"] = _sdpa_masked(case, layout, inputs, grad_out, expected, settings)
+    results["flex"] = _flex(case, layout, inputs, grad_out, expected, settings)
+    return layout, results
 
+
+def _sdpa_masked(case, layout, inputs, grad_out, expected, settings: Settings) -> Result:
+    if "sdpa_masked" in settings.skip:
+        return Result(skipped="left out (--skip)")
+    # On the CPU, SDPA with a mask materialises O(N^2) scores (math path); on CUDA its
+    # efficient kernel needs only the mask. Skip it where that cannot fit.
+    mask_bytes = layout.num_heads * case.seq_len**2
+    scores = 0 if settings.device.startswith("cuda") else 3 * case.batch * case.heads * case.seq_len**2 * 4
+    skip = _too_big(scores + mask_bytes, settings)
+    if skip:
+        return Result(skipped=skip)
+    q, k, v = inputs
+    mask = sa.reference.element_mask(layout, case.seq_len, case.seq_len, causal=case.causal,
+                                     device=settings.device)[0]
+    return _measure(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                    inputs, grad_out, settings, expected=expected)
+
+
+def _flex(case, layout, inputs, grad_out, expected, settings: Settings) -> Result:
+    if "flex" in settings.skip:
+        return Result(skipped="left out (--skip)")
     try:
-        block_mask = flex_block_mask(layout, case.seq_len, case.seq_len, causal, settings.device)
-        flex = _compiled_flex()
+        block_mask = flex_block_mask(layout, case.seq_len, case.seq_len, case.causal, settings.device)
+        flex = compiled_flex()
         backward = settings.device != "cpu"  # Flex refuses inputs that need grad on the CPU
         fq, fk, fv = inputs if backward else (t.detach() for t in inputs)
-        results["flex"] = _measure(
-            lambda: flex(fq, fk, fv, block_mask=block_mask), inputs, grad_out, settings,
-            backward=backward, expected=expected)
+        return _measure(lambda: flex(fq, fk, fv, block_mask=block_mask), inputs, grad_out,
+                        settings, backward=backward, expected=expected)
     except Exception as error:  # report, do not hide: a Flex failure is a result too
-        results["flex"] = Result(skipped=f"failed: {type(error).__name__}: {str(error)[:120]}")
-    return layout, results
+        return Result(skipped=f"failed: {type(error).__name__}: {str(error)[:120]}")

@@ -1,7 +1,10 @@
-"""FlexAttention's BlockMask equivalent to one of our layouts, built from our block lists in
-O(blocks) (create_block_mask would evaluate the mask on all N^2 elements)."""
+"""FlexAttention for the benchmarks: the BlockMask equivalent to one of our layouts, built from
+our block lists in O(blocks) (create_block_mask would evaluate the mask on all N^2 elements),
+and the compiled flex_attention."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -50,3 +53,15 @@ def flex_block_mask(layout: sa.BlockLayout, q_len: int, k_len: int, causal: bool
         shaped((total - full).int()), shaped(part_idx), shaped(full.int()), shaped(full_idx),
         BLOCK_SIZE=bs, mask_mod=mask_mod,
         seq_lengths=(q_len, k_len))
+
+
+@functools.cache
+def compiled_flex():
+    """torch.compile(flex_attention, dynamic=False), allowed one graph per shape of a large
+    grid: past dynamo's default of 8 shapes it would fall back to Flex's unfused eager code."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
+    return torch.compile(flex_attention, dynamic=False)
