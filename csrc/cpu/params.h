@@ -4,15 +4,12 @@
 
 #include <cstdint>
 
+#include "../operand.h"
 #include "../problem.h"
 
 namespace sparse_attention::cpu {
 
-// A [B, H, N, D] operand whose last dimension is contiguous.
-struct Operand {
-  const void* data = nullptr;
-  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
-};
+using sparse_attention::Operand;
 
 // CSR lists over (layout head, block): entries [offsets[r], offsets[r + 1]) of `indices`,
 // the first num_full[r] of which need no element mask.

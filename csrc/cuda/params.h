@@ -5,14 +5,12 @@
 #include <cstdint>
 
 #include "../block_rules.h"
+#include "../operand.h"
 
 namespace sparse_attention::cuda {
 
-// A [B, H, N, D] operand: unit stride along D, rows 16-byte aligned (cp.async copies 16 bytes).
-struct Operand {
-  const void* data = nullptr;
-  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
-};
+// Operands: unit stride along D and rows 16-byte aligned (cp.async copies 16 bytes).
+using sparse_attention::Operand;
 
 // CSR lists over (layout head, block), read on the device. `nnz` bounds every index read:
 // the host checks only shapes (scanning the contents would cost a device sync per call),
