@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None):
+def run(argv: list[str] | None = None):
     """Runs a command; returns what it measured (for scripts and tests)."""
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: its return value becomes the exit status, so it returns None."""
+    run(argv)

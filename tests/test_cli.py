@@ -41,3 +41,11 @@ def test_format_bytes():
     assert measure.format_bytes(None) == "n/a"
     assert measure.format_bytes(512) == "512 B"
     assert measure.format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_console_script_exits_zero():
+    # The installed `sparse-attention` script calls sys.exit(main()): main must return None.
+    script = "import sys; from sparse_attention.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", script, "show", "local", "--seq-len", "256",
+                             "--block", "32", "--text"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

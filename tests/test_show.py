@@ -63,7 +63,7 @@ def test_show_command_prints_cost_and_writes_the_picture(tmp_path, capsys):
 
 
 def test_show_command_causal_counts_and_params(capsys):
-    numbers = cli.main(["show", "strided", "--seq-len", "1000", "--block", "32", "--causal",
+    numbers = cli.run(["show", "strided", "--seq-len", "1000", "--block", "32", "--causal",
                         "--heads", "2", "--head-dim", "16", "--param", "stride=128", "--ascii"])
     printed = capsys.readouterr().out
     layout = sa.Strided(128, block_size=32).layout(1000, causal=True)
