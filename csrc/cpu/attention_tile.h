@@ -244,5 +244,13 @@ inline const scalar_t* operand_rows(const Operand& op, int64_t batch, int64_t he
          row * op.row_stride;
 }
 
+// Rows [row, row + rows) of one head of an operand in the accumulation type T: read in place
+// when the operand already has that type, else converted into scratch [rows x D].
+template <typename scalar_t, typename T>
+inline RowsView<T> operand_block(const Operand& op, int64_t batch, int64_t head, int64_t row,
+                                 int64_t rows, int64_t dim, T* scratch) {
+  return rows_as(operand_rows<scalar_t>(op, batch, head, row), op.row_stride, rows, dim, scratch);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace sparse_attention::cpu

@@ -75,8 +75,8 @@ void grad_key_value_kernel(const BackwardParams& g) {
           load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, blk.q0), g.q.row_stride,
                     static_cast<T>(p.scale), q_rows.data());
           const RowsView<T> q{q_rows.data(), dim};  // scale Q
-          const RowsView<T> d_o = rows_as(operand_rows<scalar_t>(g.grad_out, batch, head, blk.q0),
-                                          g.grad_out.row_stride, qn, dim, do_rows.data());
+          const RowsView<T> d_o =
+              operand_block<scalar_t>(g.grad_out, batch, head, blk.q0, qn, dim, do_rows.data());
           // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
           row_scores(p, batch, blk, q, k_t.data(), s.data());
           if (blk.masked && !(v_finite && all_finite(q.data, q.ld, qn, dim) &&
@@ -139,10 +139,8 @@ void grad_query_kernel(const BackwardParams& g) {
       }
       for_each_block_pair<true>(p, g.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
-        const RowsView<T> k = rows_as(operand_rows<scalar_t>(g.k, batch, kv_head, blk.k0),
-                                      g.k.row_stride, kn, dim, k_rows.data());
-        const RowsView<T> v = rows_as(operand_rows<scalar_t>(g.v, batch, kv_head, blk.k0),
-                                      g.v.row_stride, kn, dim, v_rows.data());
+        const RowsView<T> k = operand_block<scalar_t>(g.k, batch, kv_head, blk.k0, kn, dim, k_rows.data());
+        const RowsView<T> v = operand_block<scalar_t>(g.v, batch, kv_head, blk.k0, kn, dim, v_rows.data());
         // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
         column_scores(p, batch, blk, k, q_t.data(), s_t.data());
         if (blk.masked && !(do_finite && all_finite(k.data, k.ld, kn, dim) &&

@@ -42,10 +42,8 @@ void forward_kernel(const ForwardParams& f) {
 
       for_each_block_pair<true>(p, f.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
-        const RowsView<T> k = rows_as(operand_rows<scalar_t>(f.k, batch, kv_head, blk.k0),
-                                      f.k.row_stride, kn, dim, k_rows.data());
-        const RowsView<T> v = rows_as(operand_rows<scalar_t>(f.v, batch, kv_head, blk.k0),
-                                      f.v.row_stride, kn, dim, v_rows.data());
+        const RowsView<T> k = operand_block<scalar_t>(f.k, batch, kv_head, blk.k0, kn, dim, k_rows.data());
+        const RowsView<T> v = operand_block<scalar_t>(f.v, batch, kv_head, blk.k0, kn, dim, v_rows.data());
         column_scores(p, batch, blk, k, q_t.data(), s_t.data());
 
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
