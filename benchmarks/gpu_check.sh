@@ -7,8 +7,9 @@
 #   3. compute-sanitizer memcheck and racecheck on a small forward and backward;
 #   4. benchmarks/bench_cuda.py: forward and backward against SDPA (flash, dense causal) and
 #      compiled FlexAttention on the same block masks, as long as the budget allows.
-# A failing stage is reported and the later stages still run; the exit status is non-zero if
-# any stage failed. Logs and the full benchmark results go to gpu_check_results/<time>/.
+# A failing stage is reported and the later stages still run, except that nothing runs after
+# a failed build or import; the exit status is non-zero if any stage failed. Logs and the
+# full benchmark results go to gpu_check_results/<time>/.
 #
 #   bash benchmarks/gpu_check.sh [python]      (default: python3 on PATH)
 set -uo pipefail
@@ -44,6 +45,12 @@ stage() {
   fi
 }
 
+finish() {
+  echo "=== summary ($(elapsed)s, results in $OUT)"
+  printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+  exit $FAILED
+}
+
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 if [[ -z "$ARCH" ]]; then
   echo "gpu_check: torch sees no GPU ($PY)"; exit 1
@@ -56,6 +63,10 @@ stage build 240 "$OUT/build.log" env SPARSE_ATTENTION_CUDA=1 TORCH_CUDA_ARCH_LIS
   MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
 stage import 30 "$OUT/import.log" "$PY" -c \
   "import sparse_attention as sa; assert sa.built_with_cuda(), 'not a CUDA build'; print('CUDA build imported')"
+if (( FAILED )); then  # nothing later can run without the extension
+  SUMMARY+=("later stages: SKIPPED (no CUDA build to run)")
+  finish
+fi
 stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
@@ -70,6 +81,4 @@ BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
 stage benchmark "$BENCH_LIMIT" "$OUT/bench_table.txt" "$PY" benchmarks/bench_cuda.py \
   --out "$OUT/bench_results.jsonl" --budget-s $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15 ))
 
-echo "=== summary ($(elapsed)s, results in $OUT)"
-printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-exit $FAILED
+finish

@@ -1,5 +1,6 @@
 // Kernels for AVX2 + FMA processors. GCC and Clang only: other compilers build the stub.
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include "isa_baseline_headers.h"  // before the target pragma: see there
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
 #else

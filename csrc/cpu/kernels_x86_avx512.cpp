@@ -1,5 +1,6 @@
 // Kernels for AVX-512 (F, BW, VL, DQ) processors. GCC only: other compilers build the stub.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include "isa_baseline_headers.h"  // before the target pragma: see there
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // The target pragma does not define the ISA macros that ATen's and Sleef's headers test.
 #define __AVX__ 1
