@@ -4,7 +4,7 @@
 # budget of 8 minutes:
 #   1. build the CUDA extension in place for this GPU's architecture only, with all cores;
 #   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference);
-#   3. compute-sanitizer memcheck and racecheck on a small forward and backward;
+#   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
 #   4. benchmarks/bench_cuda.py: forward and backward against SDPA (flash, dense causal) and
 #      compiled FlexAttention on the same block masks, as long as the budget allows.
 # A failing stage is reported and the later stages still run, except that nothing runs after
@@ -73,8 +73,10 @@ SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
 # No caching allocator under memcheck, so that reads past a tensor's end are caught.
 stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
-stage racecheck 90 "$OUT/racecheck.log" \
-  "$SANITIZER" --tool racecheck --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
+for tool in racecheck synccheck; do
+  stage "$tool" 90 "$OUT/$tool.log" \
+    "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
+done
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
