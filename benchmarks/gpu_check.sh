@@ -12,9 +12,13 @@
 # full benchmark results go to gpu_check_results/<time>/.
 #
 #   bash benchmarks/gpu_check.sh [python]      (default: python3 on PATH)
+#
+# GPU_CHECK_BUDGET_S sets the budget in seconds; GPU_CHECK_BENCH_ARGS passes arguments to
+# bench_cuda.py (e.g. "--seq-lens 16384 --head-dims 128 --layouts dense fixed").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for benchmarks/*.py
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}   # leaves a margin inside 8 minutes
 START=$(date +%s)
 OUT=gpu_check_results/$(date -u +%Y%m%dT%H%M%SZ)
@@ -81,6 +85,7 @@ done
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
 stage benchmark "$BENCH_LIMIT" "$OUT/bench_table.txt" "$PY" benchmarks/bench_cuda.py \
-  --out "$OUT/bench_results.jsonl" --budget-s $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15 ))
+  --out "$OUT/bench_results.jsonl" --budget-s $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15 )) \
+  ${GPU_CHECK_BENCH_ARGS:-}
 
 finish
