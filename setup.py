@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 import torch
 from setuptools import setup
@@ -102,10 +103,19 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
+def private_static_libraries() -> list[str]:
+    """Keeps code that the linker takes from static archives out of the extension's exported
+    symbols. Some toolchains link libstdc++ statically; Python links extensions with
+    -Bsymbolic-functions, so the extension's functions then bind to its own copy while its
+    data references bind to the process's libstdc++, and formatting a number in an error
+    message crashed. Hidden, the copy is whole and private."""
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def extension():
     with_cuda = want_cuda()
     sanitize_compile, sanitize_link = sanitizer_flags()
-    link = openmp_flags() + sanitize_link
+    link = openmp_flags() + private_static_libraries() + sanitize_link
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     # The vector headers of ATen use CUDA-style unroll pragmas and AVX types GCC warns about.
     cxx = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized"]

@@ -1,4 +1,5 @@
-"""The built library: code outside the AVX2/AVX-512 kernels uses no AVX instructions.
+"""The built library: code outside the AVX2/AVX-512 kernels uses no AVX instructions, and
+no private copy of the standard library is exported.
 
 The kernels are compiled three times (portable, AVX2, AVX-512) into one library. An inline
 function from c10 or the standard library that several of those objects emit is kept once by
@@ -46,3 +47,17 @@ def test_shared_functions_outside_isa_kernels_use_no_avx():
             offenders.setdefault(current, line.strip())
     assert checked > 100, "too few functions found: is the library stripped?"
     assert not offenders, "\n".join(f"{name}: {insn}" for name, insn in list(offenders.items())[:10])
+
+
+STANDARD_LIBRARY_INTERNALS = re.compile(r"std::(locale|ios_base|codecvt|basic_ostream<char, std::char_traits<char> >::_M_insert)")
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or not shutil.which("nm"), reason="needs Linux and binutils")
+def test_exports_no_copy_of_the_standard_library():
+    """A toolchain that links libstdc++ statically must not leave its copy exported: with
+    Python's -Bsymbolic-functions the copy's functions would mix with the process's library
+    data (formatting a number in an error message crashed that way)."""
+    symbols = subprocess.run(["nm", "-D", "-C", "--defined-only", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    exported = [line for line in symbols.splitlines() if STANDARD_LIBRARY_INTERNALS.search(line)]
+    assert not exported, "\n".join(exported[:10])
