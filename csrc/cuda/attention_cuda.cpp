@@ -8,6 +8,7 @@
 // kind from the element rules, so malformed lists cannot make them read out of bounds or skip
 // a needed mask.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -213,8 +214,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor grad_k = at::empty(k.sizes(), contiguous);
   at::Tensor grad_v = at::empty(v.sizes(), contiguous);
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  // The dQ pass is deterministic, and on Hopper at head dim 128 it also measured faster than
+  // fp32 atomics (the whole backward 1.13-1.24x at N = 16k on an H200, every pattern
+  // measured; benchmarks/cuda_notes.md). Elsewhere the atomics stay unless asked: not
+  // measured, and the pass needs 128 KB of shared memory at block size 128.
+  const bool grad_q_pass =
+      deterministic || (p.head_dim == 128 && at::cuda::getCurrentDeviceProperties()->major == 9);
   at::Tensor grad_q_accum;
-  if (!deterministic) {
+  if (!grad_q_pass) {
     grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     c.grad_q_accum = grad_q_accum.data_ptr<float>();
   }
@@ -222,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   c.grad_q = grad_q.data_ptr();
   c.grad_k = grad_k.data_ptr();
   c.grad_v = grad_v.data_ptr();
-  c.deterministic = deterministic;
+  c.grad_q_pass = grad_q_pass;
   run<false>(c, p.dtype);
-  if (!deterministic) grad_q.copy_(grad_q_accum.mul_(scale));  // the final conversion
+  if (!grad_q_pass) grad_q.copy_(grad_q_accum.mul_(scale));  // the final conversion
   return {grad_q, grad_k, grad_v};
 }
 

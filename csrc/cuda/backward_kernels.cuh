@@ -1,10 +1,11 @@
 // Block-sparse attention backward, FlashAttention-2 style, P recomputed from the saved lse:
 //   1. delta_kernel:    delta = rowsum(dO * O) - dlse, fp32.
 //   2. grad_kv_kernel:  a thread block per (64-key tile, kv head, batch) walks the column lists
-//      of every query head of the kv head's group: dV += P^T dO, dK += dS^T Q, and (default)
-//      dQ += dS K by fp32 atomics into an accumulator.
-//   3. grad_q_kernel:   deterministic mode only: a thread block per query block walks its row
-//      list and accumulates dQ in registers, with no atomics, so results are bit-identical.
+//      of every query head of the kv head's group: dV += P^T dO, dK += dS^T Q, and (without
+//      the dQ pass) dQ += dS K by fp32 atomics into an accumulator.
+//   3. grad_q_kernel:   the dQ pass (deterministic mode; Hopper at head dim 128): a thread
+//      block per query block walks its row list and accumulates dQ in registers, with no
+//      atomics, so results are bit-identical.
 // The final dQ = scale * accumulator conversion runs on the host side as one tensor op.
 #pragma once
 
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(Traits::kColThreads)
     accumulator_to_a<kQueryTile, Element>(ds_frag, dst);
     gemm_a_regs_b_kn<kQueryTile, D, D>(dk, ds_frag, q_tile, 0);
 
-    if (!p.deterministic) {
+    if (!p.grad_q_pass) {
       // dQ += dS K for the tile's queries: dS^T goes through shared memory so that each warp
       // can take 16 query rows; the sums land in the fp32 accumulator by atomics.
 #pragma unroll

@@ -60,7 +60,7 @@ __device__ __forceinline__ void masked_row_scores(float (&s)[kKeyTile / 8][4], c
                                   qb * Traits::kBlockSize + row0, k0);
 }
 
-// The double-buffered K and V tiles of a row walk (forward and deterministic dQ kernels).
+// The double-buffered K and V tiles of a row walk (forward and dQ-pass kernels).
 template <typename Traits>
 struct KeyValueTiles {
   using Element = typename Traits::Element;

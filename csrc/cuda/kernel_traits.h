@@ -23,7 +23,7 @@ struct KernelTraits {
   static_assert(kBlockSize == 64 || kBlockSize == 128, "block sizes 64 and 128");
   static_assert(sizeof(Element) == 2, "fp16 or bf16 operands");
 
-  // Row kernels (forward, deterministic dQ): a thread block per query block, a warp per 16
+  // Row kernels (forward, dQ pass): a thread block per query block, a warp per 16
   // query rows; Q (and dO) stay in shared memory, K and V tiles are double buffered.
   static constexpr int kRowWarps = kBlockSize / kRowsPerWarp;
   static constexpr int kRowThreads = kRowWarps * 32;

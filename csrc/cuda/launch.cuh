@@ -72,7 +72,7 @@ void launch_backward(const Params& p, cudaStream_t stream) {
   launch(delta_kernel<Element, kHeadDim>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
   launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.batch),
          Traits::kColThreads, Traits::kGradKVSmem, stream, p);
-  if (p.deterministic) {
+  if (p.grad_q_pass) {
     launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.batch), Traits::kRowThreads,
            Traits::kGradQSmem, stream, p);
   }
@@ -96,7 +96,7 @@ void run_forward(const Params& p, void* stream) {
 
 template <DType kDType, int kHeadDim>
 void run_backward(const Params& p, void* stream) {
-  const NvtxRange range(range_name(p.deterministic ? "backward(deterministic)" : "backward",
+  const NvtxRange range(range_name(p.grad_q_pass ? "backward(dq pass)" : "backward(atomic dq)",
                                    ElementOf<kDType>::name, kHeadDim, p.block_size));
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.block_size) {

@@ -41,10 +41,10 @@ struct Params {
   const float* grad_lse = nullptr;  // [B, H, Nq] or null
   float* delta = nullptr;         // scratch [B, H, Nq]: rowsum(dO * O) - grad_lse
   float* grad_q_accum = nullptr;  // [B, H, Nq, D] fp32, zeroed: dQ / scale by atomics
-  void* grad_q = nullptr;         // contiguous [B, H, Nq, D] (deterministic pass only)
+  void* grad_q = nullptr;         // contiguous [B, H, Nq, D] (dQ pass only)
   void* grad_k = nullptr;         // contiguous [B, Hkv, Nk, D]
   void* grad_v = nullptr;
-  bool deterministic = false;
+  bool grad_q_pass = false;       // dQ by its own pass over the rows, not by atomics
 };
 
 // Entry points, one explicit instantiation per (dtype, head dim) in instantiations/*.cu.
