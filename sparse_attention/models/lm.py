@@ -1,0 +1,100 @@
+"""SparseTransformerLM: a decoder-only Sparse Transformer (Child et al. 2019)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_attention.models.config import SparseTransformerConfig
+from sparse_attention.models.output import ModelOutput
+from sparse_attention.models.pretrained import PretrainedMixin
+from sparse_attention.models.trunk import SparseTransformer
+from sparse_attention.patterns.arguments import check_int
+
+IGNORE_INDEX = -100
+
+
+class SparseTransformerLM(PretrainedMixin, nn.Module):
+    """Causal language model: pre-norm blocks with a sparse pattern per layer, learned or
+    rotary positions, optional tied input/output embeddings.
+
+    forward(input_ids, labels=None, targets=None) -> ModelOutput(logits [B, N, vocab], loss):
+    - labels: [B, N] the input's own tokens (Hugging Face convention): position t is scored on
+      labels[t + 1];
+    - targets: [B, N] already shifted (position t is scored on targets[t]).
+    Entries equal to -100 are ignored in the loss.
+    """
+
+    config_class = SparseTransformerConfig
+
+    def __init__(self, config: SparseTransformerConfig):
+        super().__init__()
+        if not isinstance(config, SparseTransformerConfig):
+            raise TypeError(f"config: expected a SparseTransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = SparseTransformer(config, causal=True)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.transformer.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> ModelOutput:
+        if labels is not None and targets is not None:
+            raise ValueError("labels, targets: pass one (labels are shifted here, targets already are)")
+        logits = self.head(self.transformer(input_ids))
+        if labels is not None:
+            _check_same_shape("labels", labels, input_ids)
+            logits_for_loss, targets = logits[:, :-1], labels[:, 1:]
+        elif targets is not None:
+            _check_same_shape("targets", targets, input_ids)
+            logits_for_loss = logits
+        if targets is None:
+            return ModelOutput(logits)
+        loss = F.cross_entropy(logits_for_loss.reshape(-1, logits.shape[-1]).float(),
+                               targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits, loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """input_ids [B, N] followed by max_new_tokens sampled tokens.
+
+        Each step reruns the model on the last max_seq_len tokens (no key/value cache) in eval
+        mode (the model's mode is restored afterwards). greedy takes the most likely token;
+        otherwise tokens are sampled from softmax(logits / temperature), restricted to the
+        top_k most likely when given."""
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                           or temperature <= 0):
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        if top_k is not None:
+            check_int("top_k", top_k, minimum=1)
+        self.transformer.check_input_ids(input_ids)
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = input_ids[:, -self.config.max_seq_len:]
+                logits = self(context).logits[:, -1].float()
+                if greedy:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.shape[-1]:
+                        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+                input_ids = torch.cat((input_ids, token.to(input_ids.dtype)), dim=1)
+        finally:
+            self.train(was_training)
+        return input_ids
+
+
+def _check_same_shape(name: str, tensor, input_ids: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(input_ids.shape):
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} (that of input_ids), got {shape}")
