@@ -228,6 +228,8 @@ def test_errors():
         classifier_config(tie_embeddings=True)
     with pytest.raises(ValueError, match="config: unknown fields"):
         SparseTransformerConfig.from_dict({"layers": 3})
+    with pytest.raises(TypeError, match="config: expected a SparseTransformerConfig, got dict"):
+        SparseTransformerLM({"d_model": 64})
     model = SparseTransformerLM(lm_config())
     with pytest.raises(ValueError, match="input_ids: 300 tokens exceed max_seq_len=256"):
         model(tokens(n=300))

@@ -233,3 +233,13 @@ def test_errors():
         SparseSelfAttention(config, key_padding_mask_mode="mul")(q, q, q, key_padding_mask=torch.full((1, N), 0.5))
     with pytest.raises(ValueError, match="num_heads: the config was made for 4 heads, got 2"):
         SparseSelfAttention(config)(q[:, :2], q[:, :2], q[:, :2])
+
+
+def test_compile_fullgraph_multihead_attention():
+    module = SparseMultiheadAttention(E, H, batch_first=True, pattern=sa.Fixed(64, block_size=BS), sdpa_max_len=0)
+    x = random_inputs(2, N, E, dtype=torch.float32)
+    kwargs = dict(key_padding_mask=padding(), is_causal=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")  # see test_models.py
+    out = compiled(x, x, x, **kwargs)[0]
+    assert module.attention_path == "sparse"
+    assert_close_with_grads(out, module(x, x, x, **kwargs)[0], [x, *module.parameters()], atol=1e-5)

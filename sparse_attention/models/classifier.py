@@ -27,9 +27,7 @@ class SparseTransformerClassifier(PretrainedMixin, nn.Module):
 
     def __init__(self, config: SparseClassifierConfig):
         super().__init__()
-        if not isinstance(config, SparseClassifierConfig):
-            raise TypeError(f"config: expected a SparseClassifierConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = self.check_config(config)
         self.transformer = SparseTransformer(config, causal=config.causal)
         self.head = nn.Linear(config.d_model, config.num_classes)
         nn.init.normal_(self.head.weight, std=config.init_std)

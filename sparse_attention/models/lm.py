@@ -30,9 +30,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
 
     def __init__(self, config: SparseTransformerConfig):
         super().__init__()
-        if not isinstance(config, SparseTransformerConfig):
-            raise TypeError(f"config: expected a SparseTransformerConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = self.check_config(config)
         self.transformer = SparseTransformer(config, causal=True)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:

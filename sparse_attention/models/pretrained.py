@@ -16,6 +16,13 @@ class PretrainedMixin:
 
     config_class: type
 
+    @classmethod
+    def check_config(cls, config):
+        """config, if it is a config_class."""
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"config: expected a {cls.config_class.__name__}, got {type(config).__name__}")
+        return config
+
     def save_pretrained(self, folder: str | Path) -> None:
         """Writes folder/config.json and folder/model.safetensors (tied weights stored once)."""
         folder = Path(folder)
