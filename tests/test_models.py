@@ -159,6 +159,9 @@ def test_generate():
     model.train()
     prompt = tokens(n=60)
     out = model.generate(prompt, 6, greedy=True)  # runs past max_seq_len: the context is cropped
+    long_prompt = torch.cat((prompt, prompt), dim=1)  # longer than max_seq_len: its tail is read
+    assert torch.equal(model.generate(long_prompt, 2, greedy=True)[:, -2:],
+                       model.generate(long_prompt[:, -64:], 2, greedy=True)[:, -2:])
     assert out.shape == (2, 66) and torch.equal(out[:, :60], prompt) and model.training
     model.eval()
     for t in range(60, 66):

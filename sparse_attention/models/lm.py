@@ -59,7 +59,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, greedy: bool = False,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """input_ids [B, N] followed by max_new_tokens sampled tokens.
+        """input_ids [B, N] followed by max_new_tokens sampled tokens (N may exceed max_seq_len).
 
         Each step reruns the model on the last max_seq_len tokens (no key/value cache) in eval
         mode (the model's mode is restored afterwards). greedy takes the most likely token;
@@ -71,7 +71,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
             raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
         if top_k is not None:
             check_int("top_k", top_k, minimum=1)
-        self.transformer.check_input_ids(input_ids)
+        self.transformer.check_input_ids(input_ids, any_length=True)
         was_training = self.training
         self.eval()
         try:

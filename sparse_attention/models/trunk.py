@@ -48,12 +48,12 @@ class SparseTransformer(nn.Module):
             for projection in block.residual_projections():
                 nn.init.normal_(projection.weight, std=std / math.sqrt(2 * self.config.num_layers))
 
-    def check_input_ids(self, input_ids) -> None:
+    def check_input_ids(self, input_ids, any_length: bool = False) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids: expected an int64 (or int32) tensor [batch, seq_len]")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
+        if not any_length and input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"input_ids: {input_ids.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}"
             )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from sparse_attention.attention import _window_bounds, sparse_attention
 from sparse_attention.patterns.arguments import check_int
-from sparse_attention.patterns.base import Pattern
+from sparse_attention.patterns.base import CACHE_SIZE, Pattern
 from sparse_attention.patterns.local import Dense
 from sparse_attention.reference import element_mask
 
@@ -95,7 +96,8 @@ class AttentionDispatch:
         self.sdpa_min_coverage = float(sdpa_min_coverage)
         self.owner = owner
         self._dense = Dense(block_size=pattern.block_size)
-        self._choices: dict[tuple, Choice] = {}
+        # Bounded like the patterns' layout caches: decoding meets a new key length each step.
+        self._choices: OrderedDict[tuple, Choice] = OrderedDict()
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self.last_path: str | None = None
@@ -106,10 +108,14 @@ class AttentionDispatch:
         key = (q_len, k_len, num_heads, causal, padded, str(device))
         with self._lock:
             choice = self._choices.get(key)
+            if choice is not None:
+                self._choices.move_to_end(key)
         if choice is None:
             choice = self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device))
             with self._lock:
                 choice = self._choices.setdefault(key, choice)
+                while len(self._choices) > CACHE_SIZE:
+                    self._choices.popitem(last=False)
         self.last_path = choice.path
         if choice.path not in self._logged:
             self._logged.add(choice.path)
