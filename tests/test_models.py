@@ -12,7 +12,7 @@ import torch
 
 import sparse_attention as sa
 from sparse_attention.models import (
-    SparseClassifierConfig, SparseTransformerClassifier, SparseTransformerConfig, SparseTransformerLM,
+    KVCache, SparseClassifierConfig, SparseTransformerClassifier, SparseTransformerConfig, SparseTransformerLM,
 )
 
 N = 200  # not a multiple of the block size
@@ -169,6 +169,38 @@ def test_generate():
     sampled = [model.generate(prompt, 4, top_k=5, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])
     assert torch.equal(model.generate(prompt, 4, top_k=1), out[:, :64])
+
+
+@pytest.mark.parametrize("path", ["sparse", "sdpa"])
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_kv_cache_gives_the_logits_of_the_whole_sequence(positions, path):
+    """A prefill, chunks (one starting inside a block) and single tokens through a KVCache
+    give each token the logits that the whole sequence gives it."""
+    torch.manual_seed(0)
+    config = lm_config(max_seq_len=128, block_size=16, positions=positions,
+                       pattern=["local", "strided_alternating", "bigbird"],
+                       pattern_params=[{}, {"stride": 32}, {"num_random_blocks": 1}],
+                       sdpa_max_len=0 if path == "sparse" else 128)
+    model = SparseTransformerLM(config).eval()
+    x = tokens(n=100)
+    cache = KVCache()
+    pieces = [model(x[:, :37], cache=cache).logits, model(x[:, 37:45], cache=cache).logits,
+              model(x[:, 45:64], cache=cache).logits]
+    pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(64, 100)]
+    assert cache.length() == 100
+    assert [block.attn.cached_dispatch.last_path for block in model.transformer.blocks] == [path] * 3
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(x).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="input_ids: 29 tokens after 100 cached exceed max_seq_len=128"):
+        model(tokens(n=29), cache=cache)
+
+
+def test_generate_with_and_without_cache():
+    torch.manual_seed(0)
+    model = SparseTransformerLM(lm_config(max_seq_len=64, block_size=16, positions="rotary",
+                                          pattern="strided_alternating"))
+    prompt = tokens(n=50)
+    cached = model.generate(prompt, 20, greedy=True)  # past max_seq_len: the cache gives way
+    assert torch.equal(cached, model.generate(prompt, 20, greedy=True, use_cache=False))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "first"])
