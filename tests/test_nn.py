@@ -4,6 +4,7 @@ dispatch between the kernels and SDPA, and the errors."""
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
@@ -243,3 +244,21 @@ def test_compile_fullgraph_multihead_attention():
     out = compiled(x, x, x, **kwargs)[0]
     assert module.attention_path == "sparse"
     assert_close_with_grads(out, module(x, x, x, **kwargs)[0], [x, *module.parameters()], atol=1e-5)
+
+
+def test_copies_and_pickles():
+    """nn.TransformerEncoder deep-copies its layer; torch.save pickles whole modules."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=2 * E, dropout=0.0, batch_first=True)
+    layer.self_attn = SparseMultiheadAttention(E, H, batch_first=True, pattern=sa.Local(64, block_size=BS),
+                                               sdpa_max_len=0)
+    encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    x = torch.randn(2, N, E)
+    out = encoder(x, is_causal=True, mask=torch.nn.Transformer.generate_square_subsequent_mask(N))
+    assert [m.self_attn.attention_path for m in encoder.layers] == ["sparse", "sparse"]
+    buffer = io.BytesIO()
+    torch.save(encoder, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x, is_causal=True, mask=torch.nn.Transformer.generate_square_subsequent_mask(N)),
+                               out, atol=0, rtol=0)

@@ -102,6 +102,18 @@ class AttentionDispatch:
         self._lock = threading.Lock()
         self.last_path: str | None = None
 
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy of a model, as nn.TransformerEncoder does with its layer) and
+        # pickles leave the lock and the cached choices behind.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_choices"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def choose(self, q_len: int, k_len: int, num_heads: int, causal: bool, padded: bool = False,
                device: torch.device | str = "cpu") -> Choice:
         """The path for these lengths (cached): see the module docstring."""
