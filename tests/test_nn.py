@@ -246,8 +246,8 @@ def test_compile_fullgraph_multihead_attention():
     assert_close_with_grads(out, module(x, x, x, **kwargs)[0], [x, *module.parameters()], atol=1e-5)
 
 
-def test_copies_and_pickles():
-    """nn.TransformerEncoder deep-copies its layer; torch.save pickles whole modules."""
+def test_inside_nn_transformer_encoder():
+    """nn.TransformerEncoder deep-copies its layer, has an inference fast path, and is saved whole."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=2 * E, dropout=0.0, batch_first=True)
     layer.self_attn = SparseMultiheadAttention(E, H, batch_first=True, pattern=sa.Local(64, block_size=BS),
@@ -256,6 +256,9 @@ def test_copies_and_pickles():
     x = torch.randn(2, N, E)
     out = encoder(x, is_causal=True, mask=torch.nn.Transformer.generate_square_subsequent_mask(N))
     assert [m.self_attn.attention_path for m in encoder.layers] == ["sparse", "sparse"]
+    encoder.eval()
+    with torch.no_grad():  # torch's inference fast path would compute dense attention here
+        torch.testing.assert_close(encoder(x), encoder.train()(x), atol=1e-6, rtol=0)
     buffer = io.BytesIO()
     torch.save(encoder, buffer)
     buffer.seek(0)

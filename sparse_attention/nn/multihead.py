@@ -11,6 +11,12 @@ from sparse_attention.nn.masks import check_causal_mask, padding_from_mask
 from sparse_attention.patterns.base import Pattern
 
 
+def _no_op(module, args) -> None:
+    """A forward pre-hook that does nothing: nn.TransformerEncoderLayer skips its inference
+    fast path (dense attention computed from self_attn's weights, without calling it) when a
+    submodule has hooks."""
+
+
 class SparseMultiheadAttention(nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention follows `pattern`.
 
@@ -32,9 +38,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         pattern: a Pattern (or DeepSpeed config) for num_heads heads.
         sdpa_max_len, sdpa_min_coverage: when SDPA is used instead (see AttentionDispatch).
 
-    Inside nn.TransformerEncoderLayer, turn off torch's inference fast path
-    (torch.backends.mha.set_fastpath_enabled(False)): it computes dense attention from the
-    weights without calling this module.
+    As nn.TransformerEncoderLayer's self_attn it is always called: a no-op forward pre-hook
+    keeps the layer's inference fast path (dense attention from the weights) out.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -50,6 +55,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             check_pattern(pattern, num_heads), sdpa_max_len=sdpa_max_len,
             sdpa_min_coverage=sdpa_min_coverage, owner=type(self).__name__,
         )
+        self.register_forward_pre_hook(_no_op)
 
     @property
     def pattern(self) -> Pattern:
