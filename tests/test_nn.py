@@ -68,7 +68,9 @@ def test_dense_pattern_matches_nn_multihead_attention(masks, batch_first, sdpa_m
         "is_causal_padding": {"attn_mask": CAUSAL_BOOL, "is_causal": True, "key_padding_mask": pad},
     }[masks]
     out, weights = ours(x, x, x, **kwargs)
-    assert weights is None and ours.attention_path == "sdpa"  # a dense layout is SDPA's job
+    # A dense layout is SDPA's job, unless SDPA would need a mask for it (causal and padded).
+    masked = masks == "is_causal_padding" and sdpa_max_len == 0
+    assert weights is None and ours.attention_path == ("sparse" if masked else "sdpa")
     expected = theirs(x, x, x, need_weights=False, **kwargs)[0]
     assert_close_with_grads(out, expected, [x, *ours.parameters()], atol=1e-10,
                             their_inputs=[x, *theirs.parameters()])
@@ -139,7 +141,10 @@ def test_dispatch_thresholds_and_log_once(caplog):
     assert dispatch.choose(N, N, H, True).path == "sparse"
     assert dispatch.choose(N - 1, N - 1, H, True).path == "sdpa"
     assert AttentionDispatch(pattern, sdpa_max_len=0, sdpa_min_coverage=0.5).choose(N, N, H, True).path == "sdpa"
-    assert AttentionDispatch(sa.Dense(block_size=BS), sdpa_max_len=0).choose(N, N, H, True).path == "sdpa"
+    dense = AttentionDispatch(sa.Dense(block_size=BS), sdpa_max_len=0)
+    assert dense.choose(N, N, H, True).path == "sdpa" and dense.choose(N, N, H, False, padded=True).path == "sdpa"
+    assert dense.choose(N, N, H, True, padded=True).path == "sparse"  # SDPA would need an N x N mask
+    assert dense.choose(N - 1, N, H, True).path == "sparse"  # causal SDPA aligns top-left
     module = SparseMultiheadAttention(E, H, pattern=pattern, sdpa_max_len=100)
     assert module.attention_path is None
     with caplog.at_level(logging.DEBUG, logger="sparse_attention.nn"):

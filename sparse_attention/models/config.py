@@ -50,7 +50,7 @@ class SparseTransformerConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     sdpa_max_len: int = SDPA_MAX_LEN
-    sdpa_min_coverage: float = 1.0
+    sdpa_min_coverage: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads"):

@@ -3,12 +3,14 @@
 Every module and model block attends through it. For each (Nq, Nk, heads, causal) it builds
 the pattern's layout once and picks:
 
-- "sdpa" when the layout covers every block dense attention would compute (plain SDPA,
-  causal or not: the same function), when the keys are few (at most `sdpa_max_len`, where
-  dense attention costs no more) or when the layout covers at least `sdpa_min_coverage` of
-  the blocks; the last two pass SDPA the pattern's exact element mask, so both paths compute
-  the same function;
-- "sparse" otherwise: `sparse_attention` with the pattern.
+- "sdpa" when the layout covers every block dense attention would compute and SDPA needs no
+  mask for it (plain SDPA, causal or not: the same function);
+- "sdpa" with the pattern's exact element mask when the keys are few (at most
+  `sdpa_max_len`, where dense attention costs no more) or, if `sdpa_min_coverage` is set, when
+  the layout covers at least that fraction of the blocks, so both paths compute the same
+  function;
+- "sparse" otherwise: `sparse_attention` with the pattern (a complete layout too when SDPA
+  would need an O(Nq * Nk) mask for it: causal with key padding, or Nq != Nk).
 
 The choice is made outside any compiled graph (it becomes a constant of the graph), logged
 once per path at DEBUG level on the "sparse_attention.nn" logger, and readable afterwards as
@@ -79,21 +81,21 @@ class AttentionDispatch:
         pattern: a Pattern (or DeepSpeed config).
         sdpa_max_len: calls with at most this many keys run on SDPA with the pattern's
             element mask (0: never for length alone).
-        sdpa_min_coverage: calls whose layout covers at least this fraction of the blocks
-            dense attention computes run on SDPA with the element mask (1.0: only when the
-            layout is complete, which needs no mask). The mask costs Nq * Nk bytes per layout
-            head: keep this at 1.0 for long sequences.
+        sdpa_min_coverage: if set, calls whose layout covers at least this fraction of the
+            blocks dense attention computes run on SDPA with the element mask too. The mask
+            costs Nq * Nk bytes per layout head (and batch entry with key padding).
         owner: name used in errors and log lines.
     """
 
     def __init__(self, pattern: Pattern, *, sdpa_max_len: int = SDPA_MAX_LEN,
-                 sdpa_min_coverage: float = 1.0, owner: str = "attention"):
+                 sdpa_min_coverage: float | None = None, owner: str = "attention"):
         self.pattern = check_pattern(pattern)
         self.sdpa_max_len = check_int("sdpa_max_len", sdpa_max_len, minimum=0)
-        if (isinstance(sdpa_min_coverage, bool) or not isinstance(sdpa_min_coverage, (int, float))
+        if sdpa_min_coverage is not None and (
+                isinstance(sdpa_min_coverage, bool) or not isinstance(sdpa_min_coverage, (int, float))
                 or not 0.0 < sdpa_min_coverage <= 1.0):
-            raise ValueError(f"sdpa_min_coverage: expected a number in (0, 1], got {sdpa_min_coverage!r}")
-        self.sdpa_min_coverage = float(sdpa_min_coverage)
+            raise ValueError(f"sdpa_min_coverage: expected None or a number in (0, 1], got {sdpa_min_coverage!r}")
+        self.sdpa_min_coverage = sdpa_min_coverage
         self.owner = owner
         self._dense = Dense(block_size=pattern.block_size)
         # Bounded like the patterns' layout caches: decoding meets a new key length each step.
@@ -145,11 +147,9 @@ class AttentionDispatch:
         if complete and not (causal and (padded or q_len != k_len)):
             # Plain SDPA; causal SDPA aligns top-left, the same as bottom-right when Nq == Nk.
             return Choice("sdpa", "the layout is dense", None, causal)
-        if complete:
-            reason = "the layout is dense"
-        elif k_len <= self.sdpa_max_len:
+        if k_len <= self.sdpa_max_len:
             reason = f"{k_len} keys <= sdpa_max_len={self.sdpa_max_len}"
-        elif coverage >= self.sdpa_min_coverage:
+        elif self.sdpa_min_coverage is not None and coverage >= self.sdpa_min_coverage:
             reason = f"coverage {coverage:.2f} >= sdpa_min_coverage={self.sdpa_min_coverage}"
         else:
             return Choice("sparse", f"{k_len} keys, coverage {coverage:.2f}", None, False)

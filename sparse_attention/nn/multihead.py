@@ -45,7 +45,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, *, pattern: Pattern, sdpa_max_len: int = SDPA_MAX_LEN,
-                 sdpa_min_coverage: float = 1.0):
+                 sdpa_min_coverage: float | None = None):
         if add_bias_kv or add_zero_attn:
             raise ValueError("add_bias_kv, add_zero_attn: not supported by SparseMultiheadAttention")
         check_dropout("dropout", dropout)

@@ -33,7 +33,7 @@ class SparseSelfAttention(nn.Module):
 
     def __init__(self, sparsity_config: Pattern, key_padding_mask_mode: str = "add",
                  attn_mask_mode: str = "mul", max_seq_length: int = 2048, *,
-                 sdpa_max_len: int = SDPA_MAX_LEN, sdpa_min_coverage: float = 1.0):
+                 sdpa_max_len: int = SDPA_MAX_LEN, sdpa_min_coverage: float | None = None):
         super().__init__()
         for name, mode in (("key_padding_mask_mode", key_padding_mask_mode),
                            ("attn_mask_mode", attn_mask_mode)):
