@@ -46,6 +46,18 @@ class Pattern:
         self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickling (of a model holding the pattern) leave the lock and the
+        # cached layouts behind; the copy rebuilds its own.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_layouts"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
         """Bool block mask [num_heads or 1, qb, kb] of the rule on this grid."""
         raise NotImplementedError

@@ -1,0 +1,42 @@
+"""save_pretrained / from_pretrained on a local folder: config.json and model.safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class PretrainedMixin:
+    """For models built as Model(config) with a `config` dataclass of class `config_class`."""
+
+    config_class: type
+
+    @classmethod
+    def check_config(cls, config):
+        """config, if it is a config_class."""
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"config: expected a {cls.config_class.__name__}, got {type(config).__name__}")
+        return config
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Writes folder/config.json and folder/model.safetensors (tied weights stored once)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG_FILE)
+        save_model(self, str(folder / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu"):
+        """The model saved in folder by save_pretrained, on device."""
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"folder: {folder} has no {name} (written by save_pretrained)")
+        model = cls(cls.config_class.load(folder / CONFIG_FILE))
+        load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
+        return model.to(device)

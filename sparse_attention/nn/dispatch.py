@@ -1,0 +1,205 @@
+"""AttentionDispatch: the one place that chooses between the sparse kernels and SDPA.
+
+Every module and model block attends through it. For each (Nq, Nk, heads, causal) it builds
+the pattern's layout once and picks:
+
+- "sdpa" when the layout covers every block dense attention would compute and SDPA needs no
+  mask for it (plain SDPA, causal or not: the same function);
+- "sdpa" with the pattern's exact element mask when the keys are few (at most
+  `sdpa_max_len`, where dense attention costs no more) or, if `sdpa_min_coverage` is set, when
+  the layout covers at least that fraction of the blocks, so both paths compute the same
+  function;
+- "sparse" otherwise: `sparse_attention` with the pattern (a complete layout too when SDPA
+  would need an O(Nq * Nk) mask for it: causal with key padding, or Nq != Nk).
+
+The choice is made outside any compiled graph (it becomes a constant of the graph), logged
+once per path at DEBUG level on the "sparse_attention.nn" logger, and readable afterwards as
+`last_path`.
+
+Attention dropout: the sparse kernels have none. On the SDPA path dropout is applied as SDPA
+applies it; on the sparse path a dropout above 0 in training raises a ValueError instead of
+being dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sparse_attention.attention import _window_bounds, sparse_attention
+from sparse_attention.patterns.arguments import check_int
+from sparse_attention.patterns.base import CACHE_SIZE, Pattern
+from sparse_attention.patterns.local import Dense
+from sparse_attention.reference import element_mask
+
+logger = logging.getLogger("sparse_attention.nn")
+
+# Keys at or below this count run on SDPA by default: measured on CPU (B4 H8 D64, local
+# causal pattern, forward + backward) SDPA and the kernels take the same time up to 256 keys,
+# and the kernels win from 512 on.
+SDPA_MAX_LEN = 256
+
+
+class Choice(NamedTuple):
+    """The path for one call shape. `mask`: bool [1, layout heads, Nq, Nk] element mask for
+    SDPA (None: plain SDPA, causal when `is_causal`)."""
+
+    path: str
+    reason: str
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+def check_pattern(pattern, num_heads: int | None = None) -> Pattern:
+    """A Pattern (or DeepSpeed config) that serves num_heads heads."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern: expected a sparse_attention Pattern (e.g. sa.Fixed(...), sa.from_name(...), "
+            f"or a DeepSpeed-style sparsity config), got {type(pattern).__name__}"
+        )
+    if num_heads is not None:
+        pattern.check_num_heads(num_heads)
+    return pattern
+
+
+def check_dropout(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+class AttentionDispatch:
+    """Runs attention for one module with its pattern, on the sparse kernels or SDPA.
+
+    Args:
+        pattern: a Pattern (or DeepSpeed config).
+        sdpa_max_len: calls with at most this many keys run on SDPA with the pattern's
+            element mask (0: never for length alone).
+        sdpa_min_coverage: if set, calls whose layout covers at least this fraction of the
+            blocks dense attention computes run on SDPA with the element mask too. The mask
+            costs Nq * Nk bytes per layout head (and batch entry with key padding).
+        owner: name used in errors and log lines.
+    """
+
+    def __init__(self, pattern: Pattern, *, sdpa_max_len: int = SDPA_MAX_LEN,
+                 sdpa_min_coverage: float | None = None, owner: str = "attention"):
+        self.pattern = check_pattern(pattern)
+        self.sdpa_max_len = check_int("sdpa_max_len", sdpa_max_len, minimum=0)
+        if sdpa_min_coverage is not None and (
+                isinstance(sdpa_min_coverage, bool) or not isinstance(sdpa_min_coverage, (int, float))
+                or not 0.0 < sdpa_min_coverage <= 1.0):
+            raise ValueError(f"sdpa_min_coverage: expected None or a number in (0, 1], got {sdpa_min_coverage!r}")
+        self.sdpa_min_coverage = sdpa_min_coverage
+        self.owner = owner
+        self._dense = Dense(block_size=pattern.block_size)
+        # Bounded like the patterns' layout caches: decoding meets a new key length each step.
+        self._choices: OrderedDict[tuple, Choice] = OrderedDict()
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+        self.last_path: str | None = None
+
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy of a model, as nn.TransformerEncoder does with its layer) and
+        # pickles leave the lock and the cached choices behind.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_choices"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def choose(self, q_len: int, k_len: int, num_heads: int, causal: bool, padded: bool = False,
+               device: torch.device | str = "cpu") -> Choice:
+        """The path for these lengths (cached): see the module docstring."""
+        key = (q_len, k_len, num_heads, causal, padded, str(device))
+        with self._lock:
+            choice = self._choices.get(key)
+            if choice is not None:
+                self._choices.move_to_end(key)
+        if choice is None:
+            choice = self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device))
+            with self._lock:
+                choice = self._choices.setdefault(key, choice)
+                while len(self._choices) > CACHE_SIZE:
+                    self._choices.popitem(last=False)
+        self.last_path = choice.path
+        if choice.path not in self._logged:
+            self._logged.add(choice.path)
+            logger.debug("%s: %s attention for Nq=%d, Nk=%d (%s)", self.owner, choice.path,
+                         q_len, k_len, choice.reason)
+        return choice
+
+    def _decide(self, q_len, k_len, num_heads, causal, padded, device) -> Choice:
+        pattern = self.pattern
+        causal = causal or pattern.causal
+        layout = pattern.layout(q_len, k_len, num_heads=num_heads, causal=causal)
+        full = self._dense.layout(q_len, k_len, causal=causal)
+        coverage = layout.nnz / (full.nnz * layout.num_heads)
+        complete = coverage == 1.0 and pattern.token_window is None
+        if complete and not (causal and (padded or q_len != k_len)):
+            # Plain SDPA; causal SDPA aligns top-left, the same as bottom-right when Nq == Nk.
+            return Choice("sdpa", "the layout is dense", None, causal)
+        if k_len <= self.sdpa_max_len:
+            reason = f"{k_len} keys <= sdpa_max_len={self.sdpa_max_len}"
+        elif self.sdpa_min_coverage is not None and coverage >= self.sdpa_min_coverage:
+            reason = f"coverage {coverage:.2f} >= sdpa_min_coverage={self.sdpa_min_coverage}"
+        else:
+            return Choice("sparse", f"{k_len} keys, coverage {coverage:.2f}", None, False)
+        window = _window_bounds(causal, None, pattern.token_window)
+        mask = element_mask(layout, q_len, k_len, causal=causal,
+                            window=tuple(None if w < 0 else w for w in window), device=device)
+        return Choice("sdpa", reason, mask, False)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                 key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                 scale: float | None = None) -> torch.Tensor:
+        """Attention of q [B, H, Nq, D] over k, v [B, Hkv, Nk, D]; key_padding_mask bool
+        [B, Nk], True = ignore. dropout_p: attention dropout (pass 0 outside training)."""
+        num_heads, q_len, k_len = (operator.index(n) for n in (q.shape[1], q.shape[2], k.shape[2]))
+        choice = _choose(self, q_len, k_len, num_heads, bool(causal), key_padding_mask is not None,
+                         q.device)
+        if choice.path == "sparse":
+            if dropout_p > 0:
+                raise ValueError(
+                    f"dropout: {self.owner} runs the sparse kernels here ({k_len} keys), which have "
+                    f"no attention dropout; set the attention dropout to 0 (residual dropout is "
+                    f"unaffected) or evaluate with model.eval()"
+                )
+            return sparse_attention(q, k, v, self.pattern, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask)
+        return _sdpa(q, k, v, choice, key_padding_mask, dropout_p, scale)
+
+
+@torch.compiler.assume_constant_result
+def _choose(dispatch, q_len, k_len, num_heads, causal, padded, device) -> Choice:
+    # Runs eagerly even under torch.compile: the choice and its mask are graph constants.
+    return dispatch.choose(q_len, k_len, num_heads, causal, padded, device)
+
+
+def _sdpa(q, k, v, choice: Choice, key_padding_mask, dropout_p, scale) -> torch.Tensor:
+    mask = choice.mask
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    seen = None
+    if mask is not None:
+        # A query that sees no key gets 0, as from the kernels; letting it see every key
+        # first keeps NaN out of SDPA's forward and backward.
+        seen = mask.any(dim=-1, keepdim=True)
+        mask = mask | ~seen
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=choice.is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out if seen is None else out.masked_fill(~seen, 0.0)
+
+
+__all__ = ["AttentionDispatch", "Choice", "SDPA_MAX_LEN", "check_dropout", "check_pattern"]
