@@ -2,8 +2,9 @@
 
 A pattern is a rule on (query position p, key position j). Query i of a call with Nq queries
 and Nk keys sits at absolute position p = i + Nk - Nq: aligned bottom-right, as the causal
-rule is, so that decoding one token or prefilling a chunk against a longer key sequence sees
-the keys that the same position sees in the full sequence.
+rule is, so that decoding one token or prefilling a chunk against a longer key sequence
+follows the rule of the same position in the full sequence (the block cover of a call's own
+query blocks can be smaller than those blocks' rows in the full sequence).
 
 A block (query block, key block) is computed when at least one (p, j) pair inside it obeys the
 rule: the layout is the smallest block layout that covers the rule. Every method here finds
