@@ -54,7 +54,9 @@ _TWO_SIDED_WINDOW_CODE = _code(masking_utils.sliding_window_bidirectional_overla
 
 def _rule(mask_function) -> tuple[bool, tuple[int | None, int | None] | None] | None:
     """(causal, window) of the mask functions transformers builds for causal, bidirectional
-    and sliding-window attention (read from their closures); None for any other."""
+    and sliding-window attention (read from their closures); None for any other, which then
+    takes the dense fallback: a transformers release that builds them differently gets
+    correct, slower attention, never a dropped mask."""
     if mask_function is masking_utils.causal_mask_function:
         return True, None
     if mask_function is masking_utils.bidirectional_mask_function:

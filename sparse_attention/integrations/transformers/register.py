@@ -17,6 +17,15 @@ RESERVED_NAMES = frozenset(AttentionInterface._global_mapping) | frozenset(
     AttentionMaskInterface._global_mapping) | {"eager"}
 
 
+def check_pattern(pattern) -> Pattern:
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern: expected a sparse_attention Pattern (or sparsity config), got "
+            f"{type(pattern).__name__}"
+        )
+    return pattern
+
+
 def register(name: str = "sparse_attention", *, pattern: Pattern,
              ignore_dropout: bool = False) -> str:
     """Registers the block-sparse op with `pattern` as transformers attention implementation
@@ -41,11 +50,7 @@ def register(name: str = "sparse_attention", *, pattern: Pattern,
         raise TypeError(f"name: expected a non-empty str, got {name!r}")
     if name in RESERVED_NAMES:
         raise ValueError(f"name: {name!r} is one of transformers' own attention implementations")
-    if not isinstance(pattern, Pattern):
-        raise TypeError(
-            f"pattern: expected a sparse_attention Pattern (or sparsity config), got "
-            f"{type(pattern).__name__}"
-        )
+    check_pattern(pattern)
     if not isinstance(ignore_dropout, bool):
         raise TypeError(f"ignore_dropout: expected a bool, got {ignore_dropout!r}")
     function = functools.partial(attention_forward, pattern=pattern, ignore_dropout=ignore_dropout)

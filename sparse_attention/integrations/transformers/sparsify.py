@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from sparse_attention.integrations.transformers.positions import extend_position_embeddings
-from sparse_attention.integrations.transformers.register import register
+from sparse_attention.integrations.transformers.register import check_pattern, register
 from sparse_attention.patterns import Pattern
 
 
@@ -43,12 +43,7 @@ def sparsify(model: PreTrainedModel, pattern: Pattern, *, max_length: int | None
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     _check_supported(model)
-    if not isinstance(pattern, Pattern):
-        raise TypeError(
-            f"pattern: expected a sparse_attention Pattern (or sparsity config), got "
-            f"{type(pattern).__name__}"
-        )
-    _check_heads(model, pattern)
+    _check_heads(model, check_pattern(pattern))
     register(name, pattern=pattern, ignore_dropout=ignore_dropout)
     if max_length is not None:
         extend_position_embeddings(model, max_length)
