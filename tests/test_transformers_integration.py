@@ -3,8 +3,9 @@
 Dense pattern: logits and gradients equal transformers' SDPA implementation. Sparse patterns:
 equal SDPA with transformers' full mask intersected with the pattern's element mask. Covered:
 GPT-2 (per-layer scaling), Llama (GQA), Mistral (sliding window), Qwen2 (full and sliding
-layers), Qwen3 (head_dim != hidden / heads), BERT (bidirectional encoder); right and left
-padding, decoding with dynamic, sliding-window and static caches, custom 4D masks, bf16.
+layers), Qwen3 (head_dim != hidden / heads), BERT and RoBERTa (bidirectional encoders); right
+and left padding, decoding with dynamic, sliding-window and static caches, custom 4D masks,
+packed sequences, bf16.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
     AttentionInterface, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, DynamicCache,
-    GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, StaticCache, T5Config,
+    GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, RobertaConfig, StaticCache,
+    T5Config,
     T5ForConditionalGeneration,
 )
 from transformers import masking_utils  # noqa: E402
@@ -67,6 +69,10 @@ def bert_config():
     return BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL)
 
 
+def roberta_config():
+    return RobertaConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL)
+
+
 FAMILIES = {
     "gpt2": (gpt2_config, AutoModelForCausalLM),
     "llama": (llama_config, AutoModelForCausalLM),
@@ -74,8 +80,8 @@ FAMILIES = {
     "qwen2": (qwen2_config, AutoModelForCausalLM),
     "qwen3": (qwen3_config, AutoModelForCausalLM),
     "bert": (bert_config, AutoModelForMaskedLM),
+    "roberta": (roberta_config, AutoModelForMaskedLM),
 }
-DECODERS = [name for name in FAMILIES if name != "bert"]
 
 DENSE = "sparse_attention_test_dense"
 SPARSE = "sparse_attention_test_sparse"
@@ -120,7 +126,7 @@ def model_pair(family: str, implementation: str, reference_implementation: str =
 
 def inputs(batch: int = 2, seq: int = SEQ, padding: str = "right", seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)  # 0 and 1 are padding ids
     mask = torch.ones(batch, seq, dtype=torch.long)
     if padding == "right":
         mask[-1, seq - 37:] = 0
@@ -354,20 +360,25 @@ def test_direct_call_shape_scaling_and_gqa():
     assert_close(ours, expected, 1e-5)
 
 
-def test_bert_sparsify_extends_position_embeddings():
+@pytest.mark.parametrize("family, first", [("bert", 0), ("roberta", 2)])
+def test_encoder_sparsify_extends_position_embeddings(family, first):
+    """As DeepSpeed did: the learned rows repeated (RoBERTa's positions start at row 2)."""
     def short_config():
-        config = bert_config()
-        config.max_position_embeddings = 128
+        config = FAMILIES[family][0]()
+        config.max_position_embeddings = 128 + first
         return config
 
-    expected_model = build("bert", "sdpa", config=short_config())
-    model = build("bert", "sdpa", like=expected_model, config=short_config())
-    original = model.bert.embeddings.position_embeddings.weight.detach().clone()
+    expected_model = build(family, "sdpa", config=short_config())
+    model = build(family, "sdpa", like=expected_model, config=short_config())
+    embeddings = model.base_model.embeddings
+    original = embeddings.position_embeddings.weight.detach().clone()
     sparsify(model, sa.Dense(block_size=BLOCK), max_length=300, name=DENSE)
-    table = model.bert.embeddings.position_embeddings
-    assert table.weight.shape == (300, 64) and model.config.max_position_embeddings == 300
-    assert torch.equal(table.weight[128:256], original) and torch.equal(table.weight[256:], original[:44])
-    assert model.bert.embeddings.position_ids.shape == (1, 300)
+    table = embeddings.position_embeddings.weight
+    assert table.shape == (300 + first, 64) and model.config.max_position_embeddings == 300 + first
+    assert torch.equal(table[:128 + first], original)
+    assert torch.equal(table[128 + first:256 + first], original[first:])
+    assert torch.equal(table[256 + first:], original[first:first + 44])
+    assert embeddings.position_ids.shape == (1, 300 + first)
     assert model.config._attn_implementation == DENSE
     assert extend_position_embeddings(expected_model, 300)
     ids, mask = inputs(seq=260, padding="right")
