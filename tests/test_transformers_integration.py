@@ -28,12 +28,12 @@ from transformers import masking_utils  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from sparse_attention.integrations.transformers import (  # noqa: E402
-    TokenRules, extend_position_embeddings, register, sparsify, token_rules_mask,
+    PositionedMask, TokenRules, extend_position_embeddings, register, sparsify, token_rules_mask,
 )
 from sparse_attention.integrations.transformers.attention import masked_dense_attention  # noqa: E402
 
 # The oracle takes the dense fallback on purpose, which warns.
-pytestmark = pytest.mark.filterwarnings("ignore:sparse_attention.*cannot express:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:sparse_attention.*dense SDPA:UserWarning")
 
 VOCAB = 97
 SEQ = 150  # not a multiple of the block size: tails are exercised
@@ -86,6 +86,7 @@ FAMILIES = {
 DENSE = "sparse_attention_test_dense"
 SPARSE = "sparse_attention_test_sparse"
 ORACLE = "sparse_attention_test_oracle"
+FALLBACK = "sparse_attention_test_fallback"
 # Per-head layouts (a random block per row differs by head), bidirectional by definition.
 SPARSE_PATTERN = sa.BigBirdSparsityConfig(4, block=BLOCK, different_layout_per_head=True,
                                           num_random_blocks=1, num_sliding_window_blocks=1)
@@ -97,9 +98,20 @@ def full_sdpa_mask(**kwargs):
     return masking_utils.sdpa_mask(**kwargs)
 
 
+def oracle_mask(**kwargs):
+    return PositionedMask(full_sdpa_mask(**kwargs), kwargs["q_offset"], kwargs["kv_offset"])
+
+
 def oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA with transformers' own full mask and the pattern's element mask."""
-    return masked_dense_attention(module, query, key, value, attention_mask, SPARSE_PATTERN, scaling)
+    return masked_dense_attention(module, query, key, value, attention_mask, SPARSE_PATTERN, scaling,
+                                  "the oracle")
+
+
+def disguised_mask(**kwargs):
+    """Our mask function, handed a causal mask function it does not recognise."""
+    kwargs["mask_function"] = masking_utils.and_masks(kwargs["mask_function"])
+    return token_rules_mask(**kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +119,9 @@ def implementations():
     register(DENSE, pattern=sa.Dense(block_size=BLOCK))
     register(SPARSE, pattern=SPARSE_PATTERN)
     AttentionInterface.register(ORACLE, oracle_attention)
-    AttentionMaskInterface.register(ORACLE, full_sdpa_mask)
+    AttentionMaskInterface.register(ORACLE, oracle_mask)
+    register(FALLBACK, pattern=SPARSE_PATTERN)
+    AttentionMaskInterface.register(FALLBACK, disguised_mask)
 
 
 def build(family: str, implementation: str, like=None, config=None):
@@ -263,11 +277,37 @@ def test_static_cache_matches_the_full_forward():
     assert_close(decode_in_steps(model, ids, cache, SPLITS), full, 1e-4)
 
 
-def test_sparse_pattern_with_a_sliding_window_cache_is_refused():
+@pytest.mark.parametrize("family, cache", [("llama", "dynamic"), ("llama", "static"),
+                                           ("mistral", "dynamic")])
+def test_dense_fallback_places_the_pattern_at_the_cache_positions(family, cache):
+    """Masks the op cannot express, while decoding: the pattern's rows and columns follow the
+    queries' and keys' absolute positions (static caches hold extra keys, sliding-window caches
+    drop the oldest)."""
+    ours = build(family, SPARSE).eval()
+    fallback = build(family, FALLBACK, like=ours).eval()
+    ids, _ = inputs(batch=1, seq=sum(SPLITS), padding="none")
+    with torch.no_grad():
+        full = fallback(ids).logits
+    if family == "llama":  # the op itself agrees (Mistral's sliding cache is refused by it)
+        with torch.no_grad():
+            assert_close(ours(ids).logits, full, 1e-4)
+    caches = {"dynamic": lambda: DynamicCache(config=fallback.config),
+              "static": lambda: StaticCache(config=fallback.config, max_cache_len=256)}
+    with pytest.warns(UserWarning, match="dense SDPA"):
+        steps = decode_in_steps(fallback, ids, caches[cache](), SPLITS)
+    assert_close(steps, full, 1e-4)
+
+
+def test_sparse_pattern_over_a_sliding_window_cache_takes_the_dense_fallback():
+    """The cache dropped the oldest keys: the pattern's blocks no longer line up with the keys,
+    so those calls run dense over the window's keys, and still equal the full forward pass."""
     model = build("mistral", SPARSE).eval()
     ids, _ = inputs(batch=1, seq=sum(SPLITS), padding="none")
-    with pytest.raises(ValueError, match="pattern: .*sliding-window cache"):
-        decode_in_steps(model, ids, DynamicCache(config=model.config), SPLITS)
+    with torch.no_grad():
+        full = model(ids).logits
+    with pytest.warns(UserWarning, match="sliding-window cache"):
+        steps = decode_in_steps(model, ids, DynamicCache(config=model.config), SPLITS)
+    assert_close(steps, full, 1e-4)
 
 
 def test_left_padded_generation_gives_no_nan():
@@ -345,7 +385,8 @@ def test_other_mask_functions_are_materialised():
     for mask_function in (chunked, overlay):
         arguments = dict(batch_size=2, q_length=40, kv_length=40, mask_function=mask_function)
         mask = token_rules_mask(**arguments)
-        assert torch.equal(mask, full_sdpa_mask(**arguments))
+        assert isinstance(mask, PositionedMask) and (mask.q_offset, mask.kv_offset) == (0, 0)
+        assert torch.equal(mask.mask, full_sdpa_mask(**arguments))
 
 
 def test_direct_call_shape_scaling_and_gqa():

@@ -15,12 +15,14 @@ from sparse_attention.integrations.transformers.version import MINIMUM_VERSION, 
 check_version()
 
 from sparse_attention.integrations.transformers.attention import attention_forward  # noqa: E402
-from sparse_attention.integrations.transformers.masks import TokenRules, token_rules_mask  # noqa: E402
+from sparse_attention.integrations.transformers.masks import (  # noqa: E402
+    PositionedMask, TokenRules, token_rules_mask,
+)
 from sparse_attention.integrations.transformers.positions import extend_position_embeddings  # noqa: E402
 from sparse_attention.integrations.transformers.register import register  # noqa: E402
 from sparse_attention.integrations.transformers.sparsify import sparsify  # noqa: E402
 
 __all__ = [
-    "MINIMUM_VERSION", "TokenRules", "attention_forward", "extend_position_embeddings", "register",
+    "MINIMUM_VERSION", "PositionedMask", "TokenRules", "attention_forward", "extend_position_embeddings", "register",
     "sparsify", "token_rules_mask",
 ]

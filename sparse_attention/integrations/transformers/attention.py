@@ -7,13 +7,14 @@ scaling=, sliding_window=, ...)` with query [B, H, Nq, D] and key, value [B, Hkv
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_attention.attention import sparse_attention
-from sparse_attention.integrations.transformers.masks import TokenRules
+from sparse_attention.integrations.transformers.masks import PositionedMask, TokenRules
 from sparse_attention.patterns import Dense, Pattern
 from sparse_attention.reference import element_mask
 
@@ -58,32 +59,61 @@ def _check_pattern_fits(pattern: Pattern, rules: TokenRules, module) -> None:
             f"pattern: {pattern!r} is causal by definition, but {type(module).__name__} attends "
             f"bidirectionally; use a bidirectional pattern"
         )
-    if rules.key_offset and not isinstance(pattern, Dense):
-        raise ValueError(
-            f"pattern: {pattern!r} is laid out on absolute positions, but this layer's cache "
-            f"kept only the keys from position {rules.key_offset} on (a sliding-window cache); "
-            f"use a cache that keeps every key, or the Dense pattern with the model's window"
-        )
 
 
-def masked_dense_attention(module, query, key, value, mask: torch.Tensor, pattern: Pattern, scaling):
-    """Dense SDPA with a 4D mask that the op's rules cannot express, intersected with the
-    pattern's element mask: the same result as the op would give, in O(Nq * Nk) memory."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, k_len):
+def _rules_as_mask(rules: TokenRules, q_len: int, device) -> PositionedMask:
+    """The rules as an element mask [B or 1, 1, Nq, key_count] at their absolute positions."""
+    everything = Dense(block_size=16).layout(q_len, rules.key_count)
+    mask = element_mask(everything, q_len, rules.key_count, causal=rules.causal,
+                        window=rules.window, key_padding_mask=rules.key_padding_mask,
+                        device=device)
+    return PositionedMask(mask, q_offset=rules.key_offset + rules.key_count - q_len,
+                          kv_offset=rules.key_offset)
+
+
+def _pattern_mask(pattern: Pattern, positioned: PositionedMask, num_heads: int, q_len: int,
+                  k_len: int, device) -> torch.Tensor:
+    """The pattern's element mask [1, H or 1, Nq, Nk] at the mask's absolute positions: the
+    rows and columns of the pattern's square layout that these queries and keys occupy."""
+    size = max(positioned.q_offset + q_len, positioned.kv_offset + k_len)
+    layout = pattern.layout(size, size, num_heads=num_heads, causal=pattern.causal)
+    square = element_mask(layout, size, size, causal=pattern.causal, window=pattern.token_window,
+                          device=device)
+    return square[..., positioned.q_offset:positioned.q_offset + q_len,
+                  positioned.kv_offset:positioned.kv_offset + k_len]
+
+
+def _positioned(mask: torch.Tensor, q_len: int, k_len: int) -> PositionedMask:
+    """A caller's 4D mask, its queries taken as the last Nq of the keys' positions (as after
+    a dynamic cache: the op's own alignment)."""
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, k_len) or q_len > k_len:
         raise ValueError(
-            f"attention_mask: expected a 4D mask ending in ({q_len}, {k_len}) or one built by "
-            f"transformers' mask functions, got shape {tuple(mask.shape)}"
+            f"attention_mask: expected a 4D mask [B, 1, {q_len}, {k_len}] (with no more queries "
+            f"than keys) or one built by transformers' mask functions, got shape "
+            f"{tuple(mask.shape)}"
         )
+    return PositionedMask(mask, q_offset=k_len - q_len, kv_offset=0)
+
+
+def masked_dense_attention(module, query, key, value, positioned: PositionedMask, pattern: Pattern,
+                           scaling, reason: str):
+    """Dense SDPA with a mask, intersected with the pattern's element mask at the mask's
+    positions: what the op would compute, in O(Nq * Nk) memory. Warns, giving the reason."""
+    q_len = query.shape[2]
+    # Keys after the last query that no query sees (a static cache's empty slots) are dropped,
+    # so that the pattern is laid over the same positions as on the op's path.
+    seen = positioned.q_offset + q_len - positioned.kv_offset
+    if 0 < seen < key.shape[2] and not positioned.mask[..., seen:].any():
+        key, value = key[:, :, :seen], value[:, :, :seen]
+        positioned = dataclasses.replace(positioned, mask=positioned.mask[..., :seen])
+    k_len = key.shape[2]
     warnings.warn(
-        f"sparse_attention: {type(module).__name__} got a mask that the block-sparse kernels "
-        f"cannot express (a custom 4D mask, packed sequences or an overlay); running dense SDPA "
-        f"with the pattern applied as a mask instead (O(N^2) memory)",
+        f"sparse_attention: {type(module).__name__}: {reason}; running dense SDPA with the "
+        f"pattern applied as a mask instead (O(Nq * Nk) memory)",
         stacklevel=3,
     )
-    layout = pattern.layout(q_len, k_len, num_heads=query.shape[1], causal=pattern.causal)
-    keep = element_mask(layout, q_len, k_len, causal=pattern.causal, window=pattern.token_window,
-                        device=query.device)
+    keep = _pattern_mask(pattern, positioned, query.shape[1], q_len, k_len, query.device)
+    mask = positioned.mask
     if mask.dtype == torch.bool:
         mask = mask & keep
     else:
@@ -98,23 +128,41 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       ignore_dropout: bool = False, **kwargs):
     """transformers attention function running the block-sparse op with `pattern`.
 
-    attention_mask is what `token_rules_mask` built (TokenRules), None, or a 4D mask (from a
-    mask function the op cannot express, or passed by the caller), which takes the dense
-    fallback. Query rows that see no key (left padding under causal attention) give 0, as
-    transformers' SDPA path gives for them. Returns (output [B, Nq, H, D], None)."""
+    attention_mask is what `token_rules_mask` built, or None (no mask: the module's causality
+    and sliding_window apply). TokenRules run the op, except over a sliding-window cache that
+    dropped keys with a sparse pattern; that, a PositionedMask (a mask the op cannot express)
+    and a 4D mask passed by the caller take the dense fallback. Query rows that
+    see no key (left padding under causal attention) give 0, as transformers' SDPA path gives
+    for them. Returns (output [B, Nq, H, D], None)."""
     _check_arguments(module, dropout, ignore_dropout, kwargs)
     if isinstance(attention_mask, torch.Tensor):
-        return masked_dense_attention(module, query, key, value, attention_mask, pattern, scaling)
+        attention_mask = _positioned(attention_mask, query.shape[2], key.shape[2])
+    if isinstance(attention_mask, PositionedMask):
+        return masked_dense_attention(
+            module, query, key, value, attention_mask, pattern, scaling,
+            "a mask that the block-sparse kernels cannot express (a custom 4D mask, packed "
+            "sequences or an overlay)",
+        )
     if attention_mask is None:
         rules = _rules_without_mask(module, key, is_causal, sliding_window)
     elif isinstance(attention_mask, TokenRules):
         rules = attention_mask
     else:
         raise TypeError(
-            f"attention_mask: expected a tensor, None or TokenRules, got {type(attention_mask).__name__}"
+            f"attention_mask: expected a tensor, None, TokenRules or PositionedMask, got "
+            f"{type(attention_mask).__name__}"
         )
     _check_pattern_fits(pattern, rules, module)
     key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
+    if rules.key_offset and not isinstance(pattern, Dense):
+        # The pattern's blocks start at position 0: they do not line up with keys that start
+        # mid-sequence. A sliding-window cache holds about a window of keys, so this is cheap.
+        return masked_dense_attention(
+            module, query, key, value, _rules_as_mask(rules, query.shape[2], query.device),
+            pattern, scaling,
+            f"its cache kept only the keys from position {rules.key_offset} on (a sliding-window "
+            f"cache), where the pattern's blocks do not line up",
+        )
     out = sparse_attention(query, key, value, pattern, causal=rules.causal, scale=scaling,
                            key_padding_mask=rules.key_padding_mask, window=rules.window)
     return out.transpose(1, 2).contiguous(), None

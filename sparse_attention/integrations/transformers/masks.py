@@ -5,7 +5,8 @@ window, ...) and a 2D padding mask. Instead of expanding them into a [B, 1, Nq, 
 its SDPA path does (O(N^2) memory), `token_rules_mask` recognises the mask functions that the
 op's element rules express and returns them as `TokenRules`: causal, window, key padding. Any
 other mask function (packed sequences, image-token overlays, chunked attention) is expanded
-like SDPA's, and the attention function then takes its dense fallback: a mask is never dropped.
+like SDPA's into a `PositionedMask`, and the attention function then takes its dense fallback:
+a mask is never dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ class TokenRules:
     key_count: int
     key_offset: int = 0
     key_padding_mask: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionedMask:
+    """A mask the op's rules cannot express, with the absolute positions it covers.
+
+    Attributes:
+        mask: bool [B, 1, Nq, Nk], True = attend (transformers' SDPA mask).
+        q_offset: absolute position of the first query.
+        kv_offset: absolute position of the first key.
+    """
+
+    mask: torch.Tensor
+    q_offset: int
+    kv_offset: int
 
 
 def _closure(function) -> dict:
@@ -97,7 +113,8 @@ def token_rules_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ):
-    """TokenRules for the masks the op expresses; otherwise SDPA's bool mask [B, 1, Nq, Nk].
+    """TokenRules for the masks the op expresses; otherwise SDPA's bool mask [B, 1, Nq, Nk] as
+    a PositionedMask.
 
     Same arguments as transformers' `sdpa_mask`; attention_mask is the 2D padding mask
     (True = keep) over the keys seen so far."""
@@ -116,8 +133,9 @@ def token_rules_mask(
             )
     for skip in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
         kwargs.pop(skip, None)
-    return masking_utils.sdpa_mask(
+    mask = masking_utils.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
         allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs,
     )
+    return PositionedMask(mask, q_offset, kv_offset)
