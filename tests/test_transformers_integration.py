@@ -10,6 +10,8 @@ packed sequences, bf16.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -501,3 +503,16 @@ def test_unsupported_arguments_are_refused():
 def test_register_checks_its_arguments(arguments, error):
     with pytest.raises(error):
         register(**arguments)
+
+
+def test_older_or_missing_transformers_is_a_clear_import_error(monkeypatch):
+    from sparse_attention.integrations.transformers.version import check_version
+
+    # What `import transformers` finds now: transformers replaces its module in sys.modules
+    # when names are first imported from it.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(ImportError, match="transformers>=5.24, found 4.57.1"):
+        check_version()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'sparse_attention\[transformers\]'"):
+        check_version()
