@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-# The mask interface's arguments (q_offset, kv_offset, local_size) and the cache layers' mask
-# sizes are those of this release onwards.
-MINIMUM_VERSION = "5.24"
+from sparse_attention.integrations import TRANSFORMERS_MINIMUM_VERSION as MINIMUM_VERSION
 
 
 def check_version() -> None:
