@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from sparse_attention.integrations.transformers import (  # noqa: E402
     PositionedMask, TokenRules, extend_position_embeddings, register, sparsify, token_rules_mask,
 )
-from sparse_attention.integrations.transformers.attention import masked_dense_attention  # noqa: E402
+from sparse_attention.integrations.transformers.fallback import masked_dense_attention  # noqa: E402
 
 # The oracle takes the dense fallback on purpose, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:sparse_attention.*dense SDPA:UserWarning")

@@ -7,16 +7,14 @@ scaling=, sliding_window=, ...)` with query [B, H, Nq, D] and key, value [B, Hkv
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_attention.attention import sparse_attention
+from sparse_attention.integrations.transformers.fallback import (
+    masked_dense_attention, place_caller_mask, rules_as_mask,
+)
 from sparse_attention.integrations.transformers.masks import PositionedMask, TokenRules
 from sparse_attention.patterns import Dense, Pattern
-from sparse_attention.reference import element_mask
 
 # Arguments some models pass that change attention in ways the op does not compute.
 UNSUPPORTED_ARGUMENTS = {
@@ -61,67 +59,6 @@ def _check_pattern_fits(pattern: Pattern, rules: TokenRules, module) -> None:
         )
 
 
-def _rules_as_mask(rules: TokenRules, q_len: int, device) -> PositionedMask:
-    """The rules as an element mask [B or 1, 1, Nq, key_count] at their absolute positions."""
-    everything = Dense(block_size=16).layout(q_len, rules.key_count)
-    mask = element_mask(everything, q_len, rules.key_count, causal=rules.causal,
-                        window=rules.window, key_padding_mask=rules.key_padding_mask,
-                        device=device)
-    return PositionedMask(mask, q_offset=rules.key_offset + rules.key_count - q_len,
-                          kv_offset=rules.key_offset)
-
-
-def _pattern_mask(pattern: Pattern, positioned: PositionedMask, num_heads: int, q_len: int,
-                  k_len: int, device) -> torch.Tensor:
-    """The pattern's element mask [1, H or 1, Nq, Nk] at the mask's absolute positions: the
-    rows and columns of the pattern's square layout that these queries and keys occupy."""
-    size = max(positioned.q_offset + q_len, positioned.kv_offset + k_len)
-    layout = pattern.layout(size, size, num_heads=num_heads, causal=pattern.causal)
-    square = element_mask(layout, size, size, causal=pattern.causal, window=pattern.token_window,
-                          device=device)
-    return square[..., positioned.q_offset:positioned.q_offset + q_len,
-                  positioned.kv_offset:positioned.kv_offset + k_len]
-
-
-def _positioned(mask: torch.Tensor, q_len: int, k_len: int) -> PositionedMask:
-    """A caller's 4D mask, its queries taken as the last Nq of the keys' positions (as after
-    a dynamic cache: the op's own alignment)."""
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, k_len) or q_len > k_len:
-        raise ValueError(
-            f"attention_mask: expected a 4D mask [B, 1, {q_len}, {k_len}] (with no more queries "
-            f"than keys) or one built by transformers' mask functions, got shape "
-            f"{tuple(mask.shape)}"
-        )
-    return PositionedMask(mask, q_offset=k_len - q_len, kv_offset=0)
-
-
-def masked_dense_attention(module, query, key, value, positioned: PositionedMask, pattern: Pattern,
-                           scaling, reason: str):
-    """Dense SDPA with a mask, intersected with the pattern's element mask at the mask's
-    positions: what the op would compute, in O(Nq * Nk) memory. Warns, giving the reason."""
-    q_len = query.shape[2]
-    # Keys after the last query that no query sees (a static cache's empty slots) are dropped,
-    # so that the pattern is laid over the same positions as on the op's path.
-    seen = positioned.q_offset + q_len - positioned.kv_offset
-    if 0 < seen < key.shape[2] and not positioned.mask[..., seen:].any():
-        key, value = key[:, :, :seen], value[:, :, :seen]
-        positioned = dataclasses.replace(positioned, mask=positioned.mask[..., :seen])
-    k_len = key.shape[2]
-    warnings.warn(
-        f"sparse_attention: {type(module).__name__}: {reason}; running dense SDPA with the "
-        f"pattern applied as a mask instead (O(Nq * Nk) memory)",
-        stacklevel=3,
-    )
-    keep = _pattern_mask(pattern, positioned, query.shape[1], q_len, k_len, query.device)
-    mask = positioned.mask
-    if mask.dtype == torch.bool:
-        mask = mask & keep
-    else:
-        mask = mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
-    # No dropout here either, so that both paths compute the same thing.
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
-
-
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None,
                       sliding_window: int | None = None, *, pattern: Pattern,
@@ -136,7 +73,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     for them. Returns (output [B, Nq, H, D], None)."""
     _check_arguments(module, dropout, ignore_dropout, kwargs)
     if isinstance(attention_mask, torch.Tensor):
-        attention_mask = _positioned(attention_mask, query.shape[2], key.shape[2])
+        attention_mask = place_caller_mask(attention_mask, query.shape[2], key.shape[2])
     if isinstance(attention_mask, PositionedMask):
         return masked_dense_attention(
             module, query, key, value, attention_mask, pattern, scaling,
@@ -156,12 +93,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
     if rules.key_offset and not isinstance(pattern, Dense):
         # The pattern's blocks start at position 0: they do not line up with keys that start
-        # mid-sequence. A sliding-window cache holds about a window of keys, so this is cheap.
+        # mid-sequence. Such a cache holds about a window of keys, so this is cheap.
         return masked_dense_attention(
-            module, query, key, value, _rules_as_mask(rules, query.shape[2], query.device),
+            module, query, key, value, rules_as_mask(rules, query.shape[2], query.device),
             pattern, scaling,
-            f"its cache kept only the keys from position {rules.key_offset} on (a sliding-window "
-            f"cache), where the pattern's blocks do not line up",
+            "its sliding-window cache dropped the oldest keys, and the pattern's blocks do not "
+            "line up with the keys it kept",
         )
     out = sparse_attention(query, key, value, pattern, causal=rules.causal, scale=scaling,
                            key_padding_mask=rules.key_padding_mask, window=rules.window)
