@@ -1,0 +1,141 @@
+"""The mask function registered with transformers' AttentionMaskInterface.
+
+transformers builds each layer's mask from a mask function (causal, bidirectional, sliding
+window, ...) and a 2D padding mask. Instead of expanding them into a [B, 1, Nq, Nk] tensor, as
+its SDPA path does (O(N^2) memory), `token_rules_mask` recognises the mask functions that the
+op's element rules express and returns them as `TokenRules`: causal, window, key padding. Any
+other mask function (packed sequences, image-token overlays, chunked attention) is expanded
+like SDPA's into a `PositionedMask`, and the attention function then takes its dense fallback:
+a mask is never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import masking_utils
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRules:
+    """A transformers mask in the op's terms.
+
+    Attributes:
+        causal: query i sees key j only if j <= i + key_count - Nq (positions aligned at the end,
+            as the op aligns them).
+        window: the op's (left, right) token window, or None.
+        key_count: keys in use. A static cache holds more, past every query's causal horizon;
+            the attention function drops them.
+        key_offset: absolute position of the first key (> 0 when a sliding-window cache has
+            dropped the oldest keys).
+        key_padding_mask: bool [B, key_count], True = ignore, or None when nothing is padded.
+    """
+
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    key_count: int
+    key_offset: int = 0
+    key_padding_mask: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionedMask:
+    """A mask the op's rules cannot express, with the absolute positions it covers.
+
+    Attributes:
+        mask: bool [B, 1, Nq, Nk], True = attend (transformers' SDPA mask).
+        q_offset: absolute position of the first query.
+        kv_offset: absolute position of the first key.
+    """
+
+    mask: torch.Tensor
+    q_offset: int
+    kv_offset: int
+
+
+def _closure(function) -> dict:
+    cells = getattr(function, "__closure__", None) or ()
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _code(function):
+    return getattr(function, "__code__", None)
+
+
+_AND_CODE = _code(masking_utils.and_masks(masking_utils.causal_mask_function))
+_CAUSAL_WINDOW_CODE = _code(masking_utils.sliding_window_overlay(1))
+_TWO_SIDED_WINDOW_CODE = _code(masking_utils.sliding_window_bidirectional_overlay(1))
+
+
+def _rule(mask_function) -> tuple[bool, tuple[int | None, int | None] | None] | None:
+    """(causal, window) of the mask functions transformers builds for causal, bidirectional
+    and sliding-window attention (read from their closures); None for any other, which then
+    takes the dense fallback: a transformers release that builds them differently gets
+    correct, slower attention, never a dropped mask."""
+    if mask_function is masking_utils.causal_mask_function:
+        return True, None
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return False, None
+    if _code(mask_function) is not _AND_CODE:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2:
+        return None
+    overlay, base = parts
+    width = _closure(overlay).get("sliding_window") if _code(overlay) else None
+    if isinstance(width, bool) or not isinstance(width, int):
+        return None
+    # sliding_window_overlay keeps kv > q - width; the bidirectional one |q - kv| <= width.
+    if _code(overlay) is _CAUSAL_WINDOW_CODE and base is masking_utils.causal_mask_function and width >= 1:
+        return True, (width - 1, None)
+    if (_code(overlay) is _TWO_SIDED_WINDOW_CODE and base is masking_utils.bidirectional_mask_function
+            and width >= 0):
+        return False, (width, width)
+    return None
+
+
+def _key_padding_mask(attention_mask, kv_length: int, kv_offset: int, key_count: int):
+    keep = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if keep is None:
+        return None
+    keep = keep[:, kv_offset:kv_offset + key_count].bool()
+    return None if bool(keep.all()) else ~keep
+
+
+def token_rules_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=masking_utils.causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """TokenRules for the masks the op expresses; otherwise SDPA's bool mask [B, 1, Nq, Nk] as
+    a PositionedMask.
+
+    Same arguments as transformers' `sdpa_mask`; attention_mask is the 2D padding mask
+    (True = keep) over the keys seen so far."""
+    rule = _rule(mask_function)
+    q_offset = int(q_offset)  # static caches give it as a tensor
+    if rule is not None:
+        causal, window = rule
+        # Keys after the last query are past every query's horizon under causal attention.
+        key_count = q_offset + q_length - kv_offset if causal else kv_length
+        # The op measures windows from the diagonal through the last query and the last key.
+        aligned = causal or q_offset + q_length == kv_offset + kv_length
+        if 1 <= key_count <= kv_length and (window is None or aligned):
+            return TokenRules(
+                causal=causal, window=window, key_count=key_count, key_offset=kv_offset,
+                key_padding_mask=_key_padding_mask(attention_mask, kv_length, kv_offset, key_count),
+            )
+    for skip in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
+        kwargs.pop(skip, None)
+    mask = masking_utils.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+        allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs,
+    )
+    return PositionedMask(mask, q_offset, kv_offset)
