@@ -38,6 +38,18 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
+def _autocast(*tensors):
+    """Under torch.autocast, the tensors cast as autocast casts a lower-precision op's inputs:
+    floating tensors other than float64 go to the autocast dtype, so q, k, v of mixed
+    precision (fp32 queries from a rotary embedding with bf16 values, say) are fine there."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -152,6 +164,7 @@ def sparse_attention(
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
     """
+    q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, layout, key_padding_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -162,9 +175,6 @@ def sparse_attention(
         causal = causal or layout.causal
         pattern_window = layout.token_window
     window_left, window_right = _window_bounds(causal, window, pattern_window)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])

@@ -110,6 +110,21 @@ def test_autocast_cpu_bf16():
     assert max_error(out, exact) < 5e-2
 
 
+def test_autocast_takes_mixed_precision_and_leaves_float64_alone():
+    case = Case(q_len=64, k_len=64, density=0.8, seed=25)
+    q, k, v, layout, _ = make_inputs(case, requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # fp32 queries and keys (a rotary embedding computed in fp32) with bf16 values
+        mixed = sa.sparse_attention(q, k, v.bfloat16(), layout, causal=True)
+        double = sa.sparse_attention(q.double(), k.double(), v.double(), layout, causal=True)
+    assert mixed.dtype == torch.bfloat16 and double.dtype == torch.float64
+    exact = reference.attention(q.double(), k.double(), v.double(), layout, causal=True)
+    assert max_error(mixed, exact) < 5e-2
+    assert max_error(double, exact) < 1e-12
+    with pytest.raises(TypeError, match="q, k, v: expected one dtype"):
+        sa.sparse_attention(q, k, v.bfloat16(), layout)  # outside autocast, mixed is an error
+
+
 def test_compile_dynamic_shapes_and_layout_arguments():
     torch._dynamo.reset()
     dense = sa.BlockLayout(torch.ones(1, 4, 4, dtype=torch.bool), 16)
