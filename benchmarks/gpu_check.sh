@@ -3,7 +3,8 @@
 # nvcc, ninja and pytest installed; no network needed). Stages, each with a time limit, in a
 # budget of 8 minutes:
 #   1. build the CUDA extension in place for this GPU's architecture only, with all cores;
-#   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference);
+#   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference) and
+#      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU);
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
 #   4. benchmarks/bench_cuda.py: forward and backward against SDPA (flash, dense causal) and
 #      compiled FlexAttention on the same block masks, as long as the budget allows.
@@ -71,7 +72,7 @@ if (( FAILED )); then  # nothing later can run without the extension
   SUMMARY+=("later stages: SKIPPED (no CUDA build to run)")
   finish
 fi
-stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_models.py
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 # No caching allocator under memcheck, so that reads past a tensor's end are caught.
