@@ -164,7 +164,9 @@ def sparse_attention(
     if isinstance(layout, Pattern):
         causal = causal or layout.causal
         pattern_window = layout.token_window
-    window_left, window_right = _window_bounds(causal, window, pattern_window)
+    # The block lists depend on the window too: under dynamic shapes the graph specialises on
+    # it (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
+    window_left, window_right = map(operator.index, _window_bounds(causal, window, pattern_window))
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
