@@ -4,7 +4,7 @@
 #   bash scripts/bootstrap.sh          # the library, its command line and its plots
 #   bash scripts/bootstrap.sh --test   # also what the test suite needs
 #
-# The venv sees packages installed system-wide, so a torch you already have (2.5 or newer)
+# The venv sees packages installed system-wide, so a torch you already have (2.7 or newer)
 # is kept; only when none can be imported is the CPU build (torch 2.13.0) installed. The
 # extension is compiled against that torch, so pip must not build it in an isolated
 # environment.
@@ -24,8 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 venv_python=.venv/bin/python
 
-# An importable torch of 2.5 or newer is kept; otherwise the CPU build goes into the venv.
-if ! "$venv_python" -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); sys.exit(tuple(map(int, v[:2])) < (2, 5))" 2>/dev/null; then
+# An importable torch of 2.7 or newer is kept; otherwise the CPU build goes into the venv.
+if ! "$venv_python" -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); sys.exit(tuple(map(int, v[:2])) < (2, 7))" 2>/dev/null; then
   "$venv_python" -m pip install "torch==2.13.0"
 fi
 "$venv_python" -m pip install --upgrade "setuptools>=64" wheel ninja

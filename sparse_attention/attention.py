@@ -9,7 +9,8 @@ import torch
 
 from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
 from sparse_attention._extension import ops
-from sparse_attention.layout import BlockLayout, BlockLists
+from sparse_attention.compile_constants import eager_constant
+from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.base import Pattern
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -119,13 +120,15 @@ def _window_bounds(causal: bool, window, pattern_window=None) -> tuple[int, int]
     return left, right
 
 
-@torch.compiler.assume_constant_result
-def _cached_block_lists(layout, q_len, k_len, window, device, num_heads, causal) -> BlockLists:
+@eager_constant
+def _cached_block_lists(layout, q_len, k_len, window, device, num_heads,
+                        causal) -> tuple[torch.Tensor, ...]:
     # Runs eagerly even under torch.compile: the pattern's layout and the lists become
-    # constants of the graph.
+    # constants of the graph. A plain tuple: torch 2.11's Dynamo cannot unpack a NamedTuple
+    # constant.
     if isinstance(layout, Pattern):
         layout = layout.layout(q_len, k_len, num_heads=num_heads, causal=causal)
-    return layout.block_lists(q_len, k_len, window, device)
+    return tuple(layout.block_lists(q_len, k_len, window, device))
 
 
 def sparse_attention(
@@ -174,7 +177,9 @@ def sparse_attention(
     if isinstance(layout, Pattern):
         causal = causal or layout.causal
         pattern_window = layout.token_window
-    window_left, window_right = _window_bounds(causal, window, pattern_window)
+    # The block lists depend on the window too: under dynamic shapes the graph specialises on
+    # it (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
+    window_left, window_right = map(operator.index, _window_bounds(causal, window, pattern_window))
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from sparse_attention._extension import ops
+from sparse_attention.compile_constants import KnownById
 
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 256  # csrc/size_limits.h has the same
@@ -49,7 +50,7 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
-class BlockLayout:
+class BlockLayout(KnownById):
     """A block-sparse attention layout.
 
     Args:

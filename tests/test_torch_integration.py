@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -97,6 +99,26 @@ def test_compile_new_length_recompiles_with_right_lists():
         q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
         assert max_error(f(q, k, v, layout_a), reference.attention(q, k, v, layout_a, causal=True)) < 1e-5
 
+
+
+def test_compile_each_pattern_object_gets_its_graph():
+    # A graph is guarded on the pattern object it was built for: another pattern, or a copy,
+    # recompiles. Under dynamic shapes the patterns' exact token windows, which choose the
+    # block lists, must stay constants of the graph.
+    torch._dynamo.reset()
+    narrow = sa.Local(20, block_size=16, exact=True)
+    wide = sa.Local(48, block_size=16, exact=True)
+
+    @torch.compile(fullgraph=True, dynamic=True, backend="eager")
+    def f(q, k, v, pattern):
+        return sa.sparse_attention(q, k, v, pattern, causal=True)
+
+    g = torch.Generator().manual_seed(25)
+    q, k, v = (torch.randn(2, 2, 100, 16, generator=g) for _ in range(3))
+    for pattern in (narrow, wide, copy.deepcopy(narrow), wide):
+        exact = reference.attention(q, k, v, pattern.layout(100, causal=True), causal=True,
+                                    window=pattern.token_window)
+        assert max_error(f(q, k, v, pattern), exact) < 1e-5
 
 def test_autocast_cpu_bf16():
     case = Case(q_len=64, k_len=64, density=0.8, seed=24)

@@ -39,11 +39,15 @@ def flex_block_mask(layout: sa.BlockLayout, q_len: int, k_len: int, causal: bool
     part_idx = _padded(offsets, lists.row_indices, full, total - full, rows, k_blocks)
     shift, bs = k_len - q_len, layout.block_size
     blocks = layout.mask.to(device)
+    shared = blocks[0]  # an int index next to tensor ones fails in torch 2.10's eager Flex
 
     # Exact element rule (block lookup and causal), as a user of create_block_mask would
     # write it: compiled Flex evaluates it on partial blocks only, eager Flex everywhere.
     def mask_mod(b, h, q_idx, kv_idx):
-        listed = blocks[h if heads > 1 else 0, q_idx // bs, kv_idx // bs]
+        if heads > 1:
+            listed = blocks[h, q_idx // bs, kv_idx // bs]
+        else:
+            listed = shared[q_idx // bs, kv_idx // bs]
         return listed & (q_idx + shift >= kv_idx) if causal else listed
 
     def shaped(t):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_attention.attention import _window_bounds, sparse_attention
+from sparse_attention.compile_constants import KnownById, eager_constant
 from sparse_attention.patterns.arguments import check_int
 from sparse_attention.patterns.base import CACHE_SIZE, Pattern
 from sparse_attention.patterns.local import Dense
@@ -74,7 +75,7 @@ def check_dropout(name: str, p) -> float:
     return float(p)
 
 
-class AttentionDispatch:
+class AttentionDispatch(KnownById):
     """Runs attention for one module with its pattern, on the sparse kernels or SDPA.
 
     Args:
@@ -178,7 +179,7 @@ class AttentionDispatch:
         return _sdpa(q, k, v, choice, key_padding_mask, dropout_p, scale)
 
 
-@torch.compiler.assume_constant_result
+@eager_constant
 def _choose(dispatch, q_len, k_len, num_heads, causal, padded, device) -> Choice:
     # Runs eagerly even under torch.compile: the choice and its mask are graph constants.
     return dispatch.choose(q_len, k_len, num_heads, causal, padded, device)

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import torch
 
+from sparse_attention.compile_constants import KnownById
 from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.arguments import check_block_size, check_bool, check_int
 from sparse_attention.patterns.grid import Grid
@@ -16,7 +17,7 @@ from sparse_attention.patterns.grid import Grid
 CACHE_SIZE = 64
 
 
-class Pattern:
+class Pattern(KnownById):
     """Base class of attention patterns.
 
     A pattern is a rule saying which keys each query sees, defined on absolute positions (see
