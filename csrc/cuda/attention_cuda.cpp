@@ -8,10 +8,11 @@
 // kind from the element rules, so malformed lists cannot make them read out of bounds or skip
 // a needed mask.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <cuda_runtime_api.h>
 
 #include <cmath>
 #include <limits>
@@ -89,6 +90,12 @@ at::Tensor key_block_states(const at::Tensor& mask_bytes, const Problem& p) {
       at::where(counts == 0, static_cast<int64_t>(KeyBlockState::kAllValid),
                 at::where(counts == lengths, static_cast<int64_t>(KeyBlockState::kAllPadded), mixed));
   return state.to(at::kByte).contiguous();
+}
+
+int compute_capability_major(const at::Device& device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  return major;
 }
 
 // Checks and describes a call; `keep` holds the tensors the params point into.
@@ -219,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   // measured; benchmarks/cuda_notes.md). Elsewhere the atomics stay unless asked: not
   // measured, and the pass needs 128 KB of shared memory at block size 128.
   const bool grad_q_pass =
-      deterministic || (p.head_dim == 128 && at::cuda::getCurrentDeviceProperties()->major == 9);
+      deterministic || (p.head_dim == 128 && compute_capability_major(q.device()) == 9);
   at::Tensor grad_q_accum;
   if (!grad_q_pass) {
     grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
