@@ -14,7 +14,7 @@ import torch
 
 import sparse_attention as sa
 from sparse_attention import reference
-from sparse_attention.patterns import base
+from sparse_attention.bounded_cache import CACHE_SIZE
 
 from conftest import assert_matches_reference
 
@@ -328,9 +328,9 @@ def test_layouts_are_cached_per_instance_and_thread_safe():
     assert all(r is results[0] for r in results)
     assert pattern.layout(999, causal=True) is results[0]
     assert pattern.layout(999) is not results[0]
-    for n in range(1, base.CACHE_SIZE + 10):
+    for n in range(1, CACHE_SIZE + 10):
         pattern.layout(n)
-    assert len(pattern._layouts) == base.CACHE_SIZE
+    assert len(pattern._layouts) == CACHE_SIZE
 
 
 def test_compiled_fullgraph_with_a_pattern():

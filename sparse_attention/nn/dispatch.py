@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import threading
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -35,7 +33,8 @@ import torch.nn.functional as F
 from sparse_attention.attention import _window_bounds, sparse_attention
 from sparse_attention.compile_constants import KnownById, eager_constant
 from sparse_attention.patterns.arguments import check_int
-from sparse_attention.patterns.base import CACHE_SIZE, Pattern
+from sparse_attention.bounded_cache import BoundedCache
+from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.local import Dense
 from sparse_attention.reference import element_mask
 
@@ -99,38 +98,16 @@ class AttentionDispatch(KnownById):
         self.sdpa_min_coverage = sdpa_min_coverage
         self.owner = owner
         self._dense = Dense(block_size=pattern.block_size)
-        # Bounded like the patterns' layout caches: decoding meets a new key length each step.
-        self._choices: OrderedDict[tuple, Choice] = OrderedDict()
+        self._choices = BoundedCache()
         self._logged: set[str] = set()
-        self._lock = threading.Lock()
         self.last_path: str | None = None
-
-    def __getstate__(self) -> dict:
-        # Copies (copy.deepcopy of a model, as nn.TransformerEncoder does with its layer) and
-        # pickles leave the lock and the cached choices behind.
-        state = self.__dict__.copy()
-        del state["_lock"]
-        state["_choices"] = OrderedDict()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def choose(self, q_len: int, k_len: int, num_heads: int, causal: bool, padded: bool = False,
                device: torch.device | str = "cpu") -> Choice:
         """The path for these lengths (cached): see the module docstring."""
         key = (q_len, k_len, num_heads, causal, padded, str(device))
-        with self._lock:
-            choice = self._choices.get(key)
-            if choice is not None:
-                self._choices.move_to_end(key)
-        if choice is None:
-            choice = self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device))
-            with self._lock:
-                choice = self._choices.setdefault(key, choice)
-                while len(self._choices) > CACHE_SIZE:
-                    self._choices.popitem(last=False)
+        choice = self._choices.get(
+            key, lambda: self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device)))
         self.last_path = choice.path
         if choice.path not in self._logged:
             self._logged.add(choice.path)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import torch
 
+from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.compile_constants import KnownById
 from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.arguments import check_block_size, check_bool, check_int
 from sparse_attention.patterns.grid import Grid
-
-# Layouts kept per pattern instance; decoding asks for a new key length every step, so the
-# cache is bounded (least recently used entries go first).
-CACHE_SIZE = 64
 
 
 class Pattern(KnownById):
@@ -44,20 +38,7 @@ class Pattern(KnownById):
 
     def __init__(self, block_size: int = 64):
         self.block_size = check_block_size(block_size)
-        self._layouts: OrderedDict[tuple, BlockLayout] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        # copy.deepcopy and pickling (of a model holding the pattern) leave the lock and the
-        # cached layouts behind; the copy rebuilds its own.
-        state = self.__dict__.copy()
-        del state["_lock"]
-        state["_layouts"] = OrderedDict()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._layouts = BoundedCache()
 
     def _mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
         """Bool block mask [num_heads or 1, qb, kb] of the rule on this grid."""
@@ -81,21 +62,13 @@ class Pattern(KnownById):
         Under causal, blocks that lie wholly after their queries are never set. A pattern with
         per-head variation gives [num_heads, qb, kb]; otherwise [1, qb, kb], shared by heads."""
         key = self._check_call(q_len, k_len, num_heads, causal)
-        with self._lock:
-            layout = self._layouts.get(key)
-            if layout is not None:
-                self._layouts.move_to_end(key)
-                return layout
-        q_len, k_len, num_heads, causal = key
+        return self._layouts.get(key, lambda: self._build_layout(*key))
+
+    def _build_layout(self, q_len: int, k_len: int, num_heads: int, causal: bool) -> BlockLayout:
         grid = Grid(q_len, k_len, self.block_size)
         mask = self.block_mask(grid, num_heads, causal)
         heads = num_heads if self.per_head else 1
-        layout = BlockLayout(mask.expand(heads, *grid.shape), self.block_size)
-        with self._lock:
-            layout = self._layouts.setdefault(key, layout)
-            while len(self._layouts) > CACHE_SIZE:
-                self._layouts.popitem(last=False)
-        return layout
+        return BlockLayout(mask.expand(heads, *grid.shape), self.block_size)
 
     def _check_call(self, q_len, k_len, num_heads, causal) -> tuple:
         check_int("q_len", q_len, minimum=1)
