@@ -169,6 +169,18 @@ def test_generate():
     sampled = [model.generate(prompt, 4, top_k=5, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])
     assert torch.equal(model.generate(prompt, 4, top_k=1), out[:, :64])
+    assert torch.equal(model.generate(prompt, 4, top_p=1e-6), out[:, :64])  # the nucleus is the top token
+    with pytest.raises(ValueError, match="top_p: expected a probability"):
+        model.generate(prompt, 1, top_p=1.5)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from sparse_attention.models.lm import _nucleus
+    probabilities = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    kept = _nucleus(probabilities.log(), 0.75).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False]]  # 0.5 + 0.3 reach 0.75
+    assert _nucleus(probabilities.log(), 0.79).isfinite().sum() == 2
+    assert _nucleus(probabilities.log(), 0.81).isfinite().sum() == 3
 
 
 @pytest.mark.parametrize("path", ["sparse", "sdpa"])

@@ -60,7 +60,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, greedy: bool = False,
+                 top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """input_ids [B, N] followed by max_new_tokens sampled tokens (N may exceed max_seq_len).
 
@@ -69,13 +69,18 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
         ones until max_seq_len tokens are cached; after that (and without use_cache) each step
         reruns the model on the last max_seq_len tokens, whose positions then start at 0.
         greedy takes the most likely token; otherwise tokens are sampled from
-        softmax(logits / temperature), restricted to the top_k most likely when given."""
+        softmax(logits / temperature), restricted to the top_k most likely when given and to
+        the smallest set of most likely tokens whose probabilities add up to top_p (nucleus
+        sampling) when given."""
         check_int("max_new_tokens", max_new_tokens, minimum=0)
         if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                            or temperature <= 0):
             raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
         if top_k is not None:
             check_int("top_k", top_k, minimum=1)
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p!r}")
         self.transformer.check_input_ids(input_ids, any_length=True)
         max_len = self.config.max_seq_len
         cache = KVCache() if use_cache else None
@@ -87,7 +92,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
                     logits = self(input_ids[:, -max_len:], cache=cache).logits
                 else:
                     logits = self(input_ids[:, -1:], cache=cache).logits
-                token = _next_token(logits[:, -1].float(), greedy, temperature, top_k, generator)
+                token = _next_token(logits[:, -1].float(), greedy, temperature, top_k, top_p, generator)
                 input_ids = torch.cat((input_ids, token.to(input_ids.dtype)), dim=1)
                 if cache is not None and cache.length() == max_len:
                     cache = None  # the window slides on: positions restart, so rerun it whole
@@ -97,7 +102,7 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
 
 
 def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """[B, 1] tokens chosen from the last position's logits [B, vocab]."""
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
@@ -105,7 +110,21 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = _nucleus(logits, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits with -inf outside the smallest set of most likely tokens whose probabilities
+    reach top_p (the most likely token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probabilities = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens more likely than it already reach top_p.
+    before = probabilities.cumsum(dim=-1) - probabilities
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def _check_same_shape(name: str, tensor, input_ids: torch.Tensor) -> None:
