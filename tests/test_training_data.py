@@ -9,8 +9,11 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
-from sparse_attention.training.data import Document, default_corpus_files, read_documents
+from sparse_attention.training.data import (BPETokenizer, ByteTokenizer, Document, PretrainedTokenizer,
+                                            build_tokenizer, default_corpus_files, load_tokenizer,
+                                            read_documents, save_tokenizer)
 
 UNICODE_SAMPLES = ["plain ascii", "héllo wörld", "日本語のテキスト", "emoji 😀🚀 and tabs\t\n", "ελληνικά + русский",
                    "  leading and trailing spaces  ", "mixed: naïve café — “quotes” ∑∫√"]
@@ -24,6 +27,12 @@ def random_text(rng: random.Random, words: int) -> str:
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    rng = random.Random(0)
+    return BPETokenizer.train([random_text(rng, 2000) for _ in range(20)] + UNICODE_SAMPLES, vocab_size=400)
 
 
 # Sources ---------------------------------------------------------------------------------------
@@ -185,3 +194,111 @@ def test_hf_dataset_folder_reads_the_train_split(tmp_path, monkeypatch):
     fake.load_from_disk = lambda path: DatasetDict(test=Rows())
     with pytest.raises(ValueError, match="has no 'train' split \\(splits: test\\)"):
         read_documents(str(folder))
+
+
+# Tokenizers ------------------------------------------------------------------------------------
+
+def test_byte_tokenizer_round_trip_and_token_bytes():
+    tok = ByteTokenizer()
+    assert (tok.vocab_size, tok.separator_id, tok.kind) == (257, 256, "bytes")
+    assert tok.token_bytes().tolist() == [1] * 257  # the separator counts as the newline between files
+    for text in UNICODE_SAMPLES:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
+        assert torch.equal(tok.encode_tensors([text])[0], torch.tensor(ids))
+    assert tok.decode([104, 256, 105, 0xff]) == "hi\ufffd"  # separator skipped, bad UTF-8 replaced
+
+
+def test_bpe_round_trip_token_bytes_and_arbitrary_ids(bpe):
+    assert bpe.kind == "bpe" and bpe.vocab_size == 400
+    assert bpe.backend.id_to_token(bpe.separator_id) == "<|sep|>"
+    token_bytes = bpe.token_bytes()
+    assert token_bytes.shape == (400,) and token_bytes[bpe.separator_id] == 1
+    rng = random.Random(1)
+    for text in UNICODE_SAMPLES + [random_text(rng, 300)]:
+        ids = bpe.encode(text)
+        assert bpe.decode(ids) == text
+        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+    assert bpe.encode_batch(UNICODE_SAMPLES) == [bpe.encode(t) for t in UNICODE_SAMPLES]
+    assert len(bpe.encode("abcdefghij" * 5)) < 50  # it did learn merges
+    assert isinstance(bpe.decode(list(range(bpe.vocab_size))), str)
+    assert bpe.decode([bpe.separator_id]) == ""
+
+
+def test_bpe_is_deterministic_and_checks_vocab_size(bpe):
+    rng = random.Random(0)
+    again = BPETokenizer.train([random_text(rng, 2000) for _ in range(20)] + UNICODE_SAMPLES, vocab_size=400)
+    assert again.backend.to_str() == bpe.backend.to_str()
+    with pytest.raises(ValueError, match="vocab_size must be at least 257 for BPE"):
+        BPETokenizer.train(["x"], vocab_size=100)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "pretrained"])
+def test_save_and_load_every_kind(tmp_path, bpe, kind):
+    if kind == "bytes":
+        tok = ByteTokenizer()
+    elif kind == "bpe":
+        tok = bpe
+    else:
+        source = tmp_path / "model"
+        source.mkdir()
+        bpe.backend.save(str(source / "tokenizer.json"))
+        (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|sep|>"}}))
+        tok = build_tokenizer(str(source), [], 0)
+        assert isinstance(tok, PretrainedTokenizer) and tok.separator_id == bpe.separator_id
+    save_tokenizer(tok, tmp_path / "saved")
+    loaded = load_tokenizer(tmp_path / "saved")
+    assert type(loaded) is type(tok) and loaded.vocab_size == tok.vocab_size
+    assert loaded.separator_id == tok.separator_id
+    assert torch.equal(loaded.token_bytes(), tok.token_bytes())
+    for text in UNICODE_SAMPLES:
+        assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+    assert type(build_tokenizer(str(tmp_path / "saved"), [], 0)) is type(tok)
+
+
+def test_pretrained_without_eos_and_bad_folders(tmp_path, bpe):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    bpe.backend.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"data: tokenizer folder {folder} names no end-of-text token"):
+        build_tokenizer(str(folder), [], 0)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match=f"tokenizer {folder} has no token '</s>'"):
+        build_tokenizer(str(folder), [], 0)
+    with pytest.raises(ValueError, match="data: tokenizer 'gpt2' is neither 'bytes', 'bpe' nor a folder"):
+        build_tokenizer("gpt2", [], 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"data: tokenizer folder {empty} has no tokenizer_kind.json"):
+        load_tokenizer(empty)
+    (empty / "tokenizer_kind.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_kind.json is corrupt"):
+        load_tokenizer(empty)
+    (empty / "tokenizer_kind.json").write_text('{"kind": "bpe"}')
+    with pytest.raises(FileNotFoundError, match=f"data: tokenizer folder {empty} has no tokenizer.json"):
+        load_tokenizer(empty)
+    (empty / "tokenizer.json").write_text('{"garbage": 1}')
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer file"):
+        load_tokenizer(empty)
+    (empty / "tokenizer_kind.json").write_text('{"kind": "chars"}')
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'chars'"):
+        load_tokenizer(empty)
+
+
+def test_missing_tokenizers_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match="data: BPE and pretrained tokenizers need .*pip install tokenizers"):
+        BPETokenizer.train(["text"], 300)
+
+
+def test_sentencepiece_style_token_bytes():
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "</s>": 1, "<0x0A>": 2, "\u2581the": 3, "é": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.add_special_tokens(["<unk>", "</s>"])
+    backend.decoder = decoders.Metaspace()
+    tok = PretrainedTokenizer(backend, "</s>", "test")
+    # Special tokens stand for no text but the separator, byte fallback for one byte, "▁" a space.
+    assert tok.token_bytes().tolist() == [0, 1, 1, 4, 2]

@@ -2,5 +2,9 @@
 sampler, and `prepare_data`, which puts them together for a run."""
 
 from sparse_attention.training.data.sources import Document, default_corpus_files, read_documents
+from sparse_attention.training.data.tokenizer import (BPETokenizer, ByteTokenizer, PretrainedTokenizer,
+                                                       Tokenizer, build_tokenizer, load_tokenizer,
+                                                       save_tokenizer)
 
-__all__ = ["Document", "default_corpus_files", "read_documents"]
+__all__ = ["BPETokenizer", "ByteTokenizer", "Document", "PretrainedTokenizer", "Tokenizer",
+            "build_tokenizer", "default_corpus_files", "load_tokenizer", "read_documents", "save_tokenizer"]
