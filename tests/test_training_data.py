@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_attention.training.data import (BPETokenizer, ByteTokenizer, Document, PretrainedTokenizer,
+from sparse_attention.training.data import (BPETokenizer, ByteTokenizer, ClassificationData, Document,
+                                            LanguageModelingData, PretrainedTokenizer, ResumableSampler,
                                             build_tokenizer, default_corpus_files, load_tokenizer,
-                                            read_documents, save_tokenizer)
+                                            pack_documents, read_documents, save_tokenizer, split_documents)
 
 UNICODE_SAMPLES = ["plain ascii", "héllo wörld", "日本語のテキスト", "emoji 😀🚀 and tabs\t\n", "ελληνικά + русский",
                    "  leading and trailing spaces  ", "mixed: naïve café — “quotes” ∑∫√"]
@@ -302,3 +303,97 @@ def test_sentencepiece_style_token_bytes():
     tok = PretrainedTokenizer(backend, "</s>", "test")
     # Special tokens stand for no text but the separator, byte fallback for one byte, "▁" a space.
     assert tok.token_bytes().tolist() == [0, 1, 1, 4, 2]
+
+
+# Datasets --------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_disjoint_and_covering():
+    docs = list(range(100))
+    train, validation = split_documents(docs, 0.1, seed=3)
+    assert (train, validation) == split_documents(docs, 0.1, seed=3)
+    assert split_documents(docs, 0.1, seed=4) != (train, validation)
+    assert len(validation) == 10 and sorted(train + validation) == docs
+    assert split_documents(["a", "b"], 0.01, seed=0)[1] and split_documents(["a", "b"], 0.99, seed=0)[0]
+    assert split_documents(["only"], 0.5, seed=0) == (["only"], [])
+    with pytest.raises(ValueError, match="validation_fraction must be between 0 and 1"):
+        split_documents(docs, 1.0, seed=0)
+
+
+def test_pack_documents():
+    packed = pack_documents([[1, 2], torch.tensor([3]), []], separator_id=9)
+    assert packed.dtype == torch.int64 and packed.tolist() == [1, 2, 9, 3, 9, 9]
+    assert pack_documents([], 9).numel() == 0
+
+
+def test_language_modeling_windows_are_the_stream_shifted():
+    tokens = torch.randint(0, 1000, (103,), generator=torch.Generator().manual_seed(0))
+    data = LanguageModelingData(tokens, seq_len=10)
+    assert len(data) == 10
+    for i in range(len(data)):
+        inputs, targets = data[i]
+        assert torch.equal(inputs, tokens[10 * i:10 * i + 10]) and torch.equal(targets, tokens[10 * i + 1:10 * i + 11])
+    batch = data.collate([9, 0, 4])
+    assert torch.equal(batch["input_ids"], torch.stack([data[i][0] for i in (9, 0, 4)]))
+    assert torch.equal(batch["targets"], torch.stack([data[i][1] for i in (9, 0, 4)]))
+    assert len(LanguageModelingData(tokens[:11], 10)) == 1
+    with pytest.raises(ValueError, match=r"data: .* has 10 tokens, fewer than seq_len \+ 1 \(11\)"):
+        LanguageModelingData(tokens[:10], 10)
+
+
+def test_classification_padding_mask_and_truncation():
+    lengths = [3, 17, 40, 1]
+    encoded = [list(range(1, n + 1)) for n in lengths]
+    data = ClassificationData(encoded, [0, 1, 2, 1], seq_len=20, block_size=8, pad_id=99)
+    assert data.truncated == 1 and len(data) == 4
+    batch = data.collate([0, 3])
+    assert batch["input_ids"].shape == (2, 8)  # longest 3, rounded up to the block
+    assert batch["input_ids"][0].tolist() == [1, 2, 3] + [99] * 5
+    assert batch["key_padding_mask"].tolist()[1] == [False] + [True] * 7
+    assert batch["labels"].tolist() == [0, 1]
+    batch = data.collate([2, 1, 0])
+    assert batch["input_ids"].shape == (3, 24)  # truncated to 20, rounded up to 24
+    assert batch["input_ids"][0, :20].tolist() == list(range(1, 21))
+    assert (~batch["key_padding_mask"]).sum(1).tolist() == [20, 17, 3]
+    assert torch.equal(batch["input_ids"][batch["key_padding_mask"]], torch.full((72 - 40,), 99))
+
+
+# Sampler ---------------------------------------------------------------------------------------
+
+def test_sampler_resume_yields_the_same_batches():
+    uninterrupted = ResumableSampler(23, 4, seed=7)
+    expected = [uninterrupted.next_batch() for _ in range(20)]  # several epochs (5 batches each)
+    assert uninterrupted.epoch == 3
+    first = ResumableSampler(23, 4, seed=7)
+    got = [first.next_batch() for _ in range(8)]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = ResumableSampler(23, 4, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1
+    got += [resumed.next_batch() for _ in range(12)]
+    assert got == expected
+    assert expected[:5] != expected[5:10]  # a new permutation each epoch
+    with pytest.raises(ValueError, match="state is for 23 sequences, the data has 24"):
+        ResumableSampler(24, 4, seed=7).load_state_dict(state)
+
+
+def test_sampler_ranks_cover_each_global_batch_once():
+    world_size, batch_size = 3, 2
+    samplers = [ResumableSampler(20, batch_size, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    single = ResumableSampler(20, batch_size * world_size, seed=1)
+    seen = []
+    for _ in range(3):  # one epoch: 3 global batches of 6 out of 20 items
+        batches = [s.next_batch() for s in samplers]
+        assert all(len(b) == batch_size for b in batches)
+        assert sum(batches, []) == single.next_batch()
+        seen += sum(batches, [])
+    assert len(set(seen)) == 18
+    assert [s.next_batch() for s in samplers][0] != seen[:2] and samplers[0].epoch == 1
+
+
+def test_sampler_order_without_shuffle_and_errors():
+    sampler = ResumableSampler(7, 3, seed=0, shuffle=False)
+    assert [sampler.next_batch() for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [0, 1, 2]]
+    with pytest.raises(ValueError, match="batch-size 4 x 2 ranks needs at least 8 sequences, the data has 7"):
+        ResumableSampler(7, 4, seed=0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        ResumableSampler(7, 1, seed=0, rank=2, world_size=2)
