@@ -14,7 +14,8 @@ import torch
 from sparse_attention.training.data import (BPETokenizer, ByteTokenizer, ClassificationData, Document,
                                             LanguageModelingData, PretrainedTokenizer, ResumableSampler,
                                             build_tokenizer, default_corpus_files, load_tokenizer,
-                                            pack_documents, read_documents, save_tokenizer, split_documents)
+                                            pack_documents, prepare_data, read_documents, save_tokenizer,
+                                            split_documents)
 
 UNICODE_SAMPLES = ["plain ascii", "héllo wörld", "日本語のテキスト", "emoji 😀🚀 and tabs\t\n", "ελληνικά + русский",
                    "  leading and trailing spaces  ", "mixed: naïve café — “quotes” ∑∫√"]
@@ -397,3 +398,70 @@ def test_sampler_order_without_shuffle_and_errors():
         ResumableSampler(7, 4, seed=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         ResumableSampler(7, 1, seed=0, rank=2, world_size=2)
+
+
+# prepare_data ----------------------------------------------------------------------------------
+
+def test_prepare_lm_with_bytes(tmp_path):
+    rng = random.Random(0)
+    texts = [random_text(rng, 200 + 50 * i) for i in range(10)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i:02}.txt").write_text(text, encoding="utf-8")
+    prepared = prepare_data(str(tmp_path), seq_len=32, validation_fraction=0.2, seed=1)
+    assert prepared.task == "lm" and prepared.num_classes is None and isinstance(prepared.tokenizer, ByteTokenizer)
+    stats = prepared.stats
+    total_bytes = sum(len(t.encode()) for t in texts)
+    assert (stats["documents"], stats["bytes"], stats["tokens"]) == (10, total_bytes, total_bytes + 10)
+    assert stats["train_sequences"] == len(prepared.train) == (stats["train_tokens"] - 1) // 32
+    train_docs, validation_docs = split_documents(texts, 0.2, seed=1)
+    expected = pack_documents([list(t.encode()) for t in validation_docs], 256)
+    assert torch.equal(prepared.validation.tokens, expected)
+    assert prepared.tokenizer.decode(prepared.train.tokens.tolist()) == "".join(train_docs)
+
+
+def test_prepare_lm_single_document_splits_its_tokens(tmp_path):
+    file = tmp_path / "book.txt"
+    file.write_text("a sentence of some text. " * 40)
+    prepared = prepare_data(str(file), seq_len=16, validation_fraction=0.1)
+    stream = torch.tensor(list(file.read_bytes()) + [256])
+    assert prepared.stats["validation_tokens"] == 101 and prepared.stats["train_tokens"] == 1001 - 101
+    assert torch.equal(torch.cat([prepared.train.tokens, prepared.validation.tokens]), stream)
+    with pytest.raises(ValueError, match=r"single document has 1001 tokens, fewer than 2 \* \(seq_len \+ 1\)"):
+        prepare_data(str(file), seq_len=600)
+
+
+def test_prepare_lm_bpe_reuses_a_saved_tokenizer(tmp_path):
+    rng = random.Random(2)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": random_text(rng, 500)} for _ in range(12)])
+    first = prepare_data(str(data), seq_len=16, tokenizer="bpe", vocab_size=300, validation_fraction=0.25)
+    save_tokenizer(first.tokenizer, tmp_path / "tok")
+    again = prepare_data(str(data), seq_len=16, tokenizer="bytes", tokenizer_folder=tmp_path / "tok",
+                         validation_fraction=0.25)
+    assert again.tokenizer.kind == "bpe"
+    assert torch.equal(again.train.tokens, first.train.tokens)
+    assert torch.equal(again.validation.tokens, first.validation.tokens)
+
+
+def test_prepare_classify(tmp_path):
+    records = [{"text": "x" * (5 + 7 * i), "label": i % 3 * 5} for i in range(12)]  # labels 0, 5, 10
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    prepared = prepare_data(str(data), task="classify", seq_len=50, block_size=16, validation_fraction=0.25)
+    assert prepared.label_names == ["0", "5", "10"] and prepared.num_classes == 3
+    assert isinstance(prepared.train, ClassificationData) and len(prepared.validation) == 3
+    assert prepared.stats["truncated"] == sum(5 + 7 * i > 50 for i in range(12))
+    batch = prepared.train.collate(list(range(len(prepared.train))))
+    assert batch["input_ids"].shape[1] == 64 and batch["labels"].max() <= 2
+    assert ((batch["input_ids"] == 256) == batch["key_padding_mask"]).all()
+
+    reordered = prepare_data(str(data), task="classify", seq_len=50, validation_fraction=0.25,
+                             label_names=["10", "5", "0"])
+    assert reordered.train.labels.tolist() == [2 - y for y in prepared.train.labels.tolist()]
+    with pytest.raises(ValueError, match=r"labels \['10'\] \(field 'label'\) are not among"):
+        prepare_data(str(data), task="classify", seq_len=50, label_names=["0", "5"])
+    one_class = write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
+    with pytest.raises(ValueError, match="at least 2 classes, field 'label' has 1"):
+        prepare_data(str(one_class), task="classify", seq_len=8)
+    with pytest.raises(ValueError, match="needs a label_field"):
+        prepare_data(str(data), task="classify", seq_len=8, label_field=None)
+    with pytest.raises(ValueError, match="task must be one of lm, classify, got 'regress'"):
+        prepare_data(str(data), task="regress", seq_len=8)
