@@ -342,7 +342,7 @@ def test_language_modeling_windows_are_the_stream_shifted():
 
 
 def test_classification_padding_mask_and_truncation():
-    lengths = [3, 17, 40, 1]
+    lengths = [3, 20, 40, 1]  # exactly seq_len is not truncated
     encoded = [list(range(1, n + 1)) for n in lengths]
     data = ClassificationData(encoded, [0, 1, 2, 1], seq_len=20, block_size=8, pad_id=99)
     assert data.truncated == 1 and len(data) == 4
@@ -354,8 +354,8 @@ def test_classification_padding_mask_and_truncation():
     batch = data.collate([2, 1, 0])
     assert batch["input_ids"].shape == (3, 24)  # truncated to 20, rounded up to 24
     assert batch["input_ids"][0, :20].tolist() == list(range(1, 21))
-    assert (~batch["key_padding_mask"]).sum(1).tolist() == [20, 17, 3]
-    assert torch.equal(batch["input_ids"][batch["key_padding_mask"]], torch.full((72 - 40,), 99))
+    assert (~batch["key_padding_mask"]).sum(1).tolist() == [20, 20, 3]
+    assert torch.equal(batch["input_ids"][batch["key_padding_mask"]], torch.full((72 - 43,), 99))
 
 
 # Sampler ---------------------------------------------------------------------------------------
@@ -394,6 +394,9 @@ def test_sampler_ranks_cover_each_global_batch_once():
 def test_sampler_order_without_shuffle_and_errors():
     sampler = ResumableSampler(7, 3, seed=0, shuffle=False)
     assert [sampler.next_batch() for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [0, 1, 2]]
+    exact = ResumableSampler(6, 3, seed=0, shuffle=False)  # an exact fit uses every item
+    assert [exact.next_batch() for _ in range(2)] == [[0, 1, 2], [3, 4, 5]] and exact.epoch == 0
+    assert exact.next_batch() == [0, 1, 2] and exact.epoch == 1
     with pytest.raises(ValueError, match="batch-size 4 x 2 ranks needs at least 8 sequences, the data has 7"):
         ResumableSampler(7, 4, seed=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
