@@ -77,6 +77,22 @@ def test_never_prunes_the_checkpoint_just_saved(tmp_path):
     assert steps(tmp_path) == [60]
 
 
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, writer(b"1"), keep=1)
+
+    def delete_one_file_then_die(folder, ignore_errors=False):
+        (Path(folder) / "state.pt").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", delete_one_file_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, writer(b"2"), keep=1)
+    monkeypatch.undo()
+    assert steps(tmp_path) == [2] and find_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    save_checkpoint(tmp_path, 3, writer(b"3"), keep=2)
+    assert steps(tmp_path) == [2, 3] and leftovers(tmp_path) == []
+
+
 def test_resave_of_the_same_step_replaces_it(tmp_path):
     save_checkpoint(tmp_path, 5, writer(b"old"))
     save_checkpoint(tmp_path, 7, writer(b"seven"))
