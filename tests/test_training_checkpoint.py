@@ -152,7 +152,8 @@ def corrupt_manifest_garbled(folder):
 
 @pytest.mark.parametrize("corrupt, message, caught_without_sha", [
     (corrupt_missing, r"step-00000003 is missing model/config\.json", True),
-    (corrupt_truncated, r"state\.pt is truncated or corrupted: expected 1000 bytes, found 400", True),
+    (corrupt_truncated, r"state\.pt is truncated or corrupted: expected 1000 bytes, found 400",
+     True),
     (corrupt_flipped, r"state\.pt is corrupted: its sha256 differs", False),
     (corrupt_manifest_gone, r"step-00000003 is incomplete: it has no manifest\.json", True),
     (corrupt_manifest_garbled, r"manifest\.json is corrupted", True),
@@ -231,7 +232,8 @@ KILLED_SAVE = textwrap.dedent("""
 def test_a_killed_save_leaves_the_previous_checkpoint_and_the_next_save_cleans_up(tmp_path):
     save_checkpoint(tmp_path, 1, writer(b"good"))
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 9, done.stderr

@@ -115,6 +115,7 @@ def test_bad_records_are_refused(tmp_path):
         log.log("train", 2, {"loss": 1.0})  # a missing column is an empty cell
         with pytest.raises(ValueError, match=r"columns \['loss', 'lr'\].*new ones \['grad_norm'\]"):
             log.log("train", 3, {"loss": 1.0, "grad_norm": 2.0})
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # refused before writing
         with pytest.raises(ValueError, match="kind: expected a name"):
             log.log("../x", 1, {"loss": 1.0})
         with pytest.raises(ValueError, match="step: expected an int >= 0"):
@@ -135,7 +136,8 @@ def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
 
     class FakeWriter:
         def __init__(self, log_dir, purge_step=None):
-            self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+            self.log_dir, self.purge_step = log_dir, purge_step
+            self.scalars, self.closed = [], False
             made.append(self)
 
         def add_scalar(self, tag, value, step):

@@ -125,14 +125,17 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def _write_manifest(folder: Path, step: int) -> None:
     if (folder / MANIFEST).exists():
-        raise CheckpointError(f"write() wrote {folder / MANIFEST}: that name is the checkpoint's own")
+        raise CheckpointError(
+            f"write() wrote {folder / MANIFEST}: that name is the checkpoint's own"
+        )
     files = []
     for path in sorted(folder.rglob("*")):
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise CheckpointError(f"write() made {path}: expected only plain files and folders")
         if path.is_file():
             size, digest = _size_and_sha256(path, fsync=True)
-            files.append({"path": path.relative_to(folder).as_posix(), "size": size, "sha256": digest})
+            relative = path.relative_to(folder).as_posix()
+            files.append({"path": relative, "size": size, "sha256": digest})
     if not files:
         raise CheckpointError(f"write() wrote no files into {folder}")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files}

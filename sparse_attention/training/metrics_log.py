@@ -34,7 +34,7 @@ class MetricsLog:
         self.enabled = check_bool("enabled", enabled)
         self.tensorboard = check_bool("tensorboard", tensorboard)
         self._jsonl: IO[str] | None = None
-        self._csv: dict[str, tuple[IO[str], list[str]]] = {}
+        self._csv: dict[str, tuple] = {}  # kind -> (file, csv writer, columns)
         self._writer = None  # TensorBoard SummaryWriter, made on first use
         self._purge_step: int | None = None
         self._closed = False
@@ -51,9 +51,11 @@ class MetricsLog:
         self._check_open()
         if not self.enabled:
             return
+        handle, rows, columns = self._csv_file(kind, values)  # refuses new columns first
         self._jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self._jsonl.flush()
-        self._write_csv(kind, step, values)
+        rows.writerow([step if name == "step" else values.get(name, "") for name in columns])
+        handle.flush()
         writer = self._tensorboard_writer()
         if writer is not None:
             for name, value in values.items():
@@ -86,7 +88,7 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        for handle, _ in self._csv.values():
+        for handle, _, _ in self._csv.values():
             handle.close()
         self._csv.clear()
         if self._writer is not None:
@@ -103,25 +105,26 @@ class MetricsLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _write_csv(self, kind: str, step: int, values: dict) -> None:
+    def _csv_file(self, kind: str, values: dict) -> tuple:
+        """The open {kind}.csv, its row writer and its columns; a new file's are this first
+        row's. Raises ValueError for values with names not among the columns."""
         if kind not in self._csv:
             path = self.folder / f"{kind}.csv"
             handle = _open_append(path)
-            header = _csv_header(path)
-            if header is None:  # a new file: its columns are this first row's
-                header = ["step", *values]
-                csv.writer(handle, lineterminator="\n").writerow(header)
-            self._csv[kind] = (handle, header)
-        handle, header = self._csv[kind]
-        unknown = [name for name in values if name not in header]
+            rows = csv.writer(handle, lineterminator="\n")
+            columns = _csv_header(path)
+            if columns is None:
+                columns = ["step", *values]
+                rows.writerow(columns)
+            self._csv[kind] = (handle, rows, columns)
+        handle, rows, columns = self._csv[kind]
+        unknown = [name for name in values if name not in columns]
         if unknown:
             raise ValueError(
-                f"values: {kind!r} records have the columns {header[1:]} (fixed by the first "
+                f"values: {kind!r} records have the columns {columns[1:]} (fixed by the first "
                 f"record of that kind), got new ones {unknown}"
             )
-        csv.writer(handle, lineterminator="\n").writerow([step if name == "step" else values.get(name, "")
-                                     for name in header])
-        handle.flush()
+        return handle, rows, columns
 
     def _truncate_csv(self, kind: str, step: int) -> None:
         path = self.folder / f"{kind}.csv"
