@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv in the repository and installs sparse_attention into it.
 #
-#   bash scripts/bootstrap.sh          # the library, its command line and its plots
+#   bash scripts/bootstrap.sh          # the library, its command line, training and plots
 #   bash scripts/bootstrap.sh --test   # also what the test suite needs
 #
 # The venv sees packages installed system-wide, so a torch you already have (2.7 or newer)
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="[plot]"
+extras="[train]"
 case "${1:-}" in
   "") ;;
   --test) extras="[test]" ;;

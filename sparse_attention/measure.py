@@ -1,4 +1,4 @@
-"""Wall-clock time and peak memory of a callable, for the demo and the benchmarks."""
+"""Wall-clock time and peak memory of a callable, for the speed comparison, the benchmarks and training."""
 
 from __future__ import annotations
 
@@ -39,14 +39,23 @@ def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int | None:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     _return_freed_memory()
+    if not reset_peak_rss():
+        return None
+    before = process_memory("VmRSS")
+    fn()
+    after = process_memory("VmHWM")
+    return None if before is None or after is None else after - before
+
+
+def reset_peak_rss() -> bool:
+    """Resets the process's peak resident set (VmHWM) to the current one (Linux); False
+    where that cannot be done."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set size (VmHWM) to the current one
-        before = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - before) * 1024
+            f.write("5")
+        return True
     except OSError:
-        return None
+        return False
 
 
 def _return_freed_memory() -> None:
@@ -58,12 +67,17 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+def process_memory(field: str) -> int | None:
+    """Bytes of a /proc/self/status field (VmRSS: resident now, VmHWM: peak resident), or
+    None where the OS does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _synchronize() -> None:

@@ -1,4 +1,4 @@
-"""The command line: the demo runs end to end and reports every candidate."""
+"""The command line: the speed comparison runs end to end and reports every candidate."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import sys
 import pytest
 
 from sparse_attention import cli, measure
-from sparse_attention.demo import demo_layout
+from sparse_attention.speed import demo_layout
 
 
-def test_demo_small(capsys):
-    cli.main(["demo", "--seq-len", "512", "--heads", "2", "--head-dim", "32", "--block", "32",
+def test_speed_small(capsys):
+    cli.main(["speed", "--seq-len", "512", "--heads", "2", "--head-dim", "32", "--block", "32",
               "--repeats", "1"])
     out = capsys.readouterr().out
     for name in ("sparse_attention (ours)", "SDPA dense causal", "SDPA + layout mask", "speed-up"):
         assert name in out
 
 
-def test_demo_layout_is_causal_and_grows_like_n_sqrt_n():
+def test_speed_layout_is_causal_and_grows_like_n_sqrt_n():
     small, large = demo_layout(4096, 64), demo_layout(4 * 4096, 64)
     assert not small.mask.triu(1).any()
     growth = large.nnz / small.nnz  # N x4: N^1.5 gives 8, N^2 gives 16, N gives 4

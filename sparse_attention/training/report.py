@@ -16,6 +16,8 @@ from sparse_attention.layout import BlockLayout
 from sparse_attention.measure import format_bytes
 
 REPORT_FILE = "report.md"
+# Train steps left out of the medians: the first ones warm caches up (and compile).
+UNTIMED_STEPS = 2
 # The final eval values shown, in this order, with their column titles.
 FINAL_COLUMNS = {"bits_per_byte": "bits/byte", "accuracy": "accuracy", "loss": "eval loss"}
 
@@ -40,17 +42,19 @@ class RunSummary:
     def from_records(cls, name: str, settings: dict, records: list[dict], *, density: float,
                      layout: BlockLayout | None = None) -> RunSummary:
         """Summarises a run's metrics: medians of step time and tokens/s over its train
-        records, the largest memory_bytes, and the last eval record as the final values."""
+        records (after the first UNTIMED_STEPS, which warm caches up and compile), the largest
+        memory_bytes, and the last eval record as the final values."""
         train = [r for r in records if r.get("kind") == "train"]
         if not train:
             raise ValueError(f"records: run {name!r} has no 'train' records to summarise")
+        timed = train[UNTIMED_STEPS:] or train
         evals = [r for r in records if r.get("kind") == "eval"]
         final = {k: v for k, v in evals[-1].items() if k != "kind"} if evals else {}
         memory = [r["memory_bytes"] for r in train if r.get("memory_bytes") is not None]
         return cls(
             name=name, settings=settings, records=records, final=final,
-            step_time_s=statistics.median(r["step_time_s"] for r in train),
-            tokens_per_s=statistics.median(r["tokens_per_s"] for r in train),
+            step_time_s=statistics.median(r["step_time_s"] for r in timed),
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
             peak_memory_bytes=int(max(memory)) if memory else None,
             density=density, layout=layout,
         )

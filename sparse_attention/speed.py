@@ -1,4 +1,4 @@
-"""`sparse-attention demo`: block-sparse against dense attention on one long sequence.
+"""`sparse-attention speed`: block-sparse against dense attention on one long sequence.
 
 Runs forward + backward of causal attention with the Sparse Transformer's "fixed" pattern
 (chunks of about sqrt(N / block) blocks, each query seeing its own chunk and the last block of
@@ -81,6 +81,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparse-attention demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sparse-attention speed", description=__doc__)
     add_arguments(parser)
     run(parser.parse_args(argv))

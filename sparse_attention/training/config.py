@@ -1,0 +1,205 @@
+"""The settings of a training run: defaults, a YAML or JSON file, then flags (flags win).
+
+The resolved settings are saved as config.yaml in the run folder and in every checkpoint, so
+a run can be resumed, evaluated and reproduced from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+
+import yaml
+
+from sparse_attention.models.config import ALTERNATING, POSITIONS
+from sparse_attention.nn.dispatch import SDPA_MAX_LEN
+from sparse_attention.patterns import PATTERN_NAMES
+
+CONFIG_FILE = "config.yaml"
+TASKS = ("lm", "classify")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
+COMPARISONS = ("dense",)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of `sparse-attention train`, with its default (see `--help`)."""
+
+    # The run
+    out: str = "runs/latest"
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    compare: str | None = None  # "dense": train the same model with dense attention afterwards
+    # Data
+    task: str = "lm"  # "lm" (language modelling) or "classify"
+    data: str | None = None  # None: the Python standard library's source files
+    glob: str = "**/*"
+    text_field: str = "text"
+    label_field: str = "label"
+    max_data_bytes: int | None = None
+    tokenizer: str = "bytes"  # "bytes", "bpe" (trained on the training data) or a folder
+    vocab_size: int = 4096  # of a trained BPE
+    validation_fraction: float = 0.05
+    # The model
+    seq_len: int = 1024
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int | None = None
+    block_size: int = 64
+    pattern: str = "fixed"
+    pattern_params: dict = dataclasses.field(default_factory=dict)
+    positions: str = "learned"
+    dropout: float = 0.0
+    sdpa_max_len: int = SDPA_MAX_LEN
+    pooling: str = "mean"  # classify
+    # Optimisation
+    steps: int = 1000
+    batch_size: int = 8  # sequences per process and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # length of the cosine decay; None: steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    # Evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError naming the first setting that is out of range."""
+        _one_of("task", self.task, TASKS)
+        _one_of("device", self.device, DEVICES)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("distributed", self.distributed, STRATEGIES)
+        _one_of("positions", self.positions, POSITIONS)
+        if self.compare is not None:
+            _one_of("compare", self.compare, COMPARISONS)
+        _one_of("pattern", self.pattern, PATTERN_NAMES + (ALTERNATING,))
+        for name in ("seq_len", "d_model", "num_layers", "num_heads", "block_size", "steps",
+                     "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "keep_checkpoints", "vocab_size"):
+            _int(name, getattr(self, name), minimum=1)
+        for name in ("seed", "warmup_steps", "sdpa_max_len"):
+            _int(name, getattr(self, name), minimum=0)
+        for name in ("max_data_bytes", "lr_decay_steps", "d_ff"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), minimum=1)
+        for name in ("lr", "grad_clip"):
+            _number(name, getattr(self, name), low=0, low_open=True)
+        for name in ("min_lr_ratio", "beta1", "beta2", "weight_decay"):
+            _number(name, getattr(self, name), low=0, high=1)
+        _number("validation_fraction", self.validation_fraction, low=0, high=0.5, low_open=True)
+        _number("dropout", self.dropout, low=0, high=1, high_open=True)
+        for name in ("gradient_checkpointing", "compile", "tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.pattern_params, dict):
+            raise ValueError(f"pattern_params: expected a mapping, got {self.pattern_params!r}")
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Settings that decide the model, the tokens or the order of the data: a resumed run must
+# keep them (everything else, e.g. steps or eval_every, may change).
+FIXED_ON_RESUME = ("seed", "task", "data", "glob", "text_field", "label_field", "max_data_bytes",
+                   "tokenizer", "vocab_size", "validation_fraction", "seq_len", "d_model",
+                   "num_layers", "num_heads", "d_ff", "block_size", "pattern", "pattern_params",
+                   "positions", "batch_size", "grad_accum")
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings in a YAML or JSON file (a mapping of TrainConfig field names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file: {path}")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"config: {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {path} must hold a mapping of settings, got {type(values).__name__}")
+    check_known(values, f"config: {path}")
+    return values
+
+
+def check_known(values: dict, where: str) -> None:
+    for name in values:
+        if name not in FIELD_NAMES:
+            close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown setting {name!r}{hint}")
+
+
+def resolve(*layers: dict) -> TrainConfig:
+    """TrainConfig from layers of settings, later layers winning (defaults are the base)."""
+    values: dict = {}
+    for layer in layers:
+        check_known(layer, "config")
+        values.update(layer)
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:  # a value of the wrong kind (e.g. a list for an int)
+        raise ValueError(f"config: {error}") from None
+
+
+def check_resumable(saved: TrainConfig, wanted: TrainConfig) -> None:
+    """Raises ValueError when wanted changes a setting that a resumed run must keep."""
+    changed = [name for name in FIXED_ON_RESUME if getattr(saved, name) != getattr(wanted, name)]
+    if changed:
+        details = ", ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(wanted, name)!r}" for name in changed)
+        raise ValueError(f"--resume: the run in {saved.out} was made with other settings ({details}); "
+                         "resume with the run's own settings or start a new --out")
+
+
+def _one_of(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value, *, low: float, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        bounds = f"in {left}{low}, {high}{right}" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name}: expected a number {bounds}, got {value!r}")

@@ -1,0 +1,65 @@
+"""A training session: the run, the dense comparison when asked for, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from sparse_attention import measure
+from sparse_attention.training import distributed
+from sparse_attention.training.config import TrainConfig
+from sparse_attention.training.metrics_log import read_metrics
+from sparse_attention.training.report import RunSummary, write_report
+from sparse_attention.training.trainer import CHECKPOINTS_FOLDER, RunResult, train
+
+DENSE_FOLDER = "dense"
+REPORT_FOLDER = "report"
+SCORES = ("bits_per_byte", "accuracy", "loss")
+
+
+@dataclasses.dataclass
+class SessionResult:
+    runs: list[RunSummary]
+    report: Path | None
+
+
+def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
+    """Trains config's run, then (compare="dense") the same model with dense attention in
+    OUT/dense, and writes OUT/report. A resumed session resumes whichever runs have
+    checkpoints."""
+    results = [train(config, resume=resume, name=config.pattern)]
+    if config.compare == "dense" and not results[0].interrupted:
+        dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare=None)
+        dense_started = (Path(dense.out) / CHECKPOINTS_FOLDER).is_dir()
+        results.append(train(dense, resume=resume and dense_started, name="dense", pattern="dense"))
+    if not distributed.processes_from_environment().is_main:
+        distributed.stop()
+        return SessionResult([], None)
+    summaries = [summarize(result) for result in results]
+    report = write_report(Path(config.out) / REPORT_FOLDER, summaries,
+                          title=f"{config.pattern} attention, {config.seq_len} tokens")
+    print_headline(summaries, report)
+    distributed.stop()
+    return SessionResult(summaries, report)
+
+
+def summarize(result: RunResult) -> RunSummary:
+    """The run's summary, from its whole log (so a resumed run counts its earlier steps)."""
+    return RunSummary.from_records(result.name, result.config.to_dict(), read_metrics(result.out),
+                                   density=result.density, layout=result.layout)
+
+
+def print_headline(runs: list[RunSummary], report: Path) -> None:
+    for run in runs:
+        score = ", ".join(f"{name} {run.final[name]:.4f}" for name in SCORES if name in run.final)
+        print(f"{run.name:>8s}: {score}; step {run.step_time_s:.3f} s, {run.tokens_per_s:,.0f} tokens/s, "
+              f"peak memory {measure.format_bytes(run.peak_memory_bytes)}, "
+              f"computed blocks {run.density:.1%}")
+    if len(runs) == 2:
+        sparse, dense = runs
+        ratios = f"dense/sparse step time {dense.step_time_s / sparse.step_time_s:.2f}x"
+        if sparse.peak_memory_bytes and dense.peak_memory_bytes:
+            ratios += f", memory {dense.peak_memory_bytes / sparse.peak_memory_bytes:.2f}x"
+        print(ratios)
+    print(f"report: {report}", file=sys.stdout)
