@@ -38,7 +38,7 @@ def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    _return_freed_memory()
+    return_freed_memory()
     if not reset_peak_rss():
         return None
     before = process_memory("VmRSS")
@@ -58,7 +58,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hands memory freed by earlier work back to the OS (glibc), so that the resident set
     before a measurement holds only live data and reused pages do not hide new ones."""
     try:

@@ -231,10 +231,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process_with_the_whole_batch(corpus, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_whole_batch(corpus, tmp_path, strategy):
     """torchrun with 2 gloo processes of 2 sequences each trains the weights one process
     trains on batches of 4; random layouts are checked to agree; only rank 0 writes."""
-    common = [*TINY, "--data", str(corpus), "--steps", "3", "--pattern", "bigbird"]
+    common = [*TINY, "--data", str(corpus), "--steps", "3", "--pattern", "bigbird", "--distributed", strategy]
     common[common.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

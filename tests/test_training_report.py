@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import csv
-import json
 import random
 import sys
 import types

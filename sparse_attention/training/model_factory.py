@@ -10,14 +10,13 @@ from sparse_attention.models import (
 from sparse_attention.training.config import TrainConfig
 
 
-def model_config(config: TrainConfig, vocab_size: int, num_classes: int | None = None,
-                 pattern: str | None = None) -> SparseTransformerConfig:
-    """The model's config; `pattern` replaces the run's (the dense comparison uses "dense")."""
+def model_config(config: TrainConfig, vocab_size: int, num_classes: int | None = None) -> SparseTransformerConfig:
+    """The model's config."""
     common = dict(
         vocab_size=vocab_size, max_seq_len=config.seq_len, d_model=config.d_model,
         num_layers=config.num_layers, num_heads=config.num_heads, d_ff=config.d_ff,
-        block_size=config.block_size, pattern=pattern or config.pattern,
-        pattern_params={} if pattern else dict(config.pattern_params), positions=config.positions,
+        block_size=config.block_size, pattern=config.pattern,
+        pattern_params=dict(config.pattern_params), positions=config.positions,
         dropout=config.dropout, gradient_checkpointing=config.gradient_checkpointing,
         sdpa_max_len=config.sdpa_max_len,
     )

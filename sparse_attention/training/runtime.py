@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -47,22 +48,20 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def memory_in_use(device: torch.device) -> int | None:
-    """Bytes in use now: the CUDA allocator's, or the process's resident set on the CPU."""
+def start_peak_memory(device: torch.device) -> int | None:
+    """Starts measuring peak memory; returns the bytes in use now (the CUDA allocator's, or on
+    the CPU the process's resident set after freed memory went back to the OS), to subtract."""
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
+    measure.return_freed_memory()
+    measure.reset_peak_rss()
     return measure.process_memory("VmRSS")
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        measure.reset_peak_rss()
-
-
 def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes since reset_peak_memory (None where the OS does not say)."""
+    """Peak bytes since start_peak_memory (None where the OS does not say)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return measure.process_memory("VmHWM")

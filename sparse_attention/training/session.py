@@ -30,9 +30,10 @@ def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
     checkpoints."""
     results = [train(config, resume=resume, name=config.pattern)]
     if config.compare == "dense" and not results[0].interrupted:
-        dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare=None)
+        dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare=None,
+                                    pattern="dense", pattern_params={})
         dense_started = (Path(dense.out) / CHECKPOINTS_FOLDER).is_dir()
-        results.append(train(dense, resume=resume and dense_started, name="dense", pattern="dense"))
+        results.append(train(dense, resume=resume and dense_started, name="dense"))
     if not distributed.processes_from_environment().is_main:
         distributed.stop()
         return SessionResult([], None)

@@ -50,19 +50,17 @@ class RunResult:
     interrupted: bool = False
 
 
-def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse",
-          pattern: str | None = None) -> RunResult:
-    """Trains as config says, in config.out; `pattern` replaces the configured one (the
-    dense comparison). Under torchrun every process calls this."""
+def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse") -> RunResult:
+    """Trains as config says, in config.out. Under torchrun every process calls this."""
     processes = distributed.processes_from_environment()
     device = runtime.pick_device(config.device, processes.local_rank)
     distributed.start(processes, device)
-    return _Run(config, processes, device, resume=resume, name=name, pattern=pattern).train()
+    return _Run(config, processes, device, resume=resume, name=name).train()
 
 
 class _Run:
     def __init__(self, config: TrainConfig, processes: Processes, device: torch.device, *,
-                 resume: bool, name: str, pattern: str | None):
+                 resume: bool, name: str):
         self.config, self.processes, self.device, self.name = config, processes, device, name
         self.precision = runtime.pick_precision(config.precision, device)
         self.out = Path(config.out)
@@ -76,7 +74,7 @@ class _Run:
         random.seed(config.seed)
         self.data = self._prepare_data(checkpoint)
         torch.manual_seed(config.seed)  # the same initial weights for every pattern and process
-        self.model_config = model_config(config, self.data.tokenizer.vocab_size, self.data.num_classes, pattern)
+        self.model_config = model_config(config, self.data.tokenizer.vocab_size, self.data.num_classes)
         self.model = build_model(self.model_config).to(device)
         self.layout = self._check_layouts()
         self.wrapped = distributed.wrap(self.model, processes, device, config.distributed)
@@ -156,8 +154,7 @@ class _Run:
 
     def train(self) -> RunResult:
         config = self.config
-        baseline = runtime.memory_in_use(self.device)
-        runtime.reset_peak_memory(self.device)
+        baseline = runtime.start_peak_memory(self.device)
         bar = tqdm(total=config.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                    disable=not (config.progress and self.processes.is_main))
         final: dict = {}
