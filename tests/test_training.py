@@ -100,6 +100,19 @@ def test_eval_and_generate_read_the_checkpoint(lm_run, corpus, capsys):
     assert again == text  # seeded
 
 
+def test_bpe_tokenizer_is_trained_saved_and_used_to_generate(corpus, tmp_path):
+    out = tmp_path / "bpe"
+    train("--data", str(corpus), "--out", str(out), "--steps", "3", "--tokenizer", "bpe",
+          "--vocab-size", "300")
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    final = [r for r in read_metrics(out) if r["kind"] == "eval"][-1]
+    # A BPE token stands for several bytes: bits per byte are well below nats per token / ln 2.
+    assert final["bits_per_byte"] < 0.6 * final["loss"] / math.log(2)
+    text = cli.run(["generate", "--checkpoint", str(out), "--prompt", "The lazy", "--max-new-tokens", "5",
+                    "--device", "cpu"])
+    assert isinstance(text, str)
+
+
 def test_classifier_learns(tmp_path):
     rng = random.Random(1)
     lines = []

@@ -22,6 +22,8 @@ import types
 import typing
 from pathlib import Path
 
+from sparse_attention.models.config import ALTERNATING, POOLINGS, POSITIONS
+from sparse_attention.patterns import PATTERN_NAMES
 from sparse_attention.training.config import (
     COMPARISONS, CONFIG_FILE, DEVICES, PRECISIONS, STRATEGIES, TASKS, TrainConfig, check_resumable,
     read_config_file, resolve,
@@ -79,7 +81,8 @@ HELP = {
     "progress": "show a progress bar",
 }
 CHOICES = {"device": DEVICES, "task": TASKS, "precision": PRECISIONS, "distributed": STRATEGIES,
-           "compare": COMPARISONS}
+           "compare": COMPARISONS, "pattern": PATTERN_NAMES + (ALTERNATING,), "positions": POSITIONS,
+           "pooling": POOLINGS}
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
