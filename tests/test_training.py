@@ -144,6 +144,10 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path):
     assert_same_weights(tmp_path / "straight", tmp_path / "halves")
     steps = [r["step"] for r in read_metrics(tmp_path / "halves") if r["kind"] == "train"]
     assert steps == list(range(1, 9))
+    log = read_metrics(tmp_path / "halves")
+    train("--out", str(tmp_path / "halves"), "--resume", "--steps", "8")  # already finished
+    assert read_metrics(tmp_path / "halves") == log
+    assert_same_weights(tmp_path / "straight", tmp_path / "halves")
 
 
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(corpus, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ TASKS = ("lm", "classify")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
-COMPARISONS = ("dense",)
+COMPARISONS = ("none", "dense")
 
 
 @dataclasses.dataclass
@@ -33,7 +33,7 @@ class TrainConfig:
     out: str = "runs/latest"
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
-    compare: str | None = None  # "dense": train the same model with dense attention afterwards
+    compare: str = "none"  # "dense": train the same model with dense attention afterwards
     # Data
     task: str = "lm"  # "lm" (language modelling) or "classify"
     data: str | None = None  # None: the Python standard library's source files
@@ -91,8 +91,7 @@ class TrainConfig:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("distributed", self.distributed, STRATEGIES)
         _one_of("positions", self.positions, POSITIONS)
-        if self.compare is not None:
-            _one_of("compare", self.compare, COMPARISONS)
+        _one_of("compare", self.compare, COMPARISONS)
         _one_of("pattern", self.pattern, PATTERN_NAMES + (ALTERNATING,))
         for name in ("seq_len", "d_model", "num_layers", "num_heads", "block_size", "steps",
                      "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",

@@ -60,9 +60,9 @@ class RunSummary:
         )
 
 
-def write_report(folder: Path, runs: list[RunSummary], *, title: str) -> Path:
+def write_report(folder: Path, runs: list[RunSummary], *, title: str, machine: str = "") -> Path:
     """Writes folder/report.md (and its PNG plots when matplotlib is installed); returns the
-    report's path."""
+    report's path. machine: where the runs ran, shown under the title."""
     if not isinstance(runs, (list, tuple)) or not runs or \
             not all(isinstance(run, RunSummary) for run in runs):
         raise TypeError("runs: expected a non-empty list of RunSummary")
@@ -70,7 +70,7 @@ def write_report(folder: Path, runs: list[RunSummary], *, title: str) -> Path:
         raise TypeError(f"title: expected a non-empty str, got {title!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "## Settings", "", *_settings_table(runs), "",
+    lines = [f"# {title}", "", *([machine, ""] if machine else []), "## Settings", "", *_settings_table(runs), "",
              "## Results", "", *_results_table(runs), ""]
     if len(runs) == 2:
         lines += ["## Ratios", "", *_ratios(runs), ""]

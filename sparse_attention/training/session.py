@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 import sys
 from pathlib import Path
 
+import torch
+
+import sparse_attention as sa
 from sparse_attention import measure
-from sparse_attention.training import distributed
+from sparse_attention.training import distributed, runtime
 from sparse_attention.training.config import TrainConfig
 from sparse_attention.training.metrics_log import read_metrics
 from sparse_attention.training.report import RunSummary, write_report
@@ -30,7 +34,7 @@ def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
     checkpoints."""
     results = [train(config, resume=resume, name=config.pattern)]
     if config.compare == "dense" and not results[0].interrupted:
-        dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare=None,
+        dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare="none",
                                     pattern="dense", pattern_params={})
         dense_started = (Path(dense.out) / CHECKPOINTS_FOLDER).is_dir()
         results.append(train(dense, resume=resume and dense_started, name="dense"))
@@ -39,7 +43,7 @@ def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
         return SessionResult([], None)
     summaries = [summarize(result) for result in results]
     report = write_report(Path(config.out) / REPORT_FOLDER, summaries,
-                          title=f"{config.pattern} attention, {config.seq_len} tokens")
+                          title=f"{config.pattern} attention, {config.seq_len} tokens", machine=machine(config))
     print_headline(summaries, report)
     distributed.stop()
     return SessionResult(summaries, report)
@@ -49,6 +53,16 @@ def summarize(result: RunResult) -> RunSummary:
     """The run's summary, from its whole log (so a resumed run counts its earlier steps)."""
     return RunSummary.from_records(result.name, result.config.to_dict(), read_metrics(result.out),
                                    density=result.density, layout=result.layout)
+
+
+def machine(config: TrainConfig) -> str:
+    """The machine the runs ran on, in one line."""
+    processes = distributed.processes_from_environment()
+    device = runtime.pick_device(config.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU ({sa.cpu_capability()}), {torch.get_num_threads()} threads"
+    return (f"Machine: {where}; {processes.world_size} process(es); torch {torch.__version__}; "
+            f"sparse_attention {sa.__version__}.")
 
 
 def print_headline(runs: list[RunSummary], report: Path) -> None:

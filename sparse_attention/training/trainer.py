@@ -178,8 +178,8 @@ class _Run:
                     final = self._evaluate()
                 if self.step % config.save_every == 0 or last:
                     self._save()
-            if not final and not self.stop_requested:  # e.g. resuming a finished run
-                final = self._evaluate()
+            if not final and not self.stop_requested:  # resuming a finished run: already logged
+                final = self._evaluate(log=False)
         if self.stop_requested and self.processes.is_main:
             print(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints}. "
                   f"Continue with --resume --out {self.out}", file=sys.stderr)
@@ -213,12 +213,13 @@ class _Run:
             torch.cuda.synchronize(self.device)
         return loss_sum / self.processes.world_size, time.perf_counter() - start, tokens * self.processes.world_size
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, log: bool = True) -> dict:
         model = distributed.unwrap(self.wrapped)
         values = evaluate(model, self.data.validation, token_bytes=self.data.tokenizer.token_bytes(),
                           batch_size=self.config.batch_size, max_batches=self.config.eval_batches,
                           device=self.device, precision=self.precision, processes=self.processes)
-        self.log.log("eval", self.step, {**values, "elapsed_s": self.elapsed})
+        if log:
+            self.log.log("eval", self.step, {**values, "elapsed_s": self.elapsed})
         return values
 
     def _save(self) -> None:
