@@ -60,9 +60,20 @@ def machine(config: TrainConfig) -> str:
     processes = distributed.processes_from_environment()
     device = runtime.pick_device(config.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU ({sa.cpu_capability()}), {torch.get_num_threads()} threads"
+        f"{_cpu_name()} ({sa.cpu_capability()} kernels), {torch.get_num_threads()} threads"
     return (f"Machine: {where}; {processes.world_size} process(es); torch {torch.__version__}; "
             f"sparse_attention {sa.__version__}.")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_headline(runs: list[RunSummary], report: Path) -> None:
