@@ -15,10 +15,10 @@ import yaml
 
 from sparse_attention.models.config import ALTERNATING, POSITIONS
 from sparse_attention.nn.dispatch import SDPA_MAX_LEN
+from sparse_attention.training.data.prepare import TASKS
 from sparse_attention.patterns import PATTERN_NAMES
 
 CONFIG_FILE = "config.yaml"
-TASKS = ("lm", "classify")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")

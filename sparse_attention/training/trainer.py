@@ -73,6 +73,11 @@ class _Run:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.data = self._prepare_data(checkpoint)
+        if processes.is_main:
+            stats = self.data.stats
+            print(f"{name}: {stats['documents']} documents, {measure.format_bytes(stats['bytes'])} of text, "
+                  f"{stats['train_sequences']} train and {stats['validation_sequences']} validation "
+                  f"sequences of {config.seq_len} tokens ({self.data.tokenizer.kind} tokens)", file=sys.stderr)
         torch.manual_seed(config.seed)  # the same initial weights for every pattern and process
         self.model_config = model_config(config, self.data.tokenizer.vocab_size, self.data.num_classes)
         self.model = build_model(self.model_config).to(device)
