@@ -72,6 +72,7 @@ def show(pattern, seq_len: int, heads: int | None = None, out: str | os.PathLike
     try:
         from matplotlib.figure import Figure
         from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise ImportError(
             "sparse_attention.show needs matplotlib: pip install sparse_attention[plot]"
@@ -85,6 +86,8 @@ def show(pattern, seq_len: int, heads: int | None = None, out: str | os.PathLike
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
+        for axis in (ax.xaxis, ax.yaxis):  # block indices: no ticks between blocks
+            axis.set_major_locator(MaxNLocator(integer=True))
     if title is None:  # the repr when it fits in two lines, else the class name
         name = repr(pattern)
         if len(name) > 2 * 48 * len(panels):
