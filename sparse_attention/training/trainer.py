@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from sparse_attention import measure
 from sparse_attention.layout import BlockLayout
+from sparse_attention.models.pretrained import WEIGHTS_FILE
 from sparse_attention.training import distributed, runtime
 from sparse_attention.training.checkpoint import find_checkpoint, save_checkpoint
 from sparse_attention.training.config import CONFIG_FILE, TrainConfig
@@ -138,10 +140,6 @@ class _Run:
         if saved_world != self.processes.world_size:
             raise ValueError(f"--resume: {checkpoint} was saved by {saved_world} process(es); resume it "
                              f"with as many (this run has {self.processes.world_size}) to continue exactly")
-        from safetensors.torch import load_file
-
-        from sparse_attention.models.pretrained import WEIGHTS_FILE
-
         weights = load_file(str(checkpoint / WEIGHTS_FILE))
         if self.model_config.tie_embeddings:  # stored once by safetensors' save_model
             weights.setdefault("head.weight", weights.get("transformer.embed.weight"))
