@@ -10,6 +10,7 @@ from torch import nn
 
 from sparse_attention.models.output import ModelOutput
 from sparse_attention.training import distributed, runtime
+from sparse_attention.training.data import LanguageModelingData
 from sparse_attention.training.distributed import Processes
 
 
@@ -24,6 +25,13 @@ def forward(model: nn.Module, batch: dict) -> ModelOutput:
     return model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"], labels=batch["labels"])
 
 
+def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The model's logits on a batch of either task."""
+    if "targets" in batch:
+        return model(batch["input_ids"]).logits
+    return model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"]).logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, token_bytes: torch.Tensor | None, batch_size: int,
              max_batches: int | None, device: torch.device, precision: str,
@@ -34,36 +42,34 @@ def evaluate(model: nn.Module, data, *, token_bytes: torch.Tensor | None, batch_
     Language modelling: loss (nats per token) and bits_per_byte (summed nats over the bytes
     the predicted tokens stand for, in bits). Classification: loss and accuracy."""
     count = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
+    if count >= processes.world_size:  # every process runs as many batches (FSDP needs it)
+        count -= count % processes.world_size
     if count == 0:
         raise ValueError("data: nothing to evaluate on (no validation sequences)")
+    language_modelling = isinstance(data, LanguageModelingData)
     mine = list(range(processes.rank, count, processes.world_size))
     was_training = model.training
     model.eval()
-    # Sums: loss (nats), items (tokens or sequences), bytes or correct answers.
+    # Sums: loss (nats), items (tokens or sequences), and bytes (LM) or correct answers.
     totals = [0.0, 0.0, 0.0]
     try:
         for start in range(0, len(mine), batch_size):
             batch = to_device(data.collate(mine[start:start + batch_size]), device)
             with runtime.autocast(device, precision):
-                logits = forward(model, {**batch, **_no_labels(batch)}).logits.float()
-            if "targets" in batch:
+                scores = logits(model, batch).float()
+            if language_modelling:
                 targets = batch["targets"]
-                totals[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+                totals[0] += F.cross_entropy(scores.flatten(0, 1), targets.flatten(), reduction="sum").item()
                 totals[1] += targets.numel()
                 totals[2] += token_bytes.to(device)[targets].sum().item()
             else:
                 labels = batch["labels"]
-                totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+                totals[0] += F.cross_entropy(scores, labels, reduction="sum").item()
                 totals[1] += labels.numel()
-                totals[2] += (logits.argmax(-1) == labels).sum().item()
+                totals[2] += (scores.argmax(-1) == labels).sum().item()
     finally:
         model.train(was_training)
     loss, items, third = distributed.sum_over_ranks(totals, processes, device)
-    if "targets" in batch:
+    if language_modelling:
         return {"loss": loss / items, "bits_per_byte": loss / math.log(2) / max(third, 1)}
     return {"loss": loss / items, "accuracy": third / items}
-
-
-def _no_labels(batch: dict) -> dict:
-    """Overrides that make forward() return logits only (the loss is summed here)."""
-    return {"targets": None} if "targets" in batch else {"labels": None}
