@@ -169,6 +169,14 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_run(corpus, tmp_path, monkeyp
     assert_same_weights(tmp_path / "straight", tmp_path / "stopped")
 
 
+def test_a_run_that_died_before_its_first_checkpoint_starts_afresh(corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 7, "loss": 1.0}\n')
+    train("--data", str(corpus), "--out", str(out), "--steps", "2")
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2]
+
+
 def test_config_file_and_flags(corpus, tmp_path):
     config = tmp_path / "settings.yaml"
     config.write_text(f"data: {corpus}\nsteps: 3\neval_batches: 3\npattern: local\npattern_params: {{window: 64}}\n")

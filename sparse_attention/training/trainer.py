@@ -98,8 +98,9 @@ class _Run:
         if checkpoint is None and processes.distributed:
             torch.manual_seed(config.seed + processes.rank)
         self.log = MetricsLog(self.out, enabled=processes.is_main, tensorboard=config.tensorboard)
-        if checkpoint is not None:
-            self.log.truncate_after(self.step)
+        # Steps after the checkpoint (or any, for a run that died before its first one) will
+        # be logged again.
+        self.log.truncate_after(self.step)
         if processes.is_main:
             config.save(self.out / CONFIG_FILE)
             save_tokenizer(self.data.tokenizer, self.out / TOKENIZER_FOLDER)
