@@ -15,7 +15,8 @@ from sparse_attention.training import distributed, runtime
 from sparse_attention.training.config import TrainConfig
 from sparse_attention.training.metrics_log import read_metrics
 from sparse_attention.training.report import RunSummary, write_report
-from sparse_attention.training.trainer import CHECKPOINTS_FOLDER, RunResult, train
+from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER
+from sparse_attention.training.trainer import RunResult, train
 
 DENSE_FOLDER = "dense"
 REPORT_FOLDER = "report"

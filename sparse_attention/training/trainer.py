@@ -21,7 +21,7 @@ from sparse_attention import measure
 from sparse_attention.layout import BlockLayout
 from sparse_attention.models.pretrained import WEIGHTS_FILE
 from sparse_attention.training import distributed, runtime
-from sparse_attention.training.checkpoint import find_checkpoint, save_checkpoint
+from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER, find_checkpoint, save_checkpoint
 from sparse_attention.training.config import CONFIG_FILE, TrainConfig
 from sparse_attention.training.data import ResumableSampler, save_tokenizer
 from sparse_attention.training.distributed import Processes
@@ -35,7 +35,6 @@ from sparse_attention.training.state import (
     load_full_state_dicts, load_labels, load_state, save_labels, set_rng_state,
 )
 
-CHECKPOINTS_FOLDER = "checkpoints"
 
 
 @dataclasses.dataclass
