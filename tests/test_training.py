@@ -192,7 +192,7 @@ def test_config_file_and_flags(corpus, tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ("stpes: 3\n", "unknown setting 'stpes' \\(did you mean 'steps'\\?\\)"),
-    ("steps: -1\n", "steps: expected an integer >= 1"),
+    ("steps: -1\n", "steps: expected an int >= 1"),
     ("pattern: diagonal\n", "pattern: expected one of"),
     ("grad_clip: fast\n", "grad_clip: expected a number > 0"),
     ("- steps\n", "must hold a mapping"),

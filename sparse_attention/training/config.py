@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from sparse_attention.models.config import ALTERNATING, POSITIONS
-from sparse_attention.nn.dispatch import SDPA_MAX_LEN
+from sparse_attention.nn.dispatch import SDPA_MAX_LEN, check_dropout
+from sparse_attention.patterns.arguments import check_bool, check_int
 from sparse_attention.training.data.prepare import TASKS
 from sparse_attention.patterns import PATTERN_NAMES
 
@@ -82,10 +83,14 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.check()
+        try:
+            self.check()
+        except TypeError as error:  # a value of the wrong kind is a bad setting like any other
+            raise ValueError(str(error)) from None
 
     def check(self) -> None:
-        """Raises ValueError naming the first setting that is out of range."""
+        """Raises ValueError (TypeError for a value of the wrong kind) naming the first setting
+        that is out of range."""
         _one_of("task", self.task, TASKS)
         _one_of("device", self.device, DEVICES)
         _one_of("precision", self.precision, PRECISIONS)
@@ -96,21 +101,20 @@ class TrainConfig:
         for name in ("seq_len", "d_model", "num_layers", "num_heads", "block_size", "steps",
                      "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "vocab_size"):
-            _int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("seed", "warmup_steps", "sdpa_max_len"):
-            _int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         for name in ("max_data_bytes", "lr_decay_steps", "d_ff"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), minimum=1)
+                check_int(name, getattr(self, name), minimum=1)
         for name in ("lr", "grad_clip"):
             _number(name, getattr(self, name), low=0, low_open=True)
         for name in ("min_lr_ratio", "beta1", "beta2", "weight_decay"):
             _number(name, getattr(self, name), low=0, high=1)
         _number("validation_fraction", self.validation_fraction, low=0, high=0.5, low_open=True)
-        _number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_dropout("dropout", self.dropout)
         for name in ("gradient_checkpointing", "compile", "tensorboard", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if not isinstance(self.pattern_params, dict):
             raise ValueError(f"pattern_params: expected a mapping, got {self.pattern_params!r}")
 
@@ -184,11 +188,6 @@ def check_resumable(saved: TrainConfig, wanted: TrainConfig) -> None:
 def _one_of(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def _int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
 def _number(name: str, value, *, low: float, high: float | None = None,
