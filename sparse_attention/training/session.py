@@ -38,7 +38,7 @@ def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
         dense = dataclasses.replace(config, out=str(Path(config.out) / DENSE_FOLDER), compare="none",
                                     pattern="dense", pattern_params={})
         dense_started = (Path(dense.out) / CHECKPOINTS_FOLDER).is_dir()
-        results.append(train(dense, resume=resume and dense_started, name="dense"))
+        results.append(train(dense, resume=resume and dense_started, name="dense", data=results[0].data))
     if not distributed.processes_from_environment().is_main:
         distributed.stop()
         return SessionResult([], None)

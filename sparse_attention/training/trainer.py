@@ -23,7 +23,7 @@ from sparse_attention.models.pretrained import WEIGHTS_FILE
 from sparse_attention.training import distributed, runtime
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER, find_checkpoint, save_checkpoint
 from sparse_attention.training.config import CONFIG_FILE, TrainConfig
-from sparse_attention.training.data import ResumableSampler, save_tokenizer
+from sparse_attention.training.data import PreparedData, ResumableSampler, save_tokenizer
 from sparse_attention.training.distributed import Processes
 from sparse_attention.training.evaluation import evaluate, forward, to_device
 from sparse_attention.training.metrics_log import MetricsLog
@@ -47,21 +47,25 @@ class RunResult:
     step: int
     final: dict
     density: float
+    data: PreparedData
     layout: BlockLayout | None
     interrupted: bool = False
 
 
-def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse") -> RunResult:
-    """Trains as config says, in config.out. Under torchrun every process calls this."""
+def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse",
+          data: PreparedData | None = None) -> RunResult:
+    """Trains as config says, in config.out. Under torchrun every process calls this.
+    data: the prepared data of an earlier run with the same data settings (the dense
+    comparison reuses the sparse run's instead of reading and tokenizing again)."""
     processes = distributed.processes_from_environment()
     device = runtime.pick_device(config.device, processes.local_rank)
     distributed.start(processes, device)
-    return _Run(config, processes, device, resume=resume, name=name).train()
+    return _Run(config, processes, device, resume=resume, name=name, data=data).train()
 
 
 class _Run:
     def __init__(self, config: TrainConfig, processes: Processes, device: torch.device, *,
-                 resume: bool, name: str):
+                 resume: bool, name: str, data: PreparedData | None):
         self.config, self.processes, self.device, self.name = config, processes, device, name
         self.precision = runtime.pick_precision(config.precision, device)
         self.out = Path(config.out)
@@ -73,7 +77,7 @@ class _Run:
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.data = self._prepare_data(checkpoint)
+        self.data = data if data is not None else self._prepare_data(checkpoint)
         if processes.is_main:
             stats = self.data.stats
             print(f"{name}: {stats['documents']} documents, {measure.format_bytes(stats['bytes'])} of text, "
@@ -187,7 +191,8 @@ class _Run:
             print(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints}. "
                   f"Continue with --resume --out {self.out}", file=sys.stderr)
         return RunResult(name=self.name, out=self.out, config=config, step=self.step, final=final,
-                         density=self.density, layout=self.layout, interrupted=self.stop_requested)
+                         density=self.density, data=self.data, layout=self.layout,
+                         interrupted=self.stop_requested)
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step (grad_accum micro-batches): (mean loss, seconds, tokens)."""
