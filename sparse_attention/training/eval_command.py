@@ -60,7 +60,7 @@ def _dataset(args: argparse.Namespace, trained):
     classify = config.task == "classify"
     documents = read_documents(args.data, glob=args.glob or config.glob, text_field=config.text_field,
                                label_field=config.label_field if classify else None)
-    encoded = [tokenizer.encode(document.text) for document in documents]
+    encoded = tokenizer.encode_tensors([document.text for document in documents])
     if not classify:
         return LanguageModelingData(pack_documents(encoded, tokenizer.separator_id), config.seq_len)
     index = {name: i for i, name in enumerate(trained.label_names)}
