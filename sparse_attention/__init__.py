@@ -8,6 +8,7 @@ from sparse_attention.patterns import (
     Longformer, Pattern, Random, Strided, Union, from_name, stride_for,
 )
 from sparse_attention.show import show, show_text
+from sparse_attention.supported import supported
 from sparse_attention.sparsity_config import (
     BigBirdSparsityConfig, BSLongformerSparsityConfig, DenseSparsityConfig, FixedSparsityConfig,
     LocalSlidingWindowSparsityConfig, SparsityConfig, VariableSparsityConfig,
@@ -48,5 +49,6 @@ __all__ = [
     "show_text",
     "sparse_attention",
     "stride_for",
+    "supported",
     "__version__",
 ]

@@ -1,0 +1,60 @@
+"""What each kernel family is compiled for: the one place the supported set is written.
+
+csrc/cuda/generate_instantiations.py reads this file (by path, without importing the package)
+to write the CUDA instantiations and csrc/cuda/supported_cases.h, whose static_asserts check
+the shared-memory sizes below against the kernels' own traits at compile time.
+`sparse_attention.supported()` answers from the same tables. Plain Python only: no torch.
+"""
+
+from __future__ import annotations
+
+# --- CPU: templated on the element type, any head dim, block sizes as the layout allows.
+CPU_DTYPES = ("float32", "float64", "float16", "bfloat16")
+CPU_MAX_HEAD_DIM = 256
+CPU_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+# --- CUDA (mma.sync tensor-core kernels): one instantiation per (pass, dtype, head dim).
+CUDA_DTYPES = {"float16": "kHalf", "bfloat16": "kBFloat16"}  # torch name -> C++ DType tag
+CUDA_DTYPE_FILE_NAMES = {"float16": "fp16", "bfloat16": "bf16"}
+CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_BLOCK_SIZES = (64, 128)
+CUDA_PASSES = ("forward", "backward")
+CUDA_MIN_CAPABILITY = (8, 0)  # mma.sync on bf16 and cp.async
+
+# Tile shape of the CUDA kernels (csrc/cuda/kernel_traits.h has the same constants; the
+# generated header asserts that the sizes computed here equal the traits').
+CUDA_KEY_TILE = 64
+CUDA_QUERY_TILE = 64
+CUDA_ELEMENT_BYTES = 2
+
+# Shared memory a thread block may opt into, per compute capability (CUDA programming guide,
+# "Technical Specifications per Compute Capability"); others fall back to the smallest.
+CUDA_SHARED_BYTES_BY_CAPABILITY = {
+    (8, 0): 163 * 1024,
+    (8, 6): 99 * 1024,
+    (8, 7): 163 * 1024,
+    (8, 9): 99 * 1024,
+    (9, 0): 227 * 1024,
+    (10, 0): 227 * 1024,
+    (12, 0): 99 * 1024,
+}
+CUDA_DEFAULT_SHARED_BYTES = 99 * 1024
+
+
+def cuda_shared_bytes(kernel: str, head_dim: int, block_size: int) -> int:
+    """Dynamic shared memory of one CUDA kernel ("forward", "grad_q", "grad_kv") in bytes."""
+    q_tile = block_size * head_dim
+    kv_tile = CUDA_KEY_TILE * head_dim
+    if kernel == "forward":
+        return (q_tile + 4 * kv_tile) * CUDA_ELEMENT_BYTES
+    if kernel == "grad_q":
+        return (2 * q_tile + 4 * kv_tile) * CUDA_ELEMENT_BYTES
+    if kernel == "grad_kv":
+        query_tile = CUDA_QUERY_TILE * head_dim
+        return ((2 * kv_tile + 4 * query_tile) * CUDA_ELEMENT_BYTES + 4 * CUDA_QUERY_TILE * 4
+                + CUDA_KEY_TILE * CUDA_QUERY_TILE * CUDA_ELEMENT_BYTES)
+    raise ValueError(f"kernel: expected forward, grad_q or grad_kv, got {kernel!r}")
+
+
+def cuda_shared_limit(capability: tuple[int, int]) -> int:
+    return CUDA_SHARED_BYTES_BY_CAPABILITY.get(tuple(capability), CUDA_DEFAULT_SHARED_BYTES)

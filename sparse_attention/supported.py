@@ -1,0 +1,123 @@
+"""sa.supported(): whether the kernels can run a case, and if not, why.
+
+Answers from sparse_attention.kernel_table, the same table the CUDA instantiations are
+generated from, so the supported set is written once. Never touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_attention import kernel_table as table
+from sparse_attention._extension import built_with_cuda
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+_CUDA_KERNELS = {"forward": "the forward pass", "grad_kv": "the backward pass (dK, dV)",
+                 "grad_q": "the deterministic backward pass (dQ)"}
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        return _DTYPE_NAMES[dtype]
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _DTYPE_NAMES.values():
+            return name
+    raise TypeError(f"dtype: expected a torch.dtype such as torch.bfloat16, got {dtype!r}")
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.device):
+        return device.type
+    if isinstance(device, str):
+        return torch.device(device).type
+    raise TypeError(f"device_type: expected 'cpu', 'cuda' or a torch.device, got {device!r}")
+
+
+def block_sizes(device_type: str = "cpu") -> tuple[int, ...]:
+    """The layout block sizes the kernels of a device type run."""
+    device_type = _device_type(device_type)
+    return table.CUDA_BLOCK_SIZES if device_type == "cuda" else table.CPU_BLOCK_SIZES
+
+
+def _cpu_reasons(dtype: str, head_dim: int, block_size: int) -> list[str]:
+    reasons = []
+    if dtype not in table.CPU_DTYPES:
+        reasons.append(f"dtype {dtype}: the CPU kernels take {', '.join(table.CPU_DTYPES)}")
+    if not 1 <= head_dim <= table.CPU_MAX_HEAD_DIM:
+        reasons.append(f"head_dim {head_dim}: the CPU kernels take 1 to {table.CPU_MAX_HEAD_DIM}")
+    if block_size not in table.CPU_BLOCK_SIZES:
+        reasons.append(f"block_size {block_size}: the CPU kernels take "
+                       f"{', '.join(map(str, table.CPU_BLOCK_SIZES))}")
+    return reasons
+
+
+def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> list[str]:
+    if not built_with_cuda():
+        return ["cuda: this build of sparse_attention has no CUDA kernels (it was compiled "
+                "without nvcc or against a CPU build of torch; reinstall with "
+                "SPARSE_ATTENTION_CUDA=1 to require them)"]
+    reasons = []
+    if dtype not in table.CUDA_DTYPES:
+        reasons.append(f"dtype {dtype}: the CUDA kernels take {', '.join(table.CUDA_DTYPES)} "
+                       "(run under torch.autocast('cuda') or convert q, k, v)")
+    if head_dim not in table.CUDA_HEAD_DIMS:
+        reasons.append(f"head_dim {head_dim}: the CUDA kernels take "
+                       f"{', '.join(map(str, table.CUDA_HEAD_DIMS))}")
+    if block_size not in table.CUDA_BLOCK_SIZES:
+        reasons.append(f"block_size {block_size}: the CUDA kernels take "
+                       f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))}")
+    if capability is not None and not reasons:
+        capability = tuple(capability)
+        arch = f"sm_{capability[0]}{capability[1]}"
+        if capability < table.CUDA_MIN_CAPABILITY:
+            need = "{}.{}".format(*table.CUDA_MIN_CAPABILITY)
+            reasons.append(f"GPU {arch}: the CUDA kernels need compute capability {need} or newer")
+        else:
+            limit = table.cuda_shared_limit(capability)
+            for kernel, what in _CUDA_KERNELS.items():
+                need = table.cuda_shared_bytes(kernel, head_dim, block_size)
+                if need > limit:
+                    reasons.append(
+                        f"GPU {arch}: {what} at head_dim {head_dim}, block_size {block_size} "
+                        f"needs {need // 1024} KB of shared memory per thread block; {arch} "
+                        f"offers {limit // 1024} KB")
+    return reasons
+
+
+def supported(device_type, dtype, head_dim: int, block_size: int, *,
+              capability: tuple[int, int] | None = None) -> list[str]:
+    """The reasons the kernels cannot run a case; an empty list when they can.
+
+    Args:
+        device_type: "cpu" or "cuda" (or a torch.device).
+        dtype: of q, k, v (a torch.dtype or its name).
+        head_dim: D of q, k and v.
+        block_size: tokens per layout block.
+        capability: a CUDA GPU's compute capability, e.g. (8, 6). Default: the current
+            device's when a GPU is visible, else the architecture is not checked.
+
+    >>> sa.supported("cpu", torch.bfloat16, 64, 64)
+    []
+    """
+    device_type = _device_type(device_type)
+    dtype = _dtype_name(dtype)
+    head_dim, block_size = _check_int("head_dim", head_dim), _check_int("block_size", block_size)
+    if device_type == "cpu":
+        return _cpu_reasons(dtype, head_dim, block_size)
+    if device_type == "cuda":
+        if capability is None and built_with_cuda() and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability()
+        return _cuda_reasons(dtype, head_dim, block_size, capability)
+    if device_type == "meta":
+        return []
+    return [f"device {device_type}: sparse_attention has kernels for cpu and cuda only"]
