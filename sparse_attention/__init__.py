@@ -8,7 +8,7 @@ from sparse_attention.patterns import (
     Longformer, Pattern, Random, Strided, Union, from_name, stride_for,
 )
 from sparse_attention.show import show, show_text
-from sparse_attention.supported import supported
+from sparse_attention.support import supported
 from sparse_attention.sparsity_config import (
     BigBirdSparsityConfig, BSLongformerSparsityConfig, DenseSparsityConfig, FixedSparsityConfig,
     LocalSlidingWindowSparsityConfig, SparsityConfig, VariableSparsityConfig,
