@@ -4,15 +4,13 @@ from sparse_attention._extension import built_with_cuda, cpu_capability
 from sparse_attention.attention import sparse_attention
 from sparse_attention.layout import BlockLayout, BlockLists
 from sparse_attention.patterns import (
-    PATTERN_NAMES, BigBird, Custom, Dense, Dilated, Fixed, Global, Intersection, Local,
-    Longformer, Pattern, Random, Strided, Union, from_name, stride_for,
+    PATTERN_NAMES, BigBird, BigBirdSparsityConfig, BSLongformerSparsityConfig, Custom, Dense,
+    DenseSparsityConfig, Dilated, Fixed, FixedSparsityConfig, Global, Intersection, Local,
+    LocalSlidingWindowSparsityConfig, Longformer, Pattern, Random, SparsityConfig, Strided,
+    Union, VariableSparsityConfig, from_name, stride_for,
 )
 from sparse_attention.show import show, show_text
 from sparse_attention.support import supported
-from sparse_attention.sparsity_config import (
-    BigBirdSparsityConfig, BSLongformerSparsityConfig, DenseSparsityConfig, FixedSparsityConfig,
-    LocalSlidingWindowSparsityConfig, SparsityConfig, VariableSparsityConfig,
-)
 from sparse_attention import reference
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
-"""DeepSpeed-compatible sparsity configs: make_layout equals DeepSpeed's layout for a grid of
-arguments (the oracle below is a line-by-line transcription of the loops in DeepSpeed's
-deepspeed/ops/sparse_attention/sparsity_config.py, for its deterministic parts), and the
-flaws it had are fixed."""
+"""DeepSpeed-compatible sparsity configs (sparse_attention/patterns/deepspeed.py): make_layout
+equals DeepSpeed's layout for a grid of arguments (the oracle below is a line-by-line
+transcription of the loops in DeepSpeed's deepspeed/ops/sparse_attention/sparsity_config.py,
+for its deterministic parts), and the flaws it had are fixed."""
 
 from __future__ import annotations
 

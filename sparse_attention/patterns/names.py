@@ -23,14 +23,10 @@ from __future__ import annotations
 from sparse_attention.patterns.arguments import check_block_size, check_int
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.combinations import BigBird, Longformer
+from sparse_attention.patterns.deepspeed import VariableSparsityConfig
 from sparse_attention.patterns.global_random import Global, Random
 from sparse_attention.patterns.local import Dense, Dilated, Local
 from sparse_attention.patterns.sparse_transformer import Fixed, Strided, stride_for
-
-
-def _variable_config() -> type:
-    from sparse_attention.sparsity_config import VariableSparsityConfig  # it imports patterns
-    return VariableSparsityConfig
 
 
 # name -> (class, default keyword arguments for (seq_len, block_size)); see the table above.
@@ -63,7 +59,7 @@ def from_name(name: str, *, seq_len: int, block_size: int = 64, num_heads: int =
     check_block_size(block_size)
     check_int("num_heads", num_heads, minimum=1)
     if name == "variable":
-        cls = _variable_config()
+        cls = VariableSparsityConfig
         args, kwargs = (num_heads, block_size), params
     else:
         cls, defaults = _DEFAULTS[name]
