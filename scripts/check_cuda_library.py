@@ -7,16 +7,25 @@ with readelf) for each architecture asked for. Works without a GPU and without c
 
 from __future__ import annotations
 
+import pathlib
 import re
 import struct
 import subprocess
 import sys
 
 KERNELS = ("forward_kernel", "grad_kv_kernel", "grad_q_kernel", "delta_kernel")
-# Per (dtype, head dim): forward, dK/dV and deterministic dQ for block sizes 64 and 128, and delta.
-EXPECTED = 2 * 3 * (3 * 2 + 1)
 FATBIN_MAGIC = 0xBA55ED50
 ELF_KIND = 2
+
+
+def expected_kernels() -> int:
+    """Per (dtype, head dim) of the kernel table: forward, dK/dV and deterministic dQ for each
+    block size, and delta."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda"))
+    from generate_instantiations import load_table
+
+    table = load_table()
+    return len(table.CUDA_DTYPES) * len(table.CUDA_HEAD_DIMS) * (3 * len(table.CUDA_BLOCK_SIZES) + 1)
 
 
 def kernel_names(library: str) -> set[str]:
@@ -61,9 +70,10 @@ def main() -> int:
     names = kernel_names(library)
     archs = cubin_architectures(library)
     print(f"{library}: {len(names)} kernels, cubins per architecture {archs}")
-    ok = len(names) == EXPECTED and all(archs.get(sm) for sm in wanted)
+    expected = expected_kernels()
+    ok = len(names) == expected and all(archs.get(sm) for sm in wanted)
     if not ok:
-        print(f"expected {EXPECTED} kernels and cubins for sm {wanted}", file=sys.stderr)
+        print(f"expected {expected} kernels and cubins for sm {wanted}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -17,9 +17,10 @@ import torch
 
 from sparse_attention._extension import ops
 from sparse_attention.compile_constants import KnownById
+from sparse_attention.kernel_table import CPU_BLOCK_SIZES
 
-MIN_BLOCK_SIZE = 16
-MAX_BLOCK_SIZE = 256  # csrc/size_limits.h has the same
+MIN_BLOCK_SIZE = min(CPU_BLOCK_SIZES)
+MAX_BLOCK_SIZE = max(CPU_BLOCK_SIZES)  # csrc/size_limits.h has the same
 MAX_BLOCKS = 2**31 - 1  # block lists are int32
 
 

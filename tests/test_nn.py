@@ -270,3 +270,59 @@ def test_inside_nn_transformer_encoder():
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(x, is_causal=True, mask=torch.nn.Transformer.generate_square_subsequent_mask(N)),
                                out, atol=0, rtol=0)
+
+
+def test_dispatch_runs_unsupported_cases_on_sdpa_with_one_warning(monkeypatch):
+    # A head dim the CPU kernels are not compiled for (and, simulated, a CUDA-only limit):
+    # the dispatch computes the same function on SDPA with the exact element mask.
+    pattern = sa.Local(64, block_size=BS)
+    dispatch = AttentionDispatch(pattern, sdpa_max_len=0, owner="layer 0")
+    q = random_inputs(2, H, N, 264)
+    k, v = random_inputs(2, H, N, 264, seed=1), random_inputs(2, H, N, 264, seed=2)
+    with pytest.warns(UserWarning, match=r"layer 0: dense SDPA .* head_dim 264"):
+        out = dispatch(q, k, v, causal=True)
+    assert dispatch.last_path == "sdpa"
+    layout = pattern.layout(N, causal=True)
+    expected = reference.attention(q, k, v, layout, causal=True)
+    assert_close_with_grads(out, expected, [q, k, v], atol=1e-10)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch(q, k, v, causal=True)  # warned once only
+    assert sa.supported("cpu", torch.float32, 64, BS) == []
+    monkeypatch.setattr("sparse_attention.nn.dispatch.supported",
+                        lambda *args: ["block_size 32: the CUDA kernels take 64, 128"])
+    with pytest.warns(UserWarning, match="the CUDA kernels take 64, 128"):
+        assert AttentionDispatch(pattern, sdpa_max_len=0).choose(N, N, H, True).path == "sdpa"
+
+
+def test_supported_names_each_reason(monkeypatch):
+    assert sa.supported("cpu", torch.bfloat16, 64, 64) == []
+    reasons = sa.supported("cpu", torch.float32, 300, 8)
+    assert any("head_dim 300" in r for r in reasons) and any("block_size 8" in r for r in reasons)
+    if not sa.built_with_cuda():
+        assert "no CUDA kernels" in sa.supported("cuda", torch.float16, 64, 64)[0]
+    # The CUDA table, as a CUDA build answers it (no GPU needed with capability=).
+    monkeypatch.setattr("sparse_attention.support.built_with_cuda", lambda: True)
+    assert any("dtype float32" in r for r in sa.supported("cuda", torch.float32, 64, 64,
+                                                           capability=(9, 0)))
+    assert sa.supported("cuda", torch.bfloat16, 128, 128, capability=(9, 0)) == []
+    assert any("block_size 32" in r for r in sa.supported("cuda", torch.bfloat16, 64, 32,
+                                                          capability=(9, 0)))
+    small = sa.supported("cuda", torch.bfloat16, 128, 128, capability=(8, 6))
+    assert small and all("shared memory" in r and "sm_86" in r for r in small)
+    assert sa.supported("cuda", torch.bfloat16, 64, 64, capability=(8, 6)) == []
+    assert any("compute capability" in r for r in sa.supported("cuda", torch.float16, 64, 64,
+                                                               capability=(7, 5)))
+    with pytest.raises(TypeError, match="dtype"):
+        sa.supported("cpu", "int8", 64, 64)
+    assert "kernels for cpu and cuda only" in sa.supported("mps", torch.float32, 64, 64)[0]
+
+
+def test_generated_cuda_sources_match_the_kernel_table():
+    import pathlib
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "generate_instantiations.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

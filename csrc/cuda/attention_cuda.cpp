@@ -20,6 +20,7 @@
 
 #include "../input_checks.h"
 #include "params.h"
+#include "supported_cases.h"
 
 namespace sparse_attention::cuda {
 
@@ -31,10 +32,10 @@ void check_cuda_limits(const Problem& p) {
   TORCH_CHECK_TYPE(p.dtype == at::kHalf || p.dtype == at::kBFloat16,
                    "q, k, v: the CUDA kernels take float16 or bfloat16, got ", p.dtype,
                    "; run under torch.autocast(\"cuda\") or convert with .half() or .bfloat16()");
-  TORCH_CHECK_VALUE(p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128,
-                    "q: head_dim must be 32, 64 or 128 on CUDA, got ", p.head_dim);
-  TORCH_CHECK_VALUE(p.block_size == 64 || p.block_size == 128,
-                    "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+  TORCH_CHECK_VALUE(is_compiled_head_dim(p.head_dim), "q: head_dim must be one of ",
+                    kHeadDimsText, " on CUDA, got ", p.head_dim);
+  TORCH_CHECK_VALUE(is_compiled_block_size(p.block_size), "block_size: expected one of ",
+                    kBlockSizesText, " on CUDA, got ", p.block_size);
   TORCH_CHECK_VALUE(p.heads <= kMaxGridYZ && p.batch <= kMaxGridYZ, "q: at most ", kMaxGridYZ,
                     " heads and batch entries on CUDA, got ", p.heads, " and ", p.batch);
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -157,10 +158,12 @@ void run(const Params& p, at::ScalarType dtype) {
   auto by_dim = [&](auto dtype_tag) {
     constexpr DType kDType = decltype(dtype_tag)::value;
     switch (p.head_dim) {
-      case 32: return kForward ? run_forward<kDType, 32>(p, stream) : run_backward<kDType, 32>(p, stream);
-      case 64: return kForward ? run_forward<kDType, 64>(p, stream) : run_backward<kDType, 64>(p, stream);
-      case 128: return kForward ? run_forward<kDType, 128>(p, stream) : run_backward<kDType, 128>(p, stream);
-      default: TORCH_CHECK_VALUE(false, "q: head_dim must be 32, 64 or 128 on CUDA, got ", p.head_dim);
+#define SPARSE_ATTENTION_HEAD_DIM_CASE(D) \
+  case D: return kForward ? run_forward<kDType, D>(p, stream) : run_backward<kDType, D>(p, stream);
+      SPARSE_ATTENTION_CUDA_HEAD_DIMS(SPARSE_ATTENTION_HEAD_DIM_CASE)
+#undef SPARSE_ATTENTION_HEAD_DIM_CASE
+      default: TORCH_CHECK_VALUE(false, "q: head_dim must be one of ", kHeadDimsText, " on CUDA, got ",
+                                 p.head_dim);
     }
   };
   if (dtype == at::kHalf) {

@@ -14,6 +14,7 @@
 #include "forward_kernel.cuh"
 #include "kernel_traits.h"
 #include "params.h"
+#include "supported_cases.h"
 
 namespace sparse_attention::cuda {
 
@@ -88,9 +89,12 @@ void run_forward(const Params& p, void* stream) {
   const NvtxRange range(range_name("forward", ElementOf<kDType>::name, kHeadDim, p.block_size));
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.block_size) {
-    case 64: return launch_forward<kDType, kHeadDim, 64>(p, s);
-    case 128: return launch_forward<kDType, kHeadDim, 128>(p, s);
-    default: TORCH_CHECK_VALUE(false, "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+#define SPARSE_ATTENTION_BLOCK_CASE(B) \
+  case B: return launch_forward<kDType, kHeadDim, B>(p, s);
+    SPARSE_ATTENTION_CUDA_BLOCK_SIZES(SPARSE_ATTENTION_BLOCK_CASE)
+#undef SPARSE_ATTENTION_BLOCK_CASE
+    default: TORCH_CHECK_VALUE(false, "block_size: expected one of ", kBlockSizesText, " on CUDA, got ",
+                               p.block_size);
   }
 }
 
@@ -100,9 +104,12 @@ void run_backward(const Params& p, void* stream) {
                                    ElementOf<kDType>::name, kHeadDim, p.block_size));
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.block_size) {
-    case 64: return launch_backward<kDType, kHeadDim, 64>(p, s);
-    case 128: return launch_backward<kDType, kHeadDim, 128>(p, s);
-    default: TORCH_CHECK_VALUE(false, "block_size: expected 64 or 128 on CUDA, got ", p.block_size);
+#define SPARSE_ATTENTION_BLOCK_CASE(B) \
+  case B: return launch_backward<kDType, kHeadDim, B>(p, s);
+    SPARSE_ATTENTION_CUDA_BLOCK_SIZES(SPARSE_ATTENTION_BLOCK_CASE)
+#undef SPARSE_ATTENTION_BLOCK_CASE
+    default: TORCH_CHECK_VALUE(false, "block_size: expected one of ", kBlockSizesText, " on CUDA, got ",
+                               p.block_size);
   }
 }
 

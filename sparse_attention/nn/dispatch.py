@@ -10,7 +10,10 @@ the pattern's layout once and picks:
   the layout covers at least that fraction of the blocks, so both paths compute the same
   function;
 - "sparse" otherwise: `sparse_attention` with the pattern (a complete layout too when SDPA
-  would need an O(Nq * Nk) mask for it: causal with key padding, or Nq != Nk).
+  would need an O(Nq * Nk) mask for it: causal with key padding, or Nq != Nk);
+- "sdpa" with the exact element mask, and a one-time warning naming the reason, when the
+  kernels cannot run the case on this device (`sa.supported()`: a dtype, head dim or block
+  size the device's kernels are not compiled for), instead of failing at the first long call.
 
 The choice is made outside any compiled graph (it becomes a constant of the graph), logged
 once per path at DEBUG level on the "sparse_attention.nn" logger, and readable afterwards as
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -37,6 +41,7 @@ from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.local import Dense
 from sparse_attention.reference import element_mask
+from sparse_attention.support import supported
 
 logger = logging.getLogger("sparse_attention.nn")
 
@@ -103,11 +108,13 @@ class AttentionDispatch(KnownById):
         self.last_path: str | None = None
 
     def choose(self, q_len: int, k_len: int, num_heads: int, causal: bool, padded: bool = False,
-               device: torch.device | str = "cpu") -> Choice:
-        """The path for these lengths (cached): see the module docstring."""
-        key = (q_len, k_len, num_heads, causal, padded, str(device))
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               head_dim: int = 64) -> Choice:
+        """The path for these lengths, dtype and head dim (cached): see the module docstring."""
+        key = (q_len, k_len, num_heads, causal, padded, str(device), dtype, head_dim)
         choice = self._choices.get(
-            key, lambda: self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device)))
+            key, lambda: self._decide(q_len, k_len, num_heads, causal, padded, torch.device(device),
+                                      dtype, head_dim))
         self.last_path = choice.path
         if choice.path not in self._logged:
             self._logged.add(choice.path)
@@ -115,7 +122,7 @@ class AttentionDispatch(KnownById):
                          q_len, k_len, choice.reason)
         return choice
 
-    def _decide(self, q_len, k_len, num_heads, causal, padded, device) -> Choice:
+    def _decide(self, q_len, k_len, num_heads, causal, padded, device, dtype, head_dim) -> Choice:
         pattern = self.pattern
         causal = causal or pattern.causal
         layout = pattern.layout(q_len, k_len, num_heads=num_heads, causal=causal)
@@ -125,7 +132,14 @@ class AttentionDispatch(KnownById):
         if complete and not (causal and (padded or q_len != k_len)):
             # Plain SDPA; causal SDPA aligns top-left, the same as bottom-right when Nq == Nk.
             return Choice("sdpa", "the layout is dense", None, causal)
-        if k_len <= self.sdpa_max_len:
+        unsupported = supported(device.type, dtype, head_dim, pattern.block_size)
+        if unsupported:
+            reason = "the kernels cannot run this case: " + "; ".join(unsupported)
+            if reason not in self._logged:
+                self._logged.add(reason)
+                warnings.warn(f"{self.owner}: dense SDPA with the pattern's element mask instead "
+                              f"of the sparse kernels, because {reason}", stacklevel=2)
+        elif k_len <= self.sdpa_max_len:
             reason = f"{k_len} keys <= sdpa_max_len={self.sdpa_max_len}"
         elif self.sdpa_min_coverage is not None and coverage >= self.sdpa_min_coverage:
             reason = f"coverage {coverage:.2f} >= sdpa_min_coverage={self.sdpa_min_coverage}"
@@ -143,7 +157,7 @@ class AttentionDispatch(KnownById):
         [B, Nk], True = ignore. dropout_p: attention dropout (pass 0 outside training)."""
         num_heads, q_len, k_len = (operator.index(n) for n in (q.shape[1], q.shape[2], k.shape[2]))
         choice = _choose(self, q_len, k_len, num_heads, bool(causal), key_padding_mask is not None,
-                         q.device)
+                         q.device, q.dtype, operator.index(q.shape[3]))
         if choice.path == "sparse":
             if dropout_p > 0:
                 raise ValueError(
@@ -157,9 +171,9 @@ class AttentionDispatch(KnownById):
 
 
 @eager_constant
-def _choose(dispatch, q_len, k_len, num_heads, causal, padded, device) -> Choice:
+def _choose(dispatch, q_len, k_len, num_heads, causal, padded, device, dtype, head_dim) -> Choice:
     # Runs eagerly even under torch.compile: the choice and its mask are graph constants.
-    return dispatch.choose(q_len, k_len, num_heads, causal, padded, device)
+    return dispatch.choose(q_len, k_len, num_heads, causal, padded, device, dtype, head_dim)
 
 
 def _sdpa(q, k, v, choice: Choice, key_padding_mask, dropout_p, scale) -> torch.Tensor:
