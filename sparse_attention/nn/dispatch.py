@@ -40,7 +40,7 @@ from sparse_attention.patterns.arguments import check_int
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.local import Dense
-from sparse_attention.reference import element_mask
+from sparse_attention.element_rules import element_mask
 from sparse_attention.support import supported
 
 logger = logging.getLogger("sparse_attention.nn")

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sparse_attention.integrations.transformers.masks import PositionedMask, TokenRules
 from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns import Dense, Pattern
-from sparse_attention.reference import element_mask
+from sparse_attention.element_rules import element_mask
 
 
 def rules_as_mask(rules: TokenRules, q_len: int, device) -> PositionedMask:
