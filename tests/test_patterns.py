@@ -105,11 +105,22 @@ CASES = {
 
 def expected_layout(name, q_len, k_len, causal):
     pattern, heads, definition = CASES[name]
-    p, j = positions(q_len, k_len)
-    elements = torch.stack([definition(p, j, h) for h in range(heads)])
-    if causal:
-        elements &= j <= p
-    return block_cover(elements, BS)
+    if not causal:
+        p, j = positions(q_len, k_len)
+        return block_cover(torch.stack([definition(p, j, h) for h in range(heads)]), BS)
+    # Under causal: the cover of whole blocks of the sequence (every position of each block,
+    # also past the end), and each query block of the call gets the union of the rows of the
+    # whole blocks its queries fall in.
+    k_blocks, first = math.ceil(k_len / BS), (k_len - q_len) // BS
+    p = torch.arange(first * BS, k_blocks * BS).unsqueeze(1)
+    j = torch.arange(k_blocks * BS).unsqueeze(0)
+    whole = block_cover(torch.stack([definition(p, j, h) for h in range(heads)]) & (j <= p), BS)
+    query_blocks = torch.div(torch.arange(q_len) + k_len - q_len, BS, rounding_mode="floor") - first
+    rows = []
+    for r in range(math.ceil(q_len / BS)):
+        spanned = query_blocks[r * BS:(r + 1) * BS].unique().tolist()
+        rows.append(torch.stack([whole[:, b] for b in spanned]).any(dim=0))
+    return torch.stack(rows, dim=1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

@@ -46,10 +46,14 @@ class Pattern(KnownById):
 
     def block_mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
         """Bool block mask [num_heads or 1, qb, kb] (or [qb, kb]) on a grid, with the causal
-        rule applied (also when the pattern is causal by definition)."""
+        rule applied (also when the pattern is causal by definition). Under causal, the rows
+        are those of the whole-sequence blocks (see `sparse_attention.patterns.grid`)."""
         causal = causal or self.causal
-        mask = self._mask(grid, num_heads, causal)
-        return mask & grid.visible() if causal else mask
+        if not causal:
+            return self._mask(grid, num_heads, causal)
+        whole = grid.whole_blocks()
+        mask = self._mask(whole, num_heads, causal) & whole.visible()
+        return grid.rows_from_whole(mask) & grid.visible()
 
     def check_num_heads(self, num_heads: int) -> None:
         """Raises ValueError when the pattern cannot serve num_heads heads."""

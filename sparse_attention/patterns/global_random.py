@@ -54,9 +54,9 @@ class Global(Pattern):
     def _mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
         mask = torch.zeros(grid.shape, dtype=torch.bool)
         if self.columns:
-            mask |= grid.key_set(self._selected(grid.key_positions(), grid.k_len), causal)
+            mask |= grid.key_set(self._selected(grid.key_positions(), grid.seq_len), causal)
         if self.rows:
-            mask |= grid.query_set(self._selected(grid.query_positions(), grid.k_len), causal)
+            mask |= grid.query_set(self._selected(grid.query_positions(), grid.seq_len), causal)
         return mask
 
     def _describe(self) -> str:

@@ -10,6 +10,14 @@ A block (query block, key block) is computed when at least one (p, j) pair insid
 rule: the layout is the smallest block layout that covers the rule. Every method here finds
 that cover from the first and last position of each block, with tensor ops over the
 [q_blocks, k_blocks] grid: O(blocks), never O(N^2) elements.
+
+Under causal attention a block's cover is taken over every position of the whole-sequence
+block (`Grid.whole_blocks`): blocks of block_size from position 0, including positions past
+the end of a sequence whose length is not a multiple of the block. Computed whole, a block
+lets every query of it see the keys its cover holds, so a cover that depended on how many
+of the block's positions exist would make a token's output depend on the tokens after it.
+Taken whole, a token sees the same keys in any prefix of the sequence, in a prefill chunk
+and in a decoding step as in the full forward pass.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ class Grid:
     block (j_lo, j_hi: [1, kb]) of a call; rows: [qb, 1] block-aligned absolute query-block
     indices (qb_index + kb - qb) for patterns defined on blocks rather than tokens."""
 
-    def __init__(self, q_len: int, k_len: int, block_size: int):
+    def __init__(self, q_len: int, k_len: int, block_size: int, seq_len: int | None = None):
         self.q_len, self.k_len, self.block_size = q_len, k_len, block_size
+        self.seq_len = k_len if seq_len is None else seq_len  # tokens that exist (<= k_len)
         self.q_blocks, self.k_blocks = num_blocks(q_len, block_size), num_blocks(k_len, block_size)
         self.offset = k_len - q_len
         q_start = torch.arange(self.q_blocks) * block_size
@@ -40,6 +49,29 @@ class Grid:
     @property
     def shape(self) -> tuple[int, int]:
         return self.q_blocks, self.k_blocks
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether every block of this grid is a whole block of the sequence."""
+        return self.offset % self.block_size == 0 and self.k_len % self.block_size == 0
+
+    def whole_blocks(self) -> "Grid":
+        """The grid of the whole-sequence blocks that hold this call's queries: from the block
+        of the first query to the end of the last key block, every block block_size long."""
+        bs = self.block_size
+        k_len = self.k_blocks * bs
+        return Grid(k_len - self.offset // bs * bs, k_len, bs, seq_len=self.seq_len)
+
+    def rows_from_whole(self, mask: torch.Tensor) -> torch.Tensor:
+        """[..., q_blocks, k_blocks] from a mask on `whole_blocks()`: each of this call's query
+        blocks gets the union of the rows of the whole blocks it overlaps (one, unless the
+        call starts inside a block and a query block straddles two)."""
+        if self.is_whole:
+            return mask
+        bs, first = self.block_size, self.offset // self.block_size
+        lo = torch.div(self.p_lo.squeeze(1), bs, rounding_mode="floor") - first
+        hi = torch.div(self.p_hi.squeeze(1), bs, rounding_mode="floor") - first
+        return mask[..., lo, :] | mask[..., hi, :]
 
     def query_positions(self) -> torch.Tensor:
         """Absolute position p of every query, [Nq]."""
