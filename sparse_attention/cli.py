@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_attention import show_command, speed
+from sparse_attention import show_command
 from sparse_attention.benchmark import command as bench
+from sparse_attention.benchmark import speed
 from sparse_attention.training import demo_command, eval_command, generate_command, train_command
 from sparse_attention.training.checkpoint import CheckpointError
 

@@ -1,28 +1,13 @@
-"""Wall-clock time and peak memory of a callable, for the speed comparison, the benchmarks and training."""
+"""Peak memory of a callable and of this process, and byte counts in words, for the benchmarks
+and training. (The benchmarks time calls with sparse_attention.benchmark.timing.)"""
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import statistics
-import time
 from typing import Callable
 
 import torch
-
-
-def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of `repeats` calls after `warmup` calls (CUDA work is synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        fn()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int | None:
@@ -78,11 +63,6 @@ def process_memory(field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def format_bytes(n: int | None) -> str:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sparse_attention import cli, measure
-from sparse_attention.speed import demo_layout
+from sparse_attention.benchmark.speed import demo_layout
 
 
 def test_speed_small(capsys):

@@ -53,12 +53,6 @@ class Case:
         )
         return pattern.layout(self.seq_len, num_heads=self.heads, causal=self.causal)
 
-    def dense_flops(self) -> int:
-        """Forward FLOPs of dense attention, halved under causal masking (the FlashAttention
-        convention)."""
-        flops = 4 * self.batch * self.heads * self.seq_len**2 * self.head_dim
-        return flops // 2 if self.causal else flops
-
 
 def grid(patterns, seq_lens, head_dims, dtypes, batch: int, heads: int, block_size: int) -> list[Case]:
     """Cases ordered so that one (dtype, head dim, N) shares its dense baseline."""

@@ -3,23 +3,20 @@ attention against torch SDPA (dense, and with the equivalent boolean mask) and c
 FlexAttention (the equivalent BlockMask), in one process on the same inputs.
 
 For each pattern (with its sqrt(N) defaults), sequence length, head dim and dtype it reports
-median times, GFLOP/s per computed block (4 * bs^2 * D per block pair; backward 2.5x),
-peak memory and speed-ups, then writes results.md, results.json and time_vs_n.png to --out.
+median times, GFLOP/s per computed block (4 * bs^2 * D per block pair; backward 2.5x: see
+flops.py), peak memory and speed-ups, then writes results.md, results.json and time_vs_n.png to --out.
 Contenders predicted not to fit in memory are skipped, and the table says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-import sparse_attention as sa
-from sparse_attention.benchmark import report
+from sparse_attention.benchmark import flops, machine, report
 from sparse_attention.benchmark.cases import FULL_GRID, QUICK_GRID, grid
 from sparse_attention.benchmark.contenders import Settings, measure_case
 
@@ -52,21 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for results.md, results.json, time_vs_n.png")
 
 
-def machine_header(device: str) -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    header = {"cpu": model, "cores": os.cpu_count(), "cpu capability": sa.cpu_capability(),
-              "torch": torch.__version__, "sparse_attention": sa.__version__,
-              "threads": torch.get_num_threads(), "python": platform.python_version()}
-    if device.startswith("cuda"):
-        header["gpu"] = torch.cuda.get_device_name()
-    return header
-
-
 def run(args: argparse.Namespace) -> list[report.Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,8 +61,8 @@ def run(args: argparse.Namespace) -> list[report.Row]:
         raise ValueError(f"--skip: expected sdpa_masked and/or flex, got {sorted(unknown)}")
     settings = Settings(repeats=args.repeats, budget=args.budget, device=args.device,
                         skip=frozenset(args.skip))
-    header = machine_header(args.device)
-    print(" | ".join(f"{k} {v}" for k, v in header.items()))
+    header = machine.describe()
+    print(machine.one_line(header))
     print(f"B={args.batch_size} H={args.heads} block={args.block}; {len(cases)} cases", flush=True)
 
     rows, dense_cache = [], {}
@@ -107,8 +89,7 @@ def run(args: argparse.Namespace) -> list[report.Row]:
         f"Machine: {', '.join(f'{k} {v}' for k, v in header.items())}",
         f"Command: `{command.strip()}`", "",
         f"B={args.batch_size}, H={args.heads}, block {args.block}. Times are medians in ms; "
-        "GF/s per computed block (4 * bs^2 * D FLOPs per block pair, backward 2.5x; dense SDPA "
-        "counted on N^2, halved when causal). Speed-ups are SDPA dense / ours (forward+backward) "
+        f"GF/s {flops.PER_BLOCK}, dense SDPA's on N^2 (halved when causal). Speed-ups are SDPA dense / ours (forward+backward) "
         "and Flex / ours (forward). Peak memory is forward+backward above the inputs.", "",
         table, "", *(f"- {line}" for line in growth + notes)])
     (args.out / "results.md").write_text(text + "\n")

@@ -5,7 +5,6 @@ with the equivalent BlockMask (forward only on the CPU, where Flex has no backwa
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable
 
 import torch
@@ -15,6 +14,8 @@ import sparse_attention as sa
 from sparse_attention import measure
 from sparse_attention.benchmark.cases import Case
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
+from sparse_attention.benchmark.timing import median_time
+from sparse_attention.element_rules import element_mask
 
 CONTENDERS = ("ours", "sdpa_dense", "sdpa_masked", "flex")
 
@@ -46,12 +47,8 @@ class Result:
 def _median_time(fn: Callable[[], object], settings: Settings) -> float:
     """Median of up to settings.repeats calls after one warm-up call; slow calls get fewer
     repeats so that one measurement stays within the time budget."""
-    start = time.perf_counter()
-    fn()
-    measure._synchronize()
-    first = time.perf_counter() - start
-    repeats = max(1, min(settings.repeats, int(settings.budget / max(first, 1e-9))))
-    return measure.median_time(fn, repeats=repeats, warmup=0)
+    return median_time(fn, settings.repeats, warmup=1, device=settings.device,
+                       budget=settings.budget)
 
 
 def _measure(forward: Callable[[], torch.Tensor], inputs, grad_out, settings: Settings,
@@ -135,8 +132,8 @@ def _sdpa_masked(case, layout, inputs, grad_out, expected, settings: Settings) -
     if skip:
         return Result(skipped=skip)
     q, k, v = inputs
-    mask = sa.reference.element_mask(layout, case.seq_len, case.seq_len, causal=case.causal,
-                                     device=settings.device)[0]
+    mask = element_mask(layout, case.seq_len, case.seq_len, causal=case.causal,
+                        device=settings.device)[0]
     return _measure(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                     inputs, grad_out, settings, expected=expected)
 

@@ -7,6 +7,7 @@ import json
 import math
 from collections import defaultdict
 
+from sparse_attention.benchmark import flops
 from sparse_attention.benchmark.cases import Case
 from sparse_attention.measure import format_bytes
 
@@ -23,8 +24,10 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def _rate(flops, seconds) -> str:
-    return "-" if seconds is None or seconds <= 0 else f"{flops / seconds / 1e9:.0f}"
+def _rate(count, seconds) -> str:
+    """GFLOP/s of `count` FLOPs done in `seconds`, as a table cell."""
+    per_second = flops.rate(count, seconds)
+    return "-" if per_second is None else f"{per_second / 1e9:.0f}"
 
 
 def _ratio(baseline, ours) -> str:
@@ -48,12 +51,13 @@ def markdown_table(rows: list[Row]) -> str:
     for row in rows:
         c, r = row.case, row.results
         ours, dense, masked, flex = r["ours"], r["sdpa_dense"], r["sdpa_masked"], r["flex"]
-        dense_flops = c.dense_flops()
+        dense_work = flops.dense_flops(c.seq_len, c.head_dim, c.batch, c.heads, c.causal)
         lines.append("| " + " | ".join([
             c.pattern, str(c.seq_len), str(c.head_dim), c.dtype, f"{row.density:.1%}",
             _ms(ours.forward), _ms(ours.backward),
-            _rate(row.flops, ours.forward), _rate(2.5 * row.flops, ours.backward),
-            _rate(dense_flops, dense.forward), _rate(2.5 * dense_flops, dense.backward),
+            _rate(row.flops, ours.forward), _rate(flops.backward_flops(row.flops), ours.backward),
+            _rate(dense_work, dense.forward),
+            _rate(flops.backward_flops(dense_work), dense.backward),
             _cell(dense, "forward_backward"), _cell(masked, "forward_backward"),
             _cell(flex, "forward"),
             _ratio(dense.forward_backward, ours.forward_backward),

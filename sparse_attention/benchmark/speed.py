@@ -10,13 +10,15 @@ the time and peak memory of each.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
 from sparse_attention import measure
+from sparse_attention.benchmark import machine
+from sparse_attention.benchmark.timing import median_time
+from sparse_attention.element_rules import element_mask
 
 
 def demo_layout(seq_len: int, block_size: int, chunk: int | None = None) -> sa.BlockLayout:
@@ -46,20 +48,16 @@ def run(args: argparse.Namespace) -> dict:
     shape = (args.batch_size, args.heads, args.seq_len, args.head_dim)
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     layout = demo_layout(args.seq_len, args.block, args.chunk)
-    print(f"sparse_attention {sa.__version__} | torch {torch.__version__} | {platform.machine()} "
-          f"{sa.cpu_capability()} | {torch.get_num_threads()} threads")
+    print(machine.one_line(machine.describe()))
     print(f"q, k, v {list(shape)} {args.dtype}; causal; layout {layout}")
-
-    def element_mask():
-        # The boolean [N, N] mask equivalent to the layout (built once, outside the timing).
-        return sa.reference.element_mask(layout, args.seq_len, args.seq_len, causal=True)[0]
 
     candidates = {
         "sparse_attention (ours)": lambda: sa.sparse_attention(q, k, v, layout, causal=True),
         "SDPA dense causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
     if not args.skip_masked:
-        mask = element_mask()
+        # The boolean [N, N] mask equivalent to the layout (built once, outside the timing).
+        mask = element_mask(layout, args.seq_len, args.seq_len, causal=True)[0]
         candidates["SDPA + layout mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     results = {}
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
             for t in (q, k, v):
                 t.grad = None
 
-        seconds = measure.median_time(step, repeats=args.repeats)
+        seconds = median_time(step, repeats=args.repeats)
         peak = measure.peak_memory(step)
         results[name] = (seconds, peak)
         print(f"  {name:26s} forward+backward {seconds * 1e3:9.1f} ms   peak memory "
