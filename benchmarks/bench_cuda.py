@@ -1,10 +1,12 @@
 """GPU benchmark: block-sparse attention forward and backward against SDPA (flash backend,
 dense causal) and compiled FlexAttention on the same block masks.
 
-Rates are TFLOP/s per computed block (DESIGN.md section 8): a computed block pair costs
-4 * bs * bs * D FLOPs forward (partial blocks count as full), backward 2.5x that, times B * H.
-Every implementation is credited with the same FLOPs for the same mask, so rates compare
-time directly. Prints a short table and writes every measurement to --out (JSON lines).
+Rates are TFLOP/s per computed block (sparse_attention/benchmark/flops.py, on top of
+BlockLayout.flops): a computed block pair costs 4 * bs * bs * D FLOPs forward (partial blocks
+count as full), backward 2.5x that, times B * H. Every implementation is credited with the
+same FLOPs for the same mask, so rates compare time directly. Times are medians of 10 calls
+after 3 warm-up calls, timed with CUDA events (sparse_attention/benchmark/timing.py). Prints a
+short table and writes every measurement to --out (JSON lines).
 
     python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200]
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -21,35 +22,22 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
+from sparse_attention.benchmark import flops, machine
+from sparse_attention.benchmark.cases import CAUSAL_BY_PATTERN, Case
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
+from sparse_attention.benchmark.timing import median_time
 
 BLOCK = 128
+# The suite's patterns (with their sqrt(N) defaults and causality: benchmark/cases.py).
+LAYOUTS = ("dense", "local", "fixed", "bigbird")
 
 
-# --- layouts: the pattern library's, with its sqrt(N) defaults ---------------------------
-
-LAYOUTS = {"dense": True, "local": True, "fixed": True, "bigbird": False}  # name -> causal
-
-
-def layout_for(name: str, n: int, heads: int) -> sa.BlockLayout:
-    pattern = sa.from_name(name, seq_len=n, block_size=BLOCK, num_heads=heads)
-    return pattern.layout(n, num_heads=heads, causal=LAYOUTS[name])
+def cuda_time_ms(fn) -> float:
+    return median_time(fn, repeats=10, warmup=3, device="cuda") * 1e3
 
 
-# --- timing ------------------------------------------------------------------------------
-
-def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def tflops(count: float, ms: float) -> float:
+    return flops.rate(count, ms / 1e3) / 1e12
 
 
 def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
@@ -68,10 +56,11 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> None:
     heads = 2048 // head_dim
     batch = max(1, 16384 // n)
-    causal = LAYOUTS[layout_name]
-    layout = layout_for(layout_name, n, heads)
+    case = Case(layout_name, n, head_dim, "bfloat16", batch, heads, BLOCK)
+    causal = case.causal
+    layout = case.layout()
     flops_fwd = layout.flops(head_dim, batch, heads)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=case.torch_dtype)
                for _ in range(3))
     row = {"head_dim": head_dim, "n": n, "batch": batch, "heads": heads, "layout": layout_name,
            "causal": causal, "density": layout.density, "blocks": layout.nnz,
@@ -99,8 +88,8 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> 
     for name, fn in impls.items():
         try:
             fwd, bwd = fwd_bwd_ms(fn, q, k, v)
-            row[name] = {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops_fwd / fwd / 1e9,
-                         "bwd_tflops": 2.5 * flops_fwd / bwd / 1e9}
+            row[name] = {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": tflops(flops_fwd, fwd),
+                         "bwd_tflops": tflops(flops.backward_flops(flops_fwd), bwd)}
         except Exception as error:  # a failing implementation must not hide the others
             row[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             print(f"  {name} failed: {row[name]['error']}", file=sys.stderr)
@@ -116,9 +105,9 @@ def fmt(row: dict, impl: str, key: str) -> str:
 
 HEADER = (f"{'D':>4} {'N':>6} {'layout':>8} {'dens':>5} | {'ours fwd':>8} {'TF/s':>6} {'flex':>6} "
           f"{'x':>5} {'sdpa':>6} | {'ours bwd':>8} {'TF/s':>6} {'flex':>6} {'x':>5} {'sdpa':>6} | {'%dense':>6}")
-LEGEND = ("ms: ours; TF/s: TFLOP/s per computed block (ours, flex, sdpa); x: FlexAttention time / "
-          "ours (>1 = ours faster); %dense: our forward rate as a share of our dense-causal rate "
-          "at the same D and N.")
+LEGEND = (f"ms: ours; TF/s: TFLOP/s {flops.PER_BLOCK} of ours, flex and sdpa; x: "
+          "FlexAttention time / ours (>1 = ours faster); %dense: our forward rate as a share of "
+          "our dense-causal rate at the same D and N.")
 
 
 def table_row(r: dict, results: list) -> str:
@@ -144,7 +133,8 @@ def main() -> int:
                         help="stop starting new configurations after this many seconds")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 4096, 8192, 32768])
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS),
+                        choices=sorted(CAUSAL_BY_PATTERN))
     parser.add_argument("--no-flex", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not sa.built_with_cuda():
@@ -156,7 +146,8 @@ def main() -> int:
             flex = compiled_flex()
         except Exception as error:
             print(f"FlexAttention unavailable: {error}", file=sys.stderr)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, block {BLOCK}, bf16")
+    print(machine.one_line(machine.describe()))
+    print(f"block {BLOCK}, bf16")
     print(HEADER, flush=True)
     start = time.monotonic()
     results, skipped = [], []
