@@ -1,15 +1,87 @@
-"""Shared helpers: random layouts and inputs, and the FlashAttention accuracy rule."""
+"""Shared helpers: random layouts and inputs, the FlashAttention accuracy rule, and what a test
+that cannot run does: outside CI it skips with its reason; under CI=true (CI installs every
+test dependency and builds what it tests) a missing module, or a GPU visible to a build
+without CUDA kernels, fails instead, so a suite cannot pass there without running."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+import os
 
+import pytest
 import torch
 
 import sparse_attention as sa
 from sparse_attention import reference
+
+def in_ci() -> bool:
+    """Whether this is a CI run (CI=true, as CI services and .ci/run's caller set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skips the calling test (or test file, at module level) with `reason`; under CI=true
+    fails it instead: CI installs and builds everything the suite needs, so a skip there
+    hides a test that did not run."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI=true: this would be a skip outside CI]", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str, minversion: str | None = None):
+    """The module `name`, imported. Missing, or older than `minversion`: outside CI like
+    pytest.importorskip (skips the test, or the whole file at module level); under CI=true a
+    failure (at module level, a collection error), since CI installs the [test] extra."""
+    try:
+        return pytest.importorskip(name, minversion=minversion)
+    except pytest.skip.Exception as skipped:
+        if not in_ci():
+            raise
+        reason = skipped.msg
+    pytest.fail(f"{reason} [CI=true: CI installs the test dependencies, "
+                "`pip install --no-build-isolation -e .[test]`]", pytrace=False)
+
+
+def cuda_missing() -> str | None:
+    """Why the CUDA tests cannot run here (None when they can): no GPU visible, or a GPU
+    visible but a build of the extension without CUDA kernels."""
+    if not torch.cuda.is_available():
+        return "needs a GPU (torch.cuda.is_available() is False)"
+    if not sa.built_with_cuda():
+        return ("a GPU is visible but this build of sparse_attention has no CUDA kernels "
+                "(setup.py fell back to the CPU build: a CPU build of torch, or nvcc not found); "
+                "reinstall with SPARSE_ATTENTION_CUDA=1 to require them")
+    return None
+
+
+def require_cuda() -> None:
+    """Skips the calling test without a GPU. With a GPU but no CUDA kernels in the build it
+    skips outside CI and fails under CI=true: there the GPU suites must run."""
+    reason = cuda_missing()
+    if reason is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip(reason)
+    skip_or_fail(reason)
+
+
+# The marker of tests that need the GPU kernels (test_cuda.py, test_cuda_models.py, the cuda
+# cases of test_fuzz.py): `pytestmark = requires_cuda`, or pytest.param(..., marks=requires_cuda).
+requires_cuda = pytest.mark.requires_cuda
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_cuda: needs a GPU and the CUDA build of the "
+                                       "extension (skipped without; see conftest.require_cuda)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_cuda") is not None:
+        require_cuda()
+
 
 # Absolute floor added to the accuracy rule, per dtype.
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -160,7 +232,7 @@ def assert_matches_reference(out: torch.Tensor, q, k, v, layout: sa.BlockLayout,
 # the same examples every time; "long" explores: pytest tests/test_fuzz.py --hypothesis-profile=long
 try:
     from hypothesis import HealthCheck, settings
-except ImportError:  # test_fuzz.py skips itself without hypothesis
+except ImportError:  # test_fuzz.py skips itself without hypothesis (fails under CI=true)
     pass
 else:
     _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
