@@ -9,8 +9,9 @@ import torch
 import sparse_attention as sa
 from sparse_attention.benchmark import command
 from sparse_attention.benchmark.flex import flex_block_mask
+from conftest import require_module, skip_or_fail
 
-flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+flex_attention = require_module("torch.nn.attention.flex_attention").flex_attention
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -45,12 +46,18 @@ def test_tiny_run_writes_a_complete_report(tmp_path, capsys):
         masked = row.results["sdpa_masked"]
         assert masked.skipped is None and masked.max_error < 1e-4
         flex = row.results["flex"]
-        assert flex.skipped or flex.max_error < 1e-4
+        assert flex.skipped or (flex.forward > 0 and flex.max_error < 1e-4)
+    # Compiled Flex runs on the CPU where inductor finds a C++ compiler. Where it failed, the
+    # report says so and this test skips, showing why; under CI=true it fails.
+    flex_failed = {f"{r.case.pattern} N={r.case.seq_len}": r.results["flex"].skipped
+                   for r in rows if r.results["flex"].skipped}
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| local |") == 2 and table.count("\n| bigbird |") == 2
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["rows"]) == 4 and data["machine"]["torch"] == torch.__version__
     assert "time ~ N^" in table
+    if flex_failed:
+        skip_or_fail(f"the flex contender did not run: {flex_failed}")
 
 
 def test_skipped_contenders_are_reported_not_measured(tmp_path):

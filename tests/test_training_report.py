@@ -14,6 +14,7 @@ import torch
 import sparse_attention as sa
 from sparse_attention.training.metrics_log import MetricsLog, read_metrics
 from sparse_attention.training.report import RunSummary, write_report
+from conftest import require_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +93,7 @@ def test_a_torn_last_line_is_not_a_record(tmp_path):
 
 
 def test_numpy_and_torch_scalars_are_logged_as_plain_numbers(tmp_path):
-    np = pytest.importorskip("numpy")
+    np = require_module("numpy")
     with MetricsLog(tmp_path, tensorboard=False) as log:
         log.log("train", 1, {"loss": np.float32(1.5), "tokens": np.int64(3)})
         with pytest.raises(TypeError, match=r"values\['loss'\]: expected a number, got Tensor"):

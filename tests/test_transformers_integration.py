@@ -18,8 +18,9 @@ import torch
 import sparse_attention as sa
 from sparse_attention import reference
 from sparse_attention.integrations import TRANSFORMERS_MINIMUM_VERSION
+from conftest import require_module
 
-transformers = pytest.importorskip("transformers", minversion=TRANSFORMERS_MINIMUM_VERSION)
+transformers = require_module("transformers", minversion=TRANSFORMERS_MINIMUM_VERSION)
 
 from transformers import (  # noqa: E402
     AttentionInterface, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, DynamicCache,
