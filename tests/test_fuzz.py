@@ -6,6 +6,10 @@ padded prefix, whole batch entries), dtype and the memory layout of q, k, v (con
 transposed storage, stride-0 broadcasts, strided head_dim); the check is the accuracy rule of
 conftest.assert_rule on out, lse, dq, dk and dv.
 
+It runs on the CPU kernels, and on the CUDA ones where the build has them and a GPU is
+visible (conftest.require_cuda); there the draws keep to the dtypes, head dims and block sizes
+that sa.supported() says the CUDA kernels take.
+
 CI runs the derandomized "quick" profile; the "long" one explores thousands of examples:
 
     python -m pytest tests/test_fuzz.py --hypothesis-profile=long
@@ -14,19 +18,21 @@ CI runs the derandomized "quick" profile; the "long" one explores thousands of e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, note, strategies as st  # noqa: E402
+from conftest import check_against_reference, require_module, requires_cuda
+
+hypothesis = require_module("hypothesis")
+from hypothesis import given, strategies as st  # noqa: E402
 
 import sparse_attention as sa  # noqa: E402
-from conftest import check_against_reference  # noqa: E402
 
-# Devices the op is fuzzed on; a GPU build adds its device here (skipped when absent).
-DEVICES = ["cpu"]
+# Devices the op is fuzzed on: cuda needs a GPU and the CUDA build (skipped without a GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BLOCK_SIZES = [16, 32, 64, 128, 256]
@@ -65,8 +71,17 @@ def lengths(long: bool):
     return st.one_of(st.integers(1, 40), st.integers(1, 300), st.sampled_from([15, 16, 17, 63, 64, 65, 255, 256, 257]))
 
 
+@functools.cache
+def kernel_cases(device: str) -> list[tuple[torch.dtype, int, int]]:
+    """The (dtype, head_dim, block_size) that the kernels of `device` run, by sa.supported()."""
+    cases = [(dtype, head_dim, block_size) for dtype in DTYPES for head_dim in range(1, 257)
+             for block_size in BLOCK_SIZES if not sa.supported(device, dtype, head_dim, block_size)]
+    assert cases, f"{device}: sa.supported() accepts no case: {sa.supported(device, DTYPES[0], 64, 64)}"
+    return cases
+
+
 @st.composite
-def problems(draw) -> Problem:
+def problems(draw, device: str = "cpu") -> Problem:
     long = draw(st.integers(0, 7)) == 0  # long sequences with tiny batch and heads
     q_len, k_len = draw(lengths(long)), draw(lengths(long))
     if long:
@@ -74,24 +89,31 @@ def problems(draw) -> Problem:
     else:
         batch, kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
     heads = kv_heads * group
-    head_dim = draw(st.one_of(st.sampled_from([1, 8, 16, 32, 64, 100, 128, 256]), st.integers(1, 96)))
+    # The CPU kernels take any dtype, head dim and block size drawn here; the CUDA ones only
+    # some, drawn together from what sa.supported() accepts (and kept: shorter q instead).
+    kernel = None if device == "cpu" else draw(st.sampled_from(kernel_cases(device)))
+    if kernel is None:
+        head_dim = draw(st.one_of(st.sampled_from([1, 8, 16, 32, 64, 100, 128, 256]), st.integers(1, 96)))
+    else:
+        head_dim = kernel[1]
     while batch * heads * q_len * k_len * head_dim > MAX_WORK:
-        head_dim = max(1, head_dim // 2)
-        if head_dim == 1 and batch * heads * q_len * k_len > MAX_WORK:
+        if kernel is None:
+            head_dim = max(1, head_dim // 2)
+        if kernel is not None or (head_dim == 1 and batch * heads * q_len * k_len > MAX_WORK):
             q_len = max(1, q_len // 2)
     left = draw(st.one_of(st.none(), st.integers(0, k_len + 20)))
     right = draw(st.one_of(st.none(), st.integers(0, k_len + 20)))
     window = draw(st.sampled_from([None, (left, right)]))
     return Problem(
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=head_dim,
-        block_size=draw(st.sampled_from(BLOCK_SIZES)),
+        block_size=draw(st.sampled_from(BLOCK_SIZES)) if kernel is None else kernel[2],
         layout_kind=draw(st.sampled_from(LAYOUT_KINDS)),
         density=draw(st.floats(0.0, 1.0)),
         per_head=draw(st.booleans()),
         causal=draw(st.booleans()),
         window=window,
         padding=draw(st.sampled_from(PADDINGS)),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(DTYPES)) if kernel is None else kernel[0],
         storages=tuple(draw(st.sampled_from(STORAGES)) for _ in range(3)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -146,6 +168,7 @@ def make_operand(shape, storage: str, dtype, g: torch.Generator, device: str) ->
 
 
 def check_problem(p: Problem, device: str) -> None:
+    assert not sa.supported(device, p.dtype, p.head_dim, p.block_size), p
     g = torch.Generator().manual_seed(p.seed)
     q = make_operand((p.batch, p.heads, p.q_len, p.head_dim), p.storages[0], p.dtype, g, device)
     k = make_operand((p.batch, p.kv_heads, p.k_len, p.head_dim), p.storages[1], p.dtype, g, device)
@@ -158,24 +181,25 @@ def check_problem(p: Problem, device: str) -> None:
     check_against_reference(q, k, v, layout, kwargs, check_grads=True, grad=grad)
 
 
-# Examples the long profile once found failing, kept so every run checks them.
+# Examples the long profile once found failing, on the device they failed on, kept so every
+# run checks them (a cuda one: pytest.param("cuda", Problem(...), marks=requires_cuda)).
 FOUND = [
     # GQA fp16 dv a rounding unit off: the dK/dV pass rounded the scores differently from
     # the forward pass, so P = exp(S - lse) was not exactly 1 for a query's only key.
-    Problem(batch=1, heads=6, kv_heads=2, q_len=1, k_len=2, head_dim=100, block_size=16,
-            layout_kind="single", density=0.0, per_head=False, causal=False, window=(0, None),
-            padding=None, dtype=torch.float16, storages=("contiguous",) * 3, seed=2),
+    ("cpu", Problem(batch=1, heads=6, kv_heads=2, q_len=1, k_len=2, head_dim=100, block_size=16,
+                    layout_kind="single", density=0.0, per_head=False, causal=False,
+                    window=(0, None), padding=None, dtype=torch.float16,
+                    storages=("contiguous",) * 3, seed=2)),
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("p", FOUND, ids=repr)
+@pytest.mark.parametrize(("device", "p"), FOUND, ids=lambda v: v if isinstance(v, str) else repr(v))
 def test_found_examples(device, p):
     check_problem(p, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(p=problems())
-def test_matches_reference(device, p):
-    note(repr(p))
+@given(data=st.data())
+def test_matches_reference(device, data):
+    p = data.draw(problems(device), label="problem")  # printed when the example fails
     check_problem(p, device)
