@@ -8,6 +8,10 @@ needed to build), a CppExtension otherwise. Environment switches:
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
   SPARSE_ATTENTION_SANITIZE=1  build with AddressSanitizer and UndefinedBehaviorSanitizer
                             (for scripts/sanitize.sh; load with LD_PRELOAD of libasan)
+  SPARSE_ATTENTION_BUILD_DIR   keep the object files and ninja's state in this folder, so that
+                            a rebuild compiles only the sources that changed (pip's editable
+                            and wheel builds otherwise use a new temporary folder each time;
+                            scripts/bootstrap.sh sets it)
 """
 
 from __future__ import annotations
@@ -137,7 +141,18 @@ def extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext (ninja), its temporary folder replaced by SPARSE_ATTENTION_BUILD_DIR
+    when that is set: ninja then recompiles only what changed since the last build there."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        build_dir = os.environ.get("SPARSE_ATTENTION_BUILD_DIR")
+        if build_dir:
+            self.build_temp = os.path.abspath(build_dir)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
