@@ -7,13 +7,15 @@ import operator
 
 import torch
 
-from sparse_attention import ops as _ops  # noqa: F401  (registers autograd and fake kernels)
-from sparse_attention._extension import ops
+from sparse_attention import ops
 from sparse_attention.compile_constants import eager_constant
+from sparse_attention.kernel_table import CPU_DTYPES
 from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.base import Pattern
+from sparse_attention.patterns.grid import whole_block_pieces
+from sparse_attention.window import Window
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in CPU_DTYPES)
 
 
 def _device_types_with_kernels() -> tuple[str, ...]:
@@ -96,30 +98,6 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
 
 
-def _window_bounds(causal: bool, window, pattern_window=None) -> tuple[int, int]:
-    """(left, right) token distances from the bottom-right diagonal; -1 = unbounded. A
-    pattern's exact token window narrows the caller's."""
-    left = right = -1
-    if window is not None:
-        if not (isinstance(window, tuple) and len(window) == 2):
-            raise TypeError("window: expected a (left, right) tuple of ints >= 0 or None")
-        bounds = []
-        for name, w in zip(("left", "right"), window):
-            if w is None:
-                bounds.append(-1)
-            elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
-                raise ValueError(f"window: {name} must be an int >= 0 or None, got {w!r}")
-            else:
-                bounds.append(w)
-        left, right = bounds
-    if pattern_window is not None:
-        left = pattern_window[0] if left < 0 else min(left, pattern_window[0])
-        right = pattern_window[1] if right < 0 else min(right, pattern_window[1])
-    if causal:
-        right = 0
-    return left, right
-
-
 @eager_constant
 def _cached_block_lists(layout, q_len, k_len, window, device, num_heads,
                         causal) -> tuple[torch.Tensor, ...]:
@@ -129,6 +107,12 @@ def _cached_block_lists(layout, q_len, k_len, window, device, num_heads,
     if isinstance(layout, Pattern):
         layout = layout.layout(q_len, k_len, num_heads=num_heads, causal=causal)
     return tuple(layout.block_lists(q_len, k_len, window, device))
+
+
+def _static_window(window: Window) -> Window:
+    # The block lists depend on the window: under dynamic shapes the graph specialises on it
+    # (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
+    return Window(*(None if w is None else operator.index(w) for w in window))
 
 
 def sparse_attention(
@@ -173,22 +157,30 @@ def sparse_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    pattern_window = None
-    if isinstance(layout, Pattern):
-        causal = causal or layout.causal
-        pattern_window = layout.token_window
-    # The block lists depend on the window too: under dynamic shapes the graph specialises on
-    # it (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
-    window_left, window_right = map(operator.index, _window_bounds(causal, window, pattern_window))
+    is_pattern = isinstance(layout, Pattern)
+    causal = bool(causal) or (is_pattern and layout.causal)
+    window = _static_window(Window.resolve(
+        window, causal=causal, pattern_window=layout.token_window if is_pattern else None))
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
     # A pattern's layout may depend on the head count: graphs specialise on it then only.
-    num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
-    lists = _cached_block_lists(layout, q_len, k_len, (window_left, window_right), q.device,
-                                num_heads, causal)
-    out, lse = ops.forward(
-        q, k, v, *lists, key_padding_mask, layout.block_size, float(scale), window_left, window_right,
-        bool(deterministic),
-    )
+    num_heads = operator.index(q.shape[1]) if is_pattern else None
+    # A causal call on behalf of a longer sequence (a prefill chunk) that starts inside a
+    # block runs in two pieces, so that each query block gets its whole-sequence row.
+    pieces = (whole_block_pieces(q_len, k_len, layout.block_size) if is_pattern and causal
+              else [(0, q_len, k_len)])
+    results = []
+    for first, end, keys in pieces:
+        part = (q, k, v, key_padding_mask)
+        if len(pieces) > 1:
+            part = (q[:, :, first:end], k[:, :, :keys], v[:, :, :keys],
+                    None if key_padding_mask is None else key_padding_mask[:, :keys])
+        lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
+                                    causal)
+        results.append(ops.forward(*part[:3], lists, key_padding_mask=part[3],
+                                   block_size=layout.block_size, scale=scale, window=window,
+                                   deterministic=deterministic))
+    out, lse = results[0] if len(results) == 1 else (
+        torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2))
     return (out, lse) if return_lse else out

@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from sparse_attention._extension import ops
+from sparse_attention import ops
 from sparse_attention.compile_constants import KnownById
 from sparse_attention.kernel_table import CPU_BLOCK_SIZES
+from sparse_attention.window import Window
 
 MIN_BLOCK_SIZE = min(CPU_BLOCK_SIZES)
 MAX_BLOCK_SIZE = max(CPU_BLOCK_SIZES)  # csrc/size_limits.h has the same
@@ -134,19 +135,17 @@ class BlockLayout(KnownById):
                 "query heads"
             )
 
-    def block_lists(
-        self, q_len: int, k_len: int, window: tuple[int, int], device: torch.device
-    ) -> BlockLists:
-        """Block lists for these lengths and window (left, right; -1 = unbounded), cached."""
+    def block_lists(self, q_len: int, k_len: int, window, device: torch.device) -> BlockLists:
+        """Block lists for these lengths and token window (a Window, a (left, right) pair or
+        None; None or a negative bound is unbounded), cached."""
+        window = Window.of(window)
         key = (q_len, k_len, window, str(device))
         lists = self._lists.get(key)
         if lists is None:
             with self._lock:
                 lists = self._lists.get(key)
                 if lists is None:
-                    built = ops.build_block_lists(
-                        self._mask, q_len, k_len, self.block_size, window[0], window[1]
-                    )
+                    built = ops.build_block_lists(self._mask, q_len, k_len, self.block_size, window)
                     lists = BlockLists(*(t.to(device) for t in built))
                     self._lists[key] = lists
         return lists

@@ -1,14 +1,19 @@
-"""Autograd and fake (meta) kernels of torch.ops.sparse_attention.forward/backward.
+"""Typed wrappers of torch.ops.sparse_attention.*, with their autograd and fake (meta) kernels.
 
-The C++ extension defines the schemas and device kernels; this file makes the ops
-differentiable and traceable by torch.compile.
+The C++ extension defines the schemas and device kernels. Python code calls the ops through
+`forward`, `backward` and `build_block_lists` here, by name; the only place that knows the
+ops' positional order is the schema itself (read back below for autograd).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparse_attention._extension import ops
+from sparse_attention._extension import ops as _ops
+from sparse_attention.window import Window
+
+LIST_NAMES = ("row_offsets", "row_indices", "row_num_full", "col_offsets", "col_indices",
+              "col_num_full")
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -16,46 +21,72 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel_args(lists, key_padding_mask, block_size: int, scale: float, window: Window,
+                 deterministic: bool) -> dict:
+    left, right = Window.of(window).kernel_bounds()
+    return dict(zip(LIST_NAMES, lists), key_padding_mask=key_padding_mask,
+                block_size=int(block_size), scale=float(scale), window_left=left,
+                window_right=right, deterministic=bool(deterministic))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *,
+            key_padding_mask: torch.Tensor | None, block_size: int, scale: float,
+            window: Window = Window(), deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the block-sparse op over the six block lists (a BlockLists)."""
+    return _ops.forward(q=q, k=k, v=v, **_kernel_args(lists, key_padding_mask, block_size, scale,
+                                                      window, deterministic))
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, lists, *, key_padding_mask, block_size: int,
+             scale: float, window: Window = Window(), deterministic: bool = False):
+    """(grad_q, grad_k, grad_v) of `forward`."""
+    return _ops.backward(grad_out=grad_out, grad_lse=grad_lse, q=q, k=k, v=v, out=out, lse=lse,
+                         **_kernel_args(lists, key_padding_mask, block_size, scale, window,
+                                        deterministic))
+
+
+def build_block_lists(block_mask: torch.Tensor, q_len: int, k_len: int, block_size: int,
+                      window: Window = Window()) -> tuple[torch.Tensor, ...]:
+    """The six CSR block lists of a bool block mask [heads, q_blocks, k_blocks] (CPU)."""
+    left, right = Window.of(window).kernel_bounds()
+    return _ops.build_block_lists(block_mask=block_mask, q_len=q_len, k_len=k_len,
+                                  block_size=block_size, window_left=left, window_right=right)
+
+
 @torch.library.register_fake("sparse_attention::forward")
-def _forward_fake(q, k, v, row_offsets, row_indices, row_num_full, col_offsets, col_indices,
-                  col_num_full, key_padding_mask, block_size, scale, window_left, window_right,
-                  deterministic=False):
+def _forward_fake(q, k, v, *args, **kwargs):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     return out, lse
 
 
 @torch.library.register_fake("sparse_attention::backward")
-def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, row_offsets, row_indices,
-                   row_num_full, col_offsets, col_indices, col_num_full, key_padding_mask,
-                   block_size, scale, window_left, window_right, deterministic=False):
+def _backward_fake(grad_out, grad_lse, q, k, v, *args, **kwargs):
     def like(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
     return like(q), like(k), like(v)
 
 
-_LIST_ARGS = 6  # row and column CSR tensors between v and key_padding_mask
+_FORWARD_ARGS = tuple(a.name for a in _ops.forward.default._schema.arguments)
+_SAVED = ("q", "k", "v", *LIST_NAMES, "key_padding_mask")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lists = inputs[: 3 + _LIST_ARGS]
-    # key_padding_mask, block_size, scale, window_left, window_right[, deterministic]
-    key_padding_mask, *attrs = inputs[3 + _LIST_ARGS :]
+    args = dict(zip(_FORWARD_ARGS, inputs))
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *lists, key_padding_mask)
-    ctx.attrs = tuple(attrs)
+    ctx.save_for_backward(*(args[name] for name in _SAVED), out, lse)
+    ctx.attrs = {name: args[name] for name in _FORWARD_ARGS[len(_SAVED):] if name in args}
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *rest = ctx.saved_tensors
-    lists, key_padding_mask = rest[:_LIST_ARGS], rest[_LIST_ARGS]
+    *saved, out, lse = ctx.saved_tensors
+    args = dict(zip(_SAVED, saved))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_q, grad_k, grad_v = ops.backward(
-        grad_out, grad_lse, q, k, v, out, lse, *lists, key_padding_mask, *ctx.attrs
-    )
-    return (grad_q, grad_k, grad_v) + (None,) * (_LIST_ARGS + 1 + len(ctx.attrs))
+    grads = _ops.backward(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse, **args, **ctx.attrs)
+    return tuple(grads) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("sparse_attention::forward", _backward, setup_context=_setup_context)

@@ -137,14 +137,17 @@ def test_deterministic_flag_reaches_the_backward_op(monkeypatch):
     # The CPU kernels ignore it (they are always deterministic); CUDA picks its dQ pass by it.
     import sparse_attention.ops as ops_module
 
-    real, seen = ops_module.ops, []
+    real, seen = ops_module._ops, []
 
     class Recorder:
-        def backward(self, *args):
-            seen.append(args[-1])
-            return real.backward(*args)
+        def __getattr__(self, name):
+            return getattr(real, name)
 
-    monkeypatch.setattr(ops_module, "ops", Recorder())
+        def backward(self, **kwargs):
+            seen.append(kwargs["deterministic"])
+            return real.backward(**kwargs)
+
+    monkeypatch.setattr(ops_module, "_ops", Recorder())
     q, k, v, layout, _ = make_inputs(Case(q_len=50, k_len=50, density=0.6, seed=21))
     grads = {}
     for deterministic in (False, True):

@@ -34,14 +34,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sparse_attention.attention import _window_bounds, sparse_attention
+from sparse_attention.attention import sparse_attention
 from sparse_attention.compile_constants import KnownById, eager_constant
 from sparse_attention.patterns.arguments import check_int
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.patterns.base import Pattern
+from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.patterns.local import Dense
 from sparse_attention.element_rules import element_mask
 from sparse_attention.support import supported
+from sparse_attention.window import Window
 
 logger = logging.getLogger("sparse_attention.nn")
 
@@ -145,9 +147,7 @@ class AttentionDispatch(KnownById):
             reason = f"coverage {coverage:.2f} >= sdpa_min_coverage={self.sdpa_min_coverage}"
         else:
             return Choice("sparse", f"{k_len} keys, coverage {coverage:.2f}", None, False)
-        window = _window_bounds(causal, None, pattern.token_window)
-        mask = element_mask(layout, q_len, k_len, causal=causal,
-                            window=tuple(None if w < 0 else w for w in window), device=device)
+        mask = _pattern_element_mask(pattern, q_len, k_len, num_heads, causal, device)
         return Choice("sdpa", reason, mask, False)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -168,6 +168,20 @@ class AttentionDispatch(KnownById):
             return sparse_attention(q, k, v, self.pattern, causal=causal, scale=scale,
                                     key_padding_mask=key_padding_mask)
         return _sdpa(q, k, v, choice, key_padding_mask, dropout_p, scale)
+
+
+def _pattern_element_mask(pattern: Pattern, q_len: int, k_len: int, num_heads: int, causal: bool,
+                          device: torch.device) -> torch.Tensor:
+    """Bool [1, layout heads, Nq, Nk]: the keys each query sees through the pattern, exactly as
+    sparse_attention computes it (a causal chunk that starts inside a block in two pieces)."""
+    window = Window.resolve(None, causal=causal, pattern_window=pattern.token_window)
+    pieces = whole_block_pieces(q_len, k_len, pattern.block_size) if causal else [(0, q_len, k_len)]
+    masks = []
+    for first, end, keys in pieces:
+        layout = pattern.layout(end - first, keys, num_heads=num_heads, causal=causal)
+        mask = element_mask(layout, end - first, keys, causal=causal, window=window, device=device)
+        masks.append(F.pad(mask, (0, k_len - keys)))
+    return masks[0] if len(masks) == 1 else torch.cat(masks, dim=-2)
 
 
 @eager_constant

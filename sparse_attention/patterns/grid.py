@@ -149,3 +149,15 @@ def _any_in_ranges(selected: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -
     lo = lo.clamp(0, n)
     hi = torch.maximum((hi + 1).clamp(max=n), lo)  # an empty range gives hi == lo
     return counts[..., hi] > counts[..., lo]
+
+
+def whole_block_pieces(q_len: int, k_len: int, block_size: int) -> list[tuple[int, int, int]]:
+    """Splits a call of Nq queries (the last of Nk positions) into pieces whose query blocks
+    each lie inside one whole-sequence block: (first query, end query, keys) each, the keys
+    being the positions up to the piece's last query. One piece unless the call starts inside
+    a block and runs past its end; then the queries up to that block's end come first."""
+    head = -(k_len - q_len) % block_size
+    if head == 0 or q_len <= head:
+        return [(0, q_len, k_len)]
+    return [(0, head, k_len - q_len + head), (head, q_len, k_len)]
+
