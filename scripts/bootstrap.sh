@@ -160,6 +160,7 @@ else
   progress() {
     local line file
     while IFS= read -r line; do
+      line=${line#"${line%%[![:space:]]*}"}  # pip -v indents the backend's output
       case $line in
         "["[0-9]*/[0-9]*"] "*" -c "*)
           file=${line##* -c }; file=${file%% *}; file=${file#"$repo/"}
