@@ -135,7 +135,7 @@ if [ -n "$reuse" ]; then
     echo "sparse_attention: the dependencies of [$extra] are installed"
   fi
 else
-  "$venv_python" -m pip install -q --upgrade "setuptools>=64" wheel ninja
+  "$venv_python" -m pip install -q "setuptools>=64" wheel ninja
   # Object files built against another torch are not reused.
   if [ -f "$stamp" ] && [ "$(sed -n 's/^torch //p' "$stamp")" != "$torch_version" ]; then
     rm -rf "$build_dir"
