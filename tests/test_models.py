@@ -200,7 +200,7 @@ def test_kv_cache_gives_the_logits_of_the_whole_sequence(positions, path):
               model(x[:, 45:64], cache=cache).logits]
     pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(64, 100)]
     assert cache.length() == 100
-    assert [block.attn.cached_dispatch.last_path for block in model.transformer.blocks] == [path] * 3
+    assert [block.attn.dispatch.last_path for block in model.transformer.blocks] == [path] * 3
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(x).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="input_ids: 29 tokens after 100 cached exceed max_seq_len=128"):
         model(tokens(n=29), cache=cache)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_attention.models.config import SparseTransformerConfig
-from sparse_attention.models.kv_cache import FullSequenceRows, KVCache
+from sparse_attention.models.kv_cache import KVCache
 from sparse_attention.nn.dispatch import AttentionDispatch
 from sparse_attention.patterns.base import Pattern
 
@@ -45,10 +45,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.rotary = rotary  # one module shared by every layer (its buffers are not saved)
-        dispatch = dict(sdpa_max_len=config.sdpa_max_len, sdpa_min_coverage=config.sdpa_min_coverage,
-                        owner=f"layer {index}")
-        self.dispatch = AttentionDispatch(pattern, **dispatch)
-        self.cached_dispatch = AttentionDispatch(FullSequenceRows(pattern), **dispatch)
+        self.dispatch = AttentionDispatch(pattern, sdpa_max_len=config.sdpa_max_len,
+                                          sdpa_min_coverage=config.sdpa_min_coverage,
+                                          owner=f"layer {index}")
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -58,11 +57,9 @@ class Attention(nn.Module):
         offset = 0 if cache is None else cache.length(self.index)
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
-        dispatch = self.dispatch
         if cache is not None:
             k, v = cache.append(self.index, k, v)
-            dispatch = self.cached_dispatch
-        out = dispatch(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+        out = self.dispatch(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                        dropout_p=self.attention_dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).reshape(batch, n, d_model))
 

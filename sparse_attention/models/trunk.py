@@ -70,12 +70,6 @@ class SparseTransformer(nn.Module):
         if cache is not None:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask: not supported with a cache")
-            # A chunk that starts inside a block runs in two parts, so that each part's query
-            # blocks lie inside blocks of the whole sequence (see FullSequenceRows).
-            head = -offset % self.config.block_size
-            if 0 < head < input_ids.shape[1]:
-                return torch.cat((self(input_ids[:, :head], cache=cache),
-                                  self(input_ids[:, head:], cache=cache)), dim=1)
         x = self.embed(input_ids)
         if self.positions is not None:
             x = x + self.positions(torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device))

@@ -13,6 +13,7 @@ from sparse_attention.patterns.deepspeed import (
     BigBirdSparsityConfig, BSLongformerSparsityConfig, DenseSparsityConfig, FixedSparsityConfig,
     LocalSlidingWindowSparsityConfig, SparsityConfig, VariableSparsityConfig,
 )
+from sparse_attention.patterns.full_sequence_rows import FullSequenceRows
 from sparse_attention.patterns.global_random import Global, Random
 from sparse_attention.patterns.local import Dense, Dilated, Local
 from sparse_attention.patterns.names import PATTERN_NAMES, from_name
@@ -20,7 +21,8 @@ from sparse_attention.patterns.sparse_transformer import Fixed, Strided, stride_
 
 __all__ = [
     "BSLongformerSparsityConfig", "BigBird", "BigBirdSparsityConfig", "Custom", "Dense",
-    "DenseSparsityConfig", "Dilated", "Fixed", "FixedSparsityConfig", "Global", "Intersection",
+    "DenseSparsityConfig", "Dilated", "Fixed", "FixedSparsityConfig", "FullSequenceRows",
+    "Global", "Intersection",
     "Local", "LocalSlidingWindowSparsityConfig", "Longformer", "PATTERN_NAMES", "Pattern",
     "Random", "SparsityConfig", "Strided", "Union", "VariableSparsityConfig", "from_name",
     "stride_for",

@@ -37,26 +37,28 @@ class Global(Pattern):
         if not (rows or columns):
             raise ValueError("rows, columns: at least one must be True")
 
-    def _selected(self, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """Which of these absolute positions are global, after checking the indices fit."""
+    def _selected(self, positions: torch.Tensor, length: int, causal: bool) -> torch.Tensor:
+        """Which of these absolute positions are global, after checking the indices fit. Under
+        causal a sequence may be a prefix (a prompt, a decoding step): its global tokens
+        beyond the end do not exist yet, and are no error."""
         if self.tokens is None:
             blocks = -(-length // self.block_size)
-            if self.num_blocks > blocks:
+            if self.num_blocks > blocks and not causal:
                 raise ValueError(
                     f"num_blocks: {self.num_blocks} global blocks but the sequence of {length} "
                     f"tokens has only {blocks} blocks of {self.block_size}"
                 )
             return (positions >= 0) & (positions < self.num_blocks * self.block_size)
-        if max(self.tokens) >= length:
+        if max(self.tokens) >= length and not causal:
             raise ValueError(f"tokens: index {max(self.tokens)} is outside the {length} tokens")
         return torch.isin(positions, torch.tensor(self.tokens))
 
     def _mask(self, grid: Grid, num_heads: int, causal: bool) -> torch.Tensor:
         mask = torch.zeros(grid.shape, dtype=torch.bool)
         if self.columns:
-            mask |= grid.key_set(self._selected(grid.key_positions(), grid.seq_len), causal)
+            mask |= grid.key_set(self._selected(grid.key_positions(), grid.seq_len, causal), causal)
         if self.rows:
-            mask |= grid.query_set(self._selected(grid.query_positions(), grid.seq_len), causal)
+            mask |= grid.query_set(self._selected(grid.query_positions(), grid.seq_len, causal), causal)
         return mask
 
     def _describe(self) -> str:
