@@ -13,6 +13,7 @@ from sparse_attention.kernel_table import CPU_DTYPES
 from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
+from sparse_attention.support import supported
 from sparse_attention.window import Window
 
 SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in CPU_DTYPES)
@@ -39,6 +40,26 @@ def _check_tensor(name: str, t) -> None:
         raise ValueError(
             f"{name}: expected 4 dims [batch, heads, seq_len, head_dim], got shape {tuple(t.shape)}"
         )
+
+
+def _transposed_hint(q: torch.Tensor, k: torch.Tensor) -> str:
+    """A note for shape errors when q and k look like [B, N, H, D] (the layout of
+    nn.MultiheadAttention's batch_first inputs and of many models' projections)."""
+    if q.shape[1] > q.shape[2] and k.shape[1] > k.shape[2]:
+        return (f"; q {tuple(q.shape)} and k {tuple(k.shape)} look transposed: the op takes "
+                "[batch, heads, seq_len, head_dim] (pass q.transpose(1, 2), and the same for k, v)")
+    return ""
+
+
+def _check_device_kernels(q: torch.Tensor, block_size: int) -> None:
+    """Early, named errors for what the device's kernels are not compiled for (sa.supported)."""
+    if q.device.type != "cuda":
+        return
+    reasons = supported(q.device, q.dtype, q.shape[-1], block_size,
+                        capability=torch.cuda.get_device_capability(q.device))
+    if reasons:
+        error = TypeError if reasons[0].startswith("dtype") else ValueError
+        raise error("q: " + "; ".join(reasons))
 
 
 def _autocast(*tensors):
@@ -74,13 +95,17 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         raise ValueError(f"k: expected head_dim {head_dim} (that of q), got {k.shape[3]}")
     kv_heads, k_len = k.shape[1], k.shape[2]
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"k: kv heads ({kv_heads}) must divide the query heads of q ({heads})")
+        raise ValueError(f"k: kv heads ({kv_heads}) must divide the query heads of q ({heads})"
+                         + _transposed_hint(q, k))
     if q_len == 0 or k_len == 0 or batch == 0 or head_dim == 0:
         raise ValueError(f"q, k: empty dimension in shapes {tuple(q.shape)}, {tuple(k.shape)}")
     if isinstance(layout, Pattern):
         layout.check_num_heads(heads)  # a pattern builds the layout that fits
     elif isinstance(layout, BlockLayout):
-        layout.check_fits(q_len, k_len, heads)
+        try:
+            layout.check_fits(q_len, k_len, heads)
+        except ValueError as error:
+            raise ValueError(str(error) + _transposed_hint(q, k)) from None
     else:
         raise TypeError(
             f"layout: expected a BlockLayout or a Pattern (or DeepSpeed-style sparsity config), "
@@ -153,6 +178,7 @@ def sparse_attention(
     """
     q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, layout, key_padding_mask)
+    _check_device_kernels(q, layout.block_size)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):

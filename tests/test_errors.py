@@ -117,3 +117,17 @@ def test_unsupported_device(monkeypatch):
     monkeypatch.setattr(attention, "SUPPORTED_DEVICE_TYPES", ("cuda",))
     with pytest.raises(ValueError, match="q: tensors on cpu are not supported"):
         call()
+
+
+def test_inputs_that_look_transposed_are_named_so():
+    # [B, N, H, D] instead of [B, H, N, D]: the grid mismatch says the shapes look transposed.
+    q = torch.randn(1, 100, 4, 16)
+    layout = sa.BlockLayout(torch.ones(1, 7, 7, dtype=torch.bool), 16)
+    with pytest.raises(ValueError, match=r"look transposed: the op takes \[batch, heads, seq_len"):
+        sa.sparse_attention(q, q, q, layout)
+    with pytest.raises(ValueError, match="look transposed"):
+        sa.sparse_attention(q, torch.randn(1, 90, 4, 16), torch.randn(1, 90, 4, 16), sa.Local(32, block_size=16))
+    decode = torch.randn(1, 4, 1, 16)  # a decoding step: more heads than queries is fine
+    with pytest.raises(ValueError) as error:
+        sa.sparse_attention(decode, torch.randn(1, 3, 40, 16), torch.randn(1, 3, 40, 16), sa.Local(32, block_size=16))
+    assert "transposed" not in str(error.value)
