@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ class PretrainedMixin:
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / CONFIG_FILE)
         save_model(self, str(folder / WEIGHTS_FILE))
+        # safetensors writes through a private temporary file (0600): give the weights the
+        # permissions every other file gets, as the umask says.
+        os.chmod(folder / WEIGHTS_FILE, 0o666 & ~_umask())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu"):
@@ -40,3 +44,17 @@ class PretrainedMixin:
         model = cls(cls.config_class.load(folder / CONFIG_FILE))
         load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
         return model.to(device)
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it is, so that it is never changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
