@@ -93,6 +93,9 @@ def find_checkpoint(path: Path, *, verify: bool = True) -> Path:
     also checks their sha256. Raises CheckpointError naming the path otherwise.
     """
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: expected a run folder (holding {CHECKPOINTS_FOLDER}/) "
+                              f"or one checkpoint folder (holding {MANIFEST}){_folder_meant(path)}")
     if (path / MANIFEST).exists() or STEP_FOLDER.fullmatch(path.name):
         folder = path
     else:
@@ -213,6 +216,28 @@ def _checkpoints_root(path: Path) -> Path:
     """A run folder's checkpoints folder, or path itself when it is not a run folder."""
     sub = path / CHECKPOINTS_FOLDER
     return sub if sub.is_dir() else path
+
+
+def _folder_meant(file: Path) -> str:
+    """'; did you mean ...' naming the checkpoint or run folder a file is in, if any."""
+    for folder in list(file.absolute().parents)[:3]:
+        if (folder / MANIFEST).is_file():
+            return f"; did you mean the checkpoint folder {_shown(folder, file)}?"
+        if (folder / CHECKPOINTS_FOLDER).is_dir():
+            return f"; did you mean the run folder {_shown(folder, file)}?"
+        if (folder / LATEST).is_file():
+            return f"; did you mean the run folder {_shown(folder.parent, file)}?"
+    return ""
+
+
+def _shown(folder: Path, given: Path) -> Path:
+    """folder as the user would write it: relative when the given path was."""
+    if given.is_absolute():
+        return folder
+    try:
+        return folder.relative_to(Path.cwd())
+    except ValueError:
+        return folder
 
 
 def _run_folder(root: Path) -> Path:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_attention.models.pretrained import CONFIG_FILE
-from sparse_attention.training.checkpoint import checkpoint_step, find_checkpoint
+from sparse_attention.training.checkpoint import CheckpointError, checkpoint_step, find_checkpoint
 from sparse_attention.training.config import TrainConfig, read_config_file, resolve
 from sparse_attention.training.data import load_tokenizer
 from sparse_attention.training.model_factory import model_class
@@ -29,7 +29,12 @@ class TrainedModel:
 
 def load_trained(path: str | Path, device: torch.device) -> TrainedModel:
     """The model of the latest checkpoint of a run folder (or of one checkpoint folder)."""
-    folder = find_checkpoint(Path(path))
+    try:
+        folder = find_checkpoint(Path(path))
+    except CheckpointError as error:
+        if Path(path).is_file():
+            raise CheckpointError(f"--checkpoint: {error}") from None
+        raise
     config = resolve(read_config_file(folder / TRAIN_CONFIG_FILE))
     model_type = model_class(json.loads((folder / CONFIG_FILE).read_text()))
     model = model_type.from_pretrained(folder, device=device).eval()
