@@ -14,7 +14,7 @@ import json
 from sparse_attention.training import runtime
 from sparse_attention.training.config import DEVICES, PRECISIONS
 from sparse_attention.training.data import ClassificationData, LanguageModelingData, pack_documents, read_documents
-from sparse_attention.training.evaluation import evaluate
+from sparse_attention.training.evaluation import evaluate, scored_count
 from sparse_attention.training.run_data import prepare_run_data
 from sparse_attention.training.state import TOKENIZER_FOLDER
 from sparse_attention.training.trained_model import load_trained
@@ -44,13 +44,15 @@ def run(args: argparse.Namespace) -> dict:
     scores = evaluate(trained.model, data, token_bytes=trained.tokenizer.token_bytes(), batch_size=args.batch_size,
                       max_batches=args.max_batches, device=device,
                       precision=runtime.pick_precision(args.precision, device))
-    scores = {"step": trained.step, "sequences": len(data), **scores}
+    # "sequences": those scored; "of_sequences": those in the data (more with --max-batches).
+    scores = {"step": trained.step, **scores, "of_sequences": len(data)}
     if args.json:
         print(json.dumps(scores))
     else:
         print(f"{trained.folder} (step {trained.step}) on {args.data or 'its validation split'}: "
               + ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
-                          for name, value in scores.items() if name != "step"))
+                          for name, value in scores.items() if name not in ("step", "sequences", "of_sequences"))
+              + f", sequences {scored_count(scores['sequences'], len(data))}")
     return scores
 
 

@@ -40,7 +40,8 @@ def evaluate(model: nn.Module, data, *, token_bytes: torch.Tensor | None, batch_
     when max_batches is None), split over the processes.
 
     Language modelling: loss (nats per token) and bits_per_byte (summed nats over the bytes
-    the predicted tokens stand for, in bits). Classification: loss and accuracy."""
+    the predicted tokens stand for, in bits). Classification: loss and accuracy. Both: the
+    number of items (sequences) scored, as "sequences"."""
     count = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
     if count >= processes.world_size:  # every process runs as many batches (FSDP needs it)
         count -= count % processes.world_size
@@ -71,5 +72,10 @@ def evaluate(model: nn.Module, data, *, token_bytes: torch.Tensor | None, batch_
         model.train(was_training)
     loss, items, third = distributed.sum_over_ranks(totals, processes, device)
     if language_modelling:
-        return {"loss": loss / items, "bits_per_byte": loss / math.log(2) / max(third, 1)}
-    return {"loss": loss / items, "accuracy": third / items}
+        return {"loss": loss / items, "bits_per_byte": loss / math.log(2) / max(third, 1), "sequences": count}
+    return {"loss": loss / items, "accuracy": third / items, "sequences": count}
+
+
+def scored_count(scored: int, total: int) -> str:
+    """"56" when every item was scored, "8 of 56" for a subset."""
+    return str(scored) if scored == total else f"{scored} of {total}"

@@ -37,10 +37,13 @@ class RunSummary:
     peak_memory_bytes: int | None   # None where not measured
     density: float                  # fraction of the attention's blocks computed
     layout: BlockLayout | None      # drawn in pattern.png
+    eval_sequences: int | None = None        # validation sequences the final scores are from
+    validation_sequences: int | None = None  # of so many
 
     @classmethod
     def from_records(cls, name: str, settings: dict, records: list[dict], *, density: float,
-                     layout: BlockLayout | None = None) -> RunSummary:
+                     layout: BlockLayout | None = None, eval_sequences: int | None = None,
+                     validation_sequences: int | None = None) -> RunSummary:
         """Summarises a run's metrics: medians of step time and tokens/s over its train
         records (after the first UNTIMED_STEPS, which warm caches up and compile), the largest
         memory_bytes, and the last eval record as the final values."""
@@ -56,8 +59,18 @@ class RunSummary:
             step_time_s=statistics.median(r["step_time_s"] for r in timed),
             tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
             peak_memory_bytes=int(max(memory)) if memory else None,
-            density=density, layout=layout,
+            density=density, layout=layout, eval_sequences=eval_sequences,
+            validation_sequences=validation_sequences,
         )
+
+    @property
+    def scored_on(self) -> str | None:
+        """'8 of 56 validation sequences' (or '56 validation sequences'), when known."""
+        if self.eval_sequences is None:
+            return None
+        if self.validation_sequences is None or self.validation_sequences == self.eval_sequences:
+            return f"{self.eval_sequences} validation sequences"
+        return f"{self.eval_sequences} of {self.validation_sequences} validation sequences"
 
 
 def write_report(folder: Path, runs: list[RunSummary], *, title: str, machine: str = "") -> Path:
@@ -71,7 +84,7 @@ def write_report(folder: Path, runs: list[RunSummary], *, title: str, machine: s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", *([machine, ""] if machine else []), "## Settings", "", *_settings_table(runs), "",
-             "## Results", "", *_results_table(runs), ""]
+             "## Results", "", *_results_table(runs), "", *_scored_on(runs)]
     if len(runs) == 2:
         lines += ["## Ratios", "", *_ratios(runs), ""]
     images = _draw_plots(folder, runs)
@@ -110,6 +123,16 @@ def _results_table(runs: list[RunSummary]) -> list[str]:
              _seconds(run.step_time_s), f"{run.tokens_per_s:,.0f}",
              format_bytes(run.peak_memory_bytes), f"{run.density:.1%}"] for run in runs]
     return _table(head, rows)
+
+
+def _scored_on(runs: list[RunSummary]) -> list[str]:
+    """A line saying what the final scores were computed on (a subset, by --eval-batches)."""
+    where = list(dict.fromkeys(run.scored_on for run in runs if run.scored_on))
+    if not where or not any(run.final for run in runs):
+        return []
+    if len(where) == 1:
+        return [f"Final scores on {where[0]}.", ""]
+    return [f"Final scores of {run.name} on {run.scored_on}." for run in runs if run.scored_on] + [""]
 
 
 def _ratios(runs: list[RunSummary]) -> list[str]:
