@@ -24,7 +24,7 @@ from sparse_attention.training.metrics_log import read_metrics
 # A tiny model that still runs the sparse kernels (sdpa_max_len 0) on 128-token sequences.
 TINY = ["--seq-len", "128", "--block-size", "32", "--d-model", "32", "--num-layers", "2",
         "--num-heads", "2", "--batch-size", "4", "--sdpa-max-len", "0", "--no-progress",
-        "--no-tensorboard", "--device", "cpu", "--warmup-steps", "2", "--lr", "3e-3"]
+        "--no-tensorboard", "--device", "cpu", "--warmup-steps", "2", "--lr", "3e-3", "--precision", "fp32"]
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box and quietly hum".split()
 
 

@@ -11,13 +11,16 @@ import difflib
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
+import sparse_attention as sa
 from sparse_attention.models.config import ALTERNATING, POSITIONS
 from sparse_attention.nn.dispatch import SDPA_MAX_LEN, check_dropout
 from sparse_attention.patterns.arguments import check_bool, check_int
 from sparse_attention.training.data.prepare import TASKS
 from sparse_attention.patterns import PATTERN_NAMES
+from sparse_attention.support import block_sizes
 
 CONFIG_FILE = "config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,7 +73,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU
+    precision: str = "auto"  # auto: bf16 on a GPU that has it (else fp16); on the CPU bf16 where
+    # the CPU computes it natively, else fp32
     gradient_checkpointing: bool = False
     compile: bool = False
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp"
@@ -78,6 +82,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 500
+    save_every_minutes: float = 5.0  # also checkpoint after this much wall time; 0: never
     keep_checkpoints: int = 3
     tensorboard: bool = True
     progress: bool = True
@@ -112,11 +117,28 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2", "weight_decay"):
             _number(name, getattr(self, name), low=0, high=1)
         _number("validation_fraction", self.validation_fraction, low=0, high=0.5, low_open=True)
+        _number("save_every_minutes", self.save_every_minutes, low=0)
+        self._check_block_size()
         check_dropout("dropout", self.dropout)
         for name in ("gradient_checkpointing", "compile", "tensorboard", "progress"):
             check_bool(name, getattr(self, name))
         if not isinstance(self.pattern_params, dict):
             raise ValueError(f"pattern_params: expected a mapping, got {self.pattern_params!r}")
+
+    def _check_block_size(self) -> None:
+        """block_size among the kernels' sizes: of the device when it is named, else of any."""
+        if self.device == "auto" or self.pattern == "dense":  # dense attention runs on SDPA
+            sizes = tuple(sorted(set(block_sizes("cpu")) | set(block_sizes("cuda"))))
+        else:
+            sizes = block_sizes(self.device)
+        if self.block_size not in sizes:
+            where = {"cpu": " on the CPU", "cuda": " on CUDA"}.get(self.device, "")
+            raise ValueError(f"block_size: the kernels{where} take {_or_list(sizes)}, got {self.block_size!r}"
+                             + ("" if where else f" ({block_sizes_help()})"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
 
     @property
     def schedule_steps(self) -> int:
@@ -183,6 +205,36 @@ def check_resumable(saved: TrainConfig, wanted: TrainConfig) -> None:
         details = ", ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(wanted, name)!r}" for name in changed)
         raise ValueError(f"--resume: the run in {saved.out} was made with other settings ({details}); "
                          "resume with the run's own settings or start a new --out")
+
+
+ATTENTION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTING_OF_REASON = {"block_size": "--block-size", "head_dim": "--d-model / --num-heads",
+                     "dtype": "--precision", "cuda": "--device", "device": "--device", "GPU": "--device"}
+
+
+def check_supported(config: TrainConfig, device_type: str, precision: str) -> None:
+    """Raises ValueError, naming the settings, when the sparse kernels of device_type cannot
+    run config's model in precision (fp32, bf16 or fp16), as sa.supported() says."""
+    if config.pattern == "dense" or config.seq_len <= config.sdpa_max_len:
+        return  # attention runs on SDPA only
+    reasons = sa.supported(device_type, ATTENTION_DTYPES[precision], config.head_dim, config.block_size)
+    if reasons:
+        named = [f"{reason} (set by {SETTING_OF_REASON.get(reason.split()[0].rstrip(':'), 'the settings')})"
+                 for reason in reasons]
+        raise ValueError(f"the {device_type.upper() if device_type == 'cuda' else device_type} kernels cannot run "
+                         f"this model (block_size {config.block_size}, head_dim {config.head_dim} = "
+                         f"d_model {config.d_model} / num_heads {config.num_heads}, precision {precision}): "
+                         + "; ".join(named))
+
+
+def block_sizes_help() -> str:
+    """The block sizes of each device's kernels, for --help and errors."""
+    return f"{_or_list(block_sizes('cpu'))} on the CPU; {_or_list(block_sizes('cuda'))} on CUDA"
+
+
+def _or_list(values) -> str:
+    values = [str(value) for value in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
 
 
 def _one_of(name: str, value, choices: tuple) -> None:

@@ -18,7 +18,7 @@ DEMO_SETTINGS = {
     "seq_len": 4096, "d_model": 128, "num_layers": 4, "num_heads": 4, "pattern": "fixed",
     "batch_size": 1, "steps": 300, "lr": 2e-3, "warmup_steps": 30, "eval_every": 50,
     "eval_batches": 8, "save_every": 300, "keep_checkpoints": 1, "max_data_bytes": 8_000_000,
-    "precision": "bf16", "compare": "dense",
+    "precision": "auto", "compare": "dense",
 }
 
 

@@ -85,6 +85,15 @@ def any_rank(flag: bool, processes: Processes, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def any_rank_each(flags: list[bool], processes: Processes, device: torch.device) -> list[bool]:
+    """For each flag, whether it is set on any process (one collective for all of them)."""
+    if not processes.distributed:
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
 def sum_over_ranks(values: list[float], processes: Processes, device: torch.device) -> list[float]:
     if not processes.distributed:
         return values

@@ -51,9 +51,15 @@ def run_session(config: TrainConfig, *, resume: bool = False) -> SessionResult:
 
 
 def summarize(result: RunResult) -> RunSummary:
-    """The run's summary, from its whole log (so a resumed run counts its earlier steps)."""
-    return RunSummary.from_records(result.name, result.config.to_dict(), read_metrics(result.out),
-                                   density=result.density, layout=result.layout)
+    """The run's summary, from its whole log (so a resumed run counts its earlier steps); its
+    precision setting is shown as what ran, and why."""
+    settings = result.config.to_dict()
+    if result.precision is not None:
+        settings["precision"] = str(result.precision)
+    return RunSummary.from_records(result.name, settings, read_metrics(result.out),
+                                   density=result.density, layout=result.layout,
+                                   eval_sequences=result.eval_sequences,
+                                   validation_sequences=result.data.stats.get("validation_sequences"))
 
 
 def machine(config: TrainConfig) -> str:
@@ -80,6 +86,9 @@ def _cpu_name() -> str:
 def print_headline(runs: list[RunSummary], report: Path) -> None:
     for run in runs:
         score = ", ".join(f"{name} {run.final[name]:.4f}" for name in SCORES if name in run.final)
+        if score and run.scored_on:
+            score += f" (on {run.scored_on})"
+        score = score or "not evaluated"
         print(f"{run.name:>8s}: {score}; step {run.step_time_s:.3f} s, {run.tokens_per_s:,.0f} tokens/s, "
               f"peak memory {measure.format_bytes(run.peak_memory_bytes)}, "
               f"computed blocks {run.density:.1%}")
@@ -89,4 +98,7 @@ def print_headline(runs: list[RunSummary], report: Path) -> None:
         if sparse.peak_memory_bytes and dense.peak_memory_bytes:
             ratios += f", memory {dense.peak_memory_bytes / sparse.peak_memory_bytes:.2f}x"
         print(ratios)
+    precisions = list(dict.fromkeys(run.settings.get("precision") for run in runs))
+    print("precision " + "; ".join(f"{run.name} {run.settings.get('precision')}" for run in runs)
+          if len(precisions) > 1 else f"precision {precisions[0]}")
     print(f"report: {report}", file=sys.stdout)

@@ -11,6 +11,8 @@ trains with DistributedDataParallel (or --distributed fsdp).
 
 The run folder holds config.yaml, metrics.jsonl (+ train.csv, eval.csv), checkpoints/
 (the last --keep-checkpoints, written atomically), and report/ (report.md and plots).
+Ctrl-C, SIGTERM and SIGHUP finish the current step, save a checkpoint and stop (a second one
+stops at once); a checkpoint is also saved every --save-every-minutes of wall time.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 from sparse_attention.models.config import ALTERNATING, POOLINGS, POSITIONS
 from sparse_attention.patterns import PATTERN_NAMES
 from sparse_attention.training.config import (
-    COMPARISONS, CONFIG_FILE, DEVICES, PRECISIONS, STRATEGIES, TASKS, TrainConfig, check_resumable,
-    read_config_file, resolve,
+    COMPARISONS, CONFIG_FILE, DEVICES, PRECISIONS, STRATEGIES, TASKS, TrainConfig, block_sizes_help,
+    check_resumable, read_config_file, resolve,
 )
 from sparse_attention.training.session import run_session
 
@@ -50,7 +52,7 @@ HELP = {
     "num_layers": "transformer blocks",
     "num_heads": "attention heads",
     "d_ff": "feed-forward width (default 4 * d-model)",
-    "block_size": "attention block size (16, 32, 64 or 128)",
+    "block_size": f"attention block size: {block_sizes_help()}",
     "pattern": "attention pattern (see `sparse-attention show`)",
     "pattern_params": "the pattern's keyword arguments as JSON, e.g. '{\"window\": 512}'",
     "positions": "position encoding",
@@ -69,13 +71,16 @@ HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the gradient norm to this",
-    "precision": "autocast precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU); fp16 uses a GradScaler",
+    "precision": "autocast precision (auto: bf16, else fp16, on a GPU; on the CPU bf16 where the CPU "
+                 "computes it natively, else fp32); fp16 uses a GradScaler",
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "compile": "torch.compile the model",
     "distributed": "under torchrun: DistributedDataParallel or FSDP",
     "eval_every": "evaluate every this many steps (and at the end)",
     "eval_batches": "validation batches per evaluation",
-    "save_every": "checkpoint every this many steps (and at the end, and on Ctrl-C)",
+    "save_every": "checkpoint every this many steps (and at the end, and on Ctrl-C, SIGTERM or SIGHUP)",
+    "save_every_minutes": "also checkpoint when this many minutes of wall time passed since the last "
+                          "checkpoint (0: never)",
     "keep_checkpoints": "keep this many latest checkpoints",
     "tensorboard": "also log to TensorBoard when it is installed",
     "progress": "show a progress bar",

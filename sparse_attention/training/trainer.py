@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -22,11 +24,11 @@ from sparse_attention.layout import BlockLayout
 from sparse_attention.models.pretrained import WEIGHTS_FILE
 from sparse_attention.training import distributed, runtime
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER, find_checkpoint, save_checkpoint
-from sparse_attention.training.config import CONFIG_FILE, TrainConfig
+from sparse_attention.training.config import CONFIG_FILE, TrainConfig, check_supported
 from sparse_attention.training.data import PreparedData, ResumableSampler, save_tokenizer
 from sparse_attention.training.distributed import Processes
 from sparse_attention.training.evaluation import evaluate, forward, to_device
-from sparse_attention.training.metrics_log import MetricsLog
+from sparse_attention.training.metrics_log import METRICS_FILE, MetricsLog
 from sparse_attention.training.model_factory import build_model, model_config
 from sparse_attention.training.run_data import prepare_run_data
 from sparse_attention.training.schedule import warmup_cosine
@@ -35,6 +37,8 @@ from sparse_attention.training.state import (
     load_full_state_dicts, load_labels, load_state, save_labels, set_rng_state,
 )
 
+# The signals that stop a run as Ctrl-C does: finish the step, save a checkpoint, stop.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclasses.dataclass
@@ -50,6 +54,8 @@ class RunResult:
     data: PreparedData
     layout: BlockLayout | None
     interrupted: bool = False
+    precision: runtime.Precision | None = None  # what the run computed in, and why
+    eval_sequences: int | None = None  # validation sequences the final scores are from
 
 
 def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse",
@@ -60,14 +66,23 @@ def train(config: TrainConfig, *, resume: bool = False, name: str = "sparse",
     processes = distributed.processes_from_environment()
     device = runtime.pick_device(config.device, processes.local_rank)
     distributed.start(processes, device)
-    return _Run(config, processes, device, resume=resume, name=name, data=data).train()
+    out = Path(config.out)
+    made_here = not out.exists()
+    try:
+        return _Run(config, processes, device, resume=resume, name=name, data=data).train()
+    except BaseException:
+        if made_here and processes.is_main:
+            _remove_if_useless(out)
+        raise
 
 
 class _Run:
     def __init__(self, config: TrainConfig, processes: Processes, device: torch.device, *,
                  resume: bool, name: str, data: PreparedData | None):
         self.config, self.processes, self.device, self.name = config, processes, device, name
-        self.precision = runtime.pick_precision(config.precision, device)
+        self.precision_choice = runtime.choose_precision(config.precision, device)
+        self.precision = self.precision_choice.name
+        check_supported(config, device.type, self.precision)
         self.out = Path(config.out)
         self.checkpoints = self.out / CHECKPOINTS_FOLDER
         checkpoint = find_checkpoint(self.out) if resume else None
@@ -83,6 +98,7 @@ class _Run:
             print(f"{name}: {stats['documents']} documents, {measure.format_bytes(stats['bytes'])} of text, "
                   f"{stats['train_sequences']} train and {stats['validation_sequences']} validation "
                   f"sequences of {config.seq_len} tokens ({self.data.tokenizer.kind} tokens)", file=sys.stderr)
+            print(f"{name}: precision {self.precision_choice} on {device.type}", file=sys.stderr)
         torch.manual_seed(config.seed)  # the same initial weights for every pattern and process
         self.model_config = model_config(config, self.data.tokenizer.vocab_size, self.data.num_classes)
         self.model = build_model(self.model_config).to(device)
@@ -95,11 +111,15 @@ class _Run:
         self.sampler = ResumableSampler(len(self.data.train), config.batch_size, config.seed,
                                         rank=processes.rank, world_size=processes.world_size)
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
+        self.eval_sequences: int | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         # The generators of the processes differ from here on (dropout), the weights do not.
         if checkpoint is None and processes.distributed:
             torch.manual_seed(config.seed + processes.rank)
+        # The run folder is made only now that the settings, the data and the model are good.
+        if processes.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.log = MetricsLog(self.out, enabled=processes.is_main, tensorboard=config.tensorboard)
         # Steps after the checkpoint (or any, for a run that died before its first one) will
         # be logged again.
@@ -108,6 +128,8 @@ class _Run:
             config.save(self.out / CONFIG_FILE)
             save_tokenizer(self.data.tokenizer, self.out / TOKENIZER_FOLDER)
         self.stop_requested = False
+        self.stop_signal: str | None = None
+        self.last_save = time.monotonic()
 
     # ---- set-up ----
 
@@ -165,7 +187,8 @@ class _Run:
         bar = tqdm(total=config.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                    disable=not (config.progress and self.processes.is_main))
         final: dict = {}
-        with self._stop_on_interrupt(), bar, self.log:
+        self.last_save = time.monotonic()
+        with self._stop_on_signals(), bar, self.log:
             while self.step < config.steps and not self.stop_requested:
                 loss, step_time, tokens = self._train_step()
                 peak = runtime.peak_memory(self.device)
@@ -179,20 +202,28 @@ class _Run:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / step_time:,.0f}",
                                 mem=measure.format_bytes(peak), refresh=False)
                 bar.update()
-                self.stop_requested = distributed.any_rank(self.stop_requested, self.processes, self.device)
+                # Every process takes the same branches (a time-based save is a collective too).
+                self.stop_requested, save_due = distributed.any_rank_each(
+                    [self.stop_requested, self._save_due()], self.processes, self.device)
                 last = self.step == config.steps or self.stop_requested
                 if self.step % config.eval_every == 0 or (last and self.step == config.steps):
                     final = self._evaluate()
-                if self.step % config.save_every == 0 or last:
+                if self.step % config.save_every == 0 or last or save_due:
                     self._save()
             if not final and not self.stop_requested:  # resuming a finished run: already logged
                 final = self._evaluate(log=False)
         if self.stop_requested and self.processes.is_main:
-            print(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints}. "
-                  f"Continue with --resume --out {self.out}", file=sys.stderr)
+            print(f"{self.stop_signal or 'interrupted'}: stopped at step {self.step}; checkpoint saved in "
+                  f"{self.checkpoints}. Continue with --resume --out {self.out}", file=sys.stderr)
         return RunResult(name=self.name, out=self.out, config=config, step=self.step, final=final,
                          density=self.density, data=self.data, layout=self.layout,
-                         interrupted=self.stop_requested)
+                         interrupted=self.stop_requested, precision=self.precision_choice,
+                         eval_sequences=self.eval_sequences)
+
+    def _save_due(self) -> bool:
+        """Whether save_every_minutes of wall time passed since the last checkpoint."""
+        minutes = self.config.save_every_minutes
+        return minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step (grad_accum micro-batches): (mean loss, seconds, tokens)."""
@@ -226,6 +257,7 @@ class _Run:
         values = evaluate(model, self.data.validation, token_bytes=self.data.tokenizer.token_bytes(),
                           batch_size=self.config.batch_size, max_batches=self.config.eval_batches,
                           device=self.device, precision=self.precision, processes=self.processes)
+        self.eval_sequences = values.pop("sequences")
         if log:
             self.log.log("eval", self.step, {**values, "elapsed_s": self.elapsed})
         return values
@@ -251,27 +283,45 @@ class _Run:
 
             save_checkpoint(self.checkpoints, self.step, write, keep=self.config.keep_checkpoints)
         distributed.barrier(self.processes)
+        self.last_save = time.monotonic()
 
     @contextlib.contextmanager
-    def _stop_on_interrupt(self):
-        """A first Ctrl-C finishes the current step, saves a checkpoint and stops; a second
-        one stops at once."""
+    def _stop_on_signals(self):
+        """A first Ctrl-C, SIGTERM or SIGHUP finishes the current step, saves a checkpoint and
+        stops; a second one acts as it would without this (Ctrl-C: KeyboardInterrupt at once,
+        without saving; SIGTERM, SIGHUP: the process ends). The previous handlers come back
+        afterwards."""
         if not _in_main_thread():
             yield
             return
+        previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
 
-        def request_stop(signum, frame):
+        def request_stop(number, frame):
+            name = signal.Signals(number).name
             if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
+                _restore_handlers(previous)
+                if number == signal.SIGINT:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), number)
+                return
+            self.stop_requested, self.stop_signal = True, name
             if self.processes.is_main:
-                print("\nstopping after this step (Ctrl-C again to stop now, without saving)", file=sys.stderr)
+                again = "Ctrl-C" if number == signal.SIGINT else name
+                print(f"\n{name}: stopping after this step and saving a checkpoint "
+                      f"({again} again to stop now, without saving)", file=sys.stderr)
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        for number in STOP_SIGNALS:
+            signal.signal(number, request_stop)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            _restore_handlers(previous)
+
+
+def _restore_handlers(previous: dict) -> None:
+    for number, handler in previous.items():
+        # None: a handler installed outside Python, which cannot be put back from here.
+        signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -290,7 +340,19 @@ def _check_fresh_out(out: Path) -> None:
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise FileExistsError(f"out: {out} already holds a run's checkpoints; continue it with --resume "
                               "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out: {out} is a file; --out takes a folder")
+
+
+def _remove_if_useless(out: Path) -> None:
+    """Removes the run folder a failed run made, unless it holds a checkpoint or a logged
+    training step (a run that failed in its set-up or its first step leaves nothing)."""
+    if not out.is_dir() or (out / CHECKPOINTS_FOLDER).exists():
+        return
+    metrics = out / METRICS_FILE
+    if metrics.is_file() and '"kind": "train"' in metrics.read_text(encoding="utf-8", errors="replace"):
+        return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _in_main_thread() -> bool:
