@@ -93,8 +93,8 @@ BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, 
       }
     }
   }
-  return {to_tensor(row_offsets), to_tensor(row_indices), to_tensor(row_full),
-          to_tensor(col_offsets), to_tensor(col_indices), to_tensor(col_full)};
+  return {to_tensor(row_offsets), to_tensor(row_indices), to_tensor(row_full).view({1, heads, q_blocks}),
+          to_tensor(col_offsets), to_tensor(col_indices), to_tensor(col_full).view({1, heads, k_blocks})};
 }
 
 void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
@@ -102,10 +102,10 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
                        int64_t blocks_across, bool rows, int64_t q_len, int64_t k_len,
                        int64_t block_size, const Window& window) {
   for (const auto* t : {&offsets, &indices, &num_full}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() &&
-                          t->device().is_cpu(),
-                      name, " block lists: expected contiguous 1-d int32 CPU tensors, got ",
-                      t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && (t->dim() == 1 || t == &num_full) &&
+                          t->is_contiguous() && t->device().is_cpu(),
+                      name, " block lists: expected contiguous int32 CPU tensors (offsets and ",
+                      "indices 1-d), got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
   TORCH_CHECK_VALUE(offsets.numel() == num_lists + 1 && num_full.numel() == num_lists, name,
                     " block lists: expected ", num_lists + 1, " offsets and ", num_lists,
@@ -113,8 +113,9 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
   const int32_t* off = offsets.data_ptr<int32_t>();
   const int32_t* idx = indices.data_ptr<int32_t>();
   const int32_t* full = num_full.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[num_lists] == indices.numel(), name,
-                    " block lists: offsets must run from 0 to the number of indices");
+  // Lists built on a device have a fixed capacity: entries past the last offset are unused.
+  TORCH_CHECK_VALUE(off[0] == 0 && off[num_lists] <= indices.numel(), name,
+                    " block lists: offsets must run from 0 to at most the number of indices");
   // last_list[b] == list once block b was seen in that list: a repeat would be counted twice.
   std::vector<int64_t> last_list(blocks_across, -1);
   for (int64_t list = 0; list < num_lists; ++list) {

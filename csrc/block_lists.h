@@ -14,12 +14,14 @@ namespace sparse_attention {
 using BlockListTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // block_mask: bool [layout_heads, q_blocks, k_blocks]. Blocks that the window hides entirely
-// are dropped; each list holds its full blocks first. Costs O(blocks).
+// are dropped; each list holds its full blocks first; the full counts have the shape
+// [1, layout_heads, blocks] the ops read the lists' batch and heads from. Costs O(blocks).
 BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, int64_t k_len,
                                    int64_t block_size, int64_t window_left, int64_t window_right);
 
-// Checks one CSR list set over `num_lists` = layout_heads * blocks_along: offsets monotone
-// from 0 to nnz, indices in [0, blocks_across), and every entry listed as full really is
+// Checks one CSR list set over `num_lists` = list batch * layout heads * blocks_along: offsets
+// monotone from 0 to at most the number of indices (entries past the last offset are unused
+// capacity), indices in [0, blocks_across), no repeats, and every entry listed as full is
 // full under the element rules (so the kernel may skip its mask). `rows` says whether the
 // lists are per query block (indices are key blocks) or per key block.
 void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,

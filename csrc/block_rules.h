@@ -50,6 +50,16 @@ SA_HOST_DEVICE BlockKind classify_block(int64_t qb, int64_t kb, int64_t q_len, i
   return band_covers && whole ? BlockKind::kFull : BlockKind::kPartial;
 }
 
+// Index of the block list of (batch entry, query head, block) among lists laid out over
+// (list batch, layout head, block): list_batch is 1 (one layout for the batch) or the batch,
+// layout_heads is 1 (shared by all heads), the kv heads (one per GQA group) or the query
+// heads; `blocks` is the number of query blocks (row lists) or key blocks (column lists).
+SA_HOST_DEVICE int64_t list_index(int64_t list_batch, int64_t layout_heads, int64_t heads,
+                                  int64_t batch, int64_t head, int64_t block, int64_t blocks) {
+  const int64_t b = list_batch > 1 ? batch : 0;
+  return (b * layout_heads + head / (heads / layout_heads)) * blocks + block;
+}
+
 // Per (batch, key block) summary of a key padding mask.
 enum class KeyBlockState : uint8_t {
   kAllValid = 0,

@@ -68,15 +68,23 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-int64_t layout_heads(const Problem& p) { return p.per_head_layout ? p.heads : 1; }
-
-void set_layout_heads(Problem* p, const at::Tensor& row_offsets) {
-  const int64_t lists = row_offsets.numel() - 1;
-  TORCH_CHECK_VALUE(lists > 0 && lists % p->q_blocks == 0 &&
-                        (lists / p->q_blocks == 1 || lists / p->q_blocks == p->heads),
-                    "row_offsets: expected 1 + q_blocks * (1 or heads) = 1 + ", p->q_blocks,
-                    " * (1 or ", p->heads, ") entries, got ", row_offsets.numel());
-  p->per_head_layout = lists / p->q_blocks != 1;
+void set_list_shape(Problem* p, const at::Tensor& row_num_full, const at::Tensor& col_num_full) {
+  TORCH_CHECK_VALUE(row_num_full.dim() == 3, "row_num_full: expected [list batch, layout heads, ",
+                    "q_blocks], got shape ", row_num_full.sizes());
+  const int64_t list_batch = row_num_full.size(0), layout_heads = row_num_full.size(1);
+  TORCH_CHECK_VALUE(list_batch == 1 || list_batch == p->batch, "block lists: a layout for ",
+                    list_batch, " batch entries; expected 1 (shared) or the batch of q (", p->batch, ")");
+  TORCH_CHECK_VALUE(layout_heads == 1 || layout_heads == p->kv_heads || layout_heads == p->heads,
+                    "block lists: a layout with ", layout_heads, " heads; expected 1 (shared), the kv heads (",
+                    p->kv_heads, ") or the query heads (", p->heads, ")");
+  TORCH_CHECK_VALUE(row_num_full.size(2) == p->q_blocks, "row_num_full: expected ", p->q_blocks,
+                    " query blocks, got shape ", row_num_full.sizes());
+  const std::vector<int64_t> columns{list_batch, layout_heads, p->k_blocks};
+  TORCH_CHECK_VALUE(!col_num_full.defined() || col_num_full.sizes() == columns,
+                    "col_num_full: expected shape ", columns, " (that of the row lists), got ",
+                    col_num_full.sizes());
+  p->list_batch = list_batch;
+  p->layout_heads = layout_heads;
 }
 
 at::ScalarType accum_dtype(at::ScalarType dtype) {

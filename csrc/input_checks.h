@@ -22,10 +22,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      double scale, int64_t window_left, int64_t window_right,
                      c10::DeviceType device);
 
-// Layout heads implied by the row lists: one shared layout or one per query head.
-int64_t layout_heads(const Problem& p);
-
-void set_layout_heads(Problem* p, const at::Tensor& row_offsets);
+// The lists' batch and heads, from the full counts [list batch, layout heads, blocks] of the
+// row and column lists (the column lists may be undefined: forward passes take rows only).
+void set_list_shape(Problem* p, const at::Tensor& row_num_full, const at::Tensor& col_num_full);
 
 // fp64 for fp64 inputs, else fp32: the dtype of lse and of the kernels' accumulators.
 at::ScalarType accum_dtype(at::ScalarType dtype);

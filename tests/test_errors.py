@@ -78,9 +78,18 @@ def test_ops_check_their_inputs_directly():
     q48, k48, v48 = inputs(H=2, Hkv=2, Nq=48, Nk=48)
     with pytest.raises(ValueError, match="listed as full"):
         fwd(q48, k48, v48, *dense, None, 16, 0.25, -1, 0)
-    with pytest.raises(ValueError, match="row_offsets"):
+    with pytest.raises(ValueError, match="row block lists: expected 4 offsets"):
         fwd(q, k, v, *layout(qb=3).block_lists(40, 40, (-1, -1), torch.device("cpu"))._replace(
             row_offsets=torch.zeros(3, dtype=torch.int32)), None, 16, 0.25, -1, -1)
+    # The lists' batch and heads come from the full counts' shape [list batch, heads, blocks].
+    with pytest.raises(ValueError, match=r"row_num_full: expected \[list batch"):
+        fwd(q, k, v, *lists._replace(row_num_full=lists.row_num_full.view(-1)), None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="a layout for 3 batch entries"):
+        fwd(q, k, v, *lists._replace(row_num_full=lists.row_num_full.expand(3, -1, -1).contiguous()),
+            None, 16, 0.25, -1, -1)
+    with pytest.raises(ValueError, match="col_num_full: expected shape"):
+        fwd(q, k, v, *lists._replace(col_num_full=lists.col_num_full[:, :, :1].contiguous()), None,
+            16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="q: expected a 4-d"):
         fwd(q[0], k, v, *lists, None, 16, 0.25, -1, -1)
     with pytest.raises(TypeError, match="q: expected float32"):

@@ -30,7 +30,7 @@ def listed(offsets, indices, num_full, blocks_along, to_row_col, heads=2):
     for h in range(heads):
         for a in range(blocks_along):
             lo, hi = offsets[h * blocks_along + a].item(), offsets[h * blocks_along + a + 1].item()
-            nfull = num_full[h * blocks_along + a].item()
+            nfull = num_full.reshape(-1)[h * blocks_along + a].item()
             for pos, b in enumerate(indices[lo:hi].tolist()):
                 entries[(h, *to_row_col(a, b))] = 1 if pos < nfull else 2
     return entries

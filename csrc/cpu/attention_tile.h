@@ -202,7 +202,7 @@ inline int64_t list_length(const BlockLists& lists, int64_t list) {
 // One query block of one (batch, head): a task of the forward and of the dQ pass.
 struct RowTask {
   int64_t batch, head, qb;
-  int64_t list(const Problem& p) const { return p.layout_head(head) * p.q_blocks + qb; }
+  int64_t list(const Problem& p) const { return p.list(batch, head, qb, p.q_blocks); }
 };
 
 inline RowTask row_task(const Problem& p, int64_t task) {
@@ -220,7 +220,7 @@ inline int64_t row_task_cost(const Problem& p, const BlockLists& rows, int64_t t
 struct ColumnTask {
   int64_t batch, kv_head, kb;
   int64_t list(const Problem& p, int64_t head) const {
-    return p.layout_head(head) * p.k_blocks + kb;
+    return p.list(batch, head, kb, p.k_blocks);
   }
 };
 

@@ -64,10 +64,10 @@ Operand operand(const at::Tensor& t) {
 DeviceLists device_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
                          const at::Tensor& num_full, int64_t num_lists, const at::Device& device) {
   for (const auto* t : {&offsets, &indices, &num_full}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() &&
-                          t->device() == device,
-                      name, " block lists: expected contiguous 1-d int32 tensors on ", device,
-                      ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && (t->dim() == 1 || t == &num_full) &&
+                          t->is_contiguous() && t->device() == device,
+                      name, " block lists: expected contiguous int32 tensors (offsets and indices ",
+                      "1-d) on ", device, ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
   TORCH_CHECK_VALUE(offsets.numel() == num_lists + 1 && num_full.numel() == num_lists, name,
                     " block lists: expected ", num_lists + 1, " offsets and ", num_lists,
@@ -110,7 +110,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
                  double scale, int64_t window_left, int64_t window_right,
                  const at::Tensor& row_offsets, const at::Tensor& row_indices,
-                 const at::Tensor& row_num_full) {
+                 const at::Tensor& row_num_full, const at::Tensor& col_num_full) {
   Prepared r;
   Problem& p = r.problem;
   p = make_problem(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
@@ -118,9 +118,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
                     "q, k, v: expected one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   check_cuda_limits(p);
-  set_layout_heads(&p, row_offsets);
+  set_list_shape(&p, row_num_full, col_num_full);
   Params& c = r.params;
-  c.rows = device_lists("row", row_offsets, row_indices, row_num_full, layout_heads(p) * p.q_blocks,
+  c.rows = device_lists("row", row_offsets, row_indices, row_num_full, p.num_lists() * p.q_blocks,
                         q.device());
   c.batch = p.batch;
   c.heads = p.heads;
@@ -131,7 +131,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   c.block_size = p.block_size;
   c.q_blocks = p.q_blocks;
   c.k_blocks = p.k_blocks;
-  c.per_head_layout = p.per_head_layout;
+  c.list_batch = static_cast<int>(p.list_batch);
+  c.layout_heads = static_cast<int>(p.layout_heads);
   c.scale = static_cast<float>(scale);
   c.scale_log2 = static_cast<float>(scale * M_LOG2E);
   c.window = p.window;
@@ -176,12 +177,12 @@ void run(const Params& p, at::ScalarType dtype) {
 std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_offsets,
     const at::Tensor& row_indices, const at::Tensor& row_num_full, const at::Tensor& /*col_offsets*/,
-    const at::Tensor& /*col_indices*/, const at::Tensor& /*col_num_full*/,
+    const at::Tensor& /*col_indices*/, const at::Tensor& col_num_full,
     const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
     int64_t window_left, int64_t window_right, bool /*deterministic: the forward always is*/) {
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
-                       row_offsets, row_indices, row_num_full);
+                       row_offsets, row_indices, row_num_full, col_num_full);
   const Problem& p = r.problem;
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
@@ -200,10 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     int64_t window_left, int64_t window_right, bool deterministic) {
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
-                       row_offsets, row_indices, row_num_full);
+                       row_offsets, row_indices, row_num_full, col_num_full);
   const Problem& p = r.problem;
   Params& c = r.params;
-  c.cols = device_lists("column", col_offsets, col_indices, col_num_full, layout_heads(p) * p.k_blocks,
+  c.cols = device_lists("column", col_offsets, col_indices, col_num_full, p.num_lists() * p.k_blocks,
                         q.device());
   check_backward_operands(p, q, out, grad_out, lse, grad_lse, c10::DeviceType::CUDA);
   for (const at::Tensor* t : {&out, &grad_out, &lse}) {

@@ -78,8 +78,9 @@ struct BlockWalk {
       done = true;
       return;
     }
-    const int layout_head = p.per_head_layout ? (kRows ? head : head * group + group_head) : 0;
-    const int list = layout_head * (kRows ? p.q_blocks : p.k_blocks) + fixed;
+    const int list = static_cast<int>(list_index(p.list_batch, p.layout_heads, p.heads, batch,
+                                                 kRows ? head : head * group + group_head, fixed,
+                                                 kRows ? p.q_blocks : p.k_blocks));
     list_range(kRows ? p.rows : p.cols, list, &step.entry, &step.end);
   }
 

@@ -12,7 +12,7 @@ namespace sparse_attention::cuda {
 // Operands: unit stride along D and rows 16-byte aligned (cp.async copies 16 bytes).
 using sparse_attention::Operand;
 
-// CSR lists over (layout head, block), read on the device. `nnz` bounds every index read:
+// CSR lists over (list batch, layout head, block), read on the device (see list_index). `nnz` bounds every index read:
 // the host checks only shapes (scanning the contents would cost a device sync per call),
 // so kernels clamp offsets to [0, nnz] and skip indices outside the block grid.
 struct DeviceLists {
@@ -26,7 +26,7 @@ enum class DType { kHalf, kBFloat16 };
 struct Params {
   int batch = 0, heads = 0, kv_heads = 0, q_len = 0, k_len = 0, head_dim = 0;
   int block_size = 0, q_blocks = 0, k_blocks = 0;
-  bool per_head_layout = false;
+  int list_batch = 1, layout_heads = 1;  // lists over [list_batch, layout_heads, blocks]
   float scale = 1.f;
   float scale_log2 = 1.f;  // scale * log2(e): scores live in base-2 units inside the kernels
   Window window;
