@@ -97,6 +97,27 @@ BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, 
           to_tensor(col_offsets), to_tensor(col_indices), to_tensor(col_full).view({1, heads, k_blocks})};
 }
 
+at::Tensor block_kinds(int64_t q_len, int64_t k_len, int64_t block_size, int64_t window_left,
+                       int64_t window_right) {
+  TORCH_CHECK_VALUE(block_size > 0 && q_len > 0 && k_len > 0,
+                    "block_size, q_len and k_len must be positive");
+  check_size_limits(q_len, k_len, block_size);
+  const int64_t q_blocks = (q_len + block_size - 1) / block_size;
+  const int64_t k_blocks = (k_len + block_size - 1) / block_size;
+  TORCH_CHECK_VALUE(q_blocks * k_blocks < std::numeric_limits<int32_t>::max(),
+                    "q_len, k_len: too many blocks for 32-bit block lists");
+  const Window window = make_window(q_len, k_len, window_left, window_right);
+  at::Tensor kinds = at::empty({q_blocks, k_blocks}, at::kByte);
+  uint8_t* out = kinds.data_ptr<uint8_t>();
+  for (int64_t qb = 0; qb < q_blocks; ++qb) {
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      out[qb * k_blocks + kb] =
+          static_cast<uint8_t>(classify_block(qb, kb, q_len, k_len, block_size, window));
+    }
+  }
+  return kinds;
+}
+
 void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
                        const at::Tensor& num_full, int64_t num_lists, int64_t blocks_along,
                        int64_t blocks_across, bool rows, int64_t q_len, int64_t k_len,

@@ -19,6 +19,10 @@ using BlockListTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
 BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, int64_t k_len,
                                    int64_t block_size, int64_t window_left, int64_t window_right);
 
+// BlockKind of every (query block, key block) pair, uint8 [q_blocks, k_blocks] on the CPU.
+at::Tensor block_kinds(int64_t q_len, int64_t k_len, int64_t block_size, int64_t window_left,
+                       int64_t window_right);
+
 // Checks one CSR list set over `num_lists` = list batch * layout heads * blocks_along: offsets
 // monotone from 0 to at most the number of indices (entries past the last offset are unused
 // capacity), indices in [0, blocks_across), no repeats, and every entry listed as full is

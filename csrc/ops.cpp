@@ -3,12 +3,20 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "block_lists.h"
+
 TORCH_LIBRARY(sparse_attention, m) {
   // Converts a bool block mask [layout_heads, q_blocks, k_blocks] into row and column block
   // lists (CSR, int32, full blocks first in each list) for the given lengths and window.
   m.def(
       "build_block_lists(Tensor block_mask, int q_len, int k_len, int block_size, "
       "int window_left, int window_right) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The BlockKind of every (query block, key block) pair under the element rules, uint8
+  // [q_blocks, k_blocks] (0 skip, 1 full, 2 partial): depends on the shapes and window only,
+  // so layouts held as device tensors build their lists from it without a host sync.
+  // No tensor argument to dispatch on: one kernel for every device (it returns a CPU tensor).
+  m.def("block_kinds(int q_len, int k_len, int block_size, int window_left, int window_right) -> Tensor",
+        &sparse_attention::block_kinds);
   // (out, lse) of block-sparse attention. window_left/right < 0 mean unbounded;
   // causal is window_right = 0. key_padding_mask: bool [B, Nk], True = ignore. The forward
   // pass walks the row lists only; it takes the column lists so autograd can hand them to

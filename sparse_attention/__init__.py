@@ -11,6 +11,7 @@ from sparse_attention.patterns import (
 )
 from sparse_attention.show import show, show_text
 from sparse_attention.support import supported
+from sparse_attention.tensor_layout import TensorLayout
 from sparse_attention import reference
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "Random",
     "SparsityConfig",
     "Strided",
+    "TensorLayout",
     "Union",
     "VariableSparsityConfig",
     "built_with_cuda",

@@ -14,6 +14,7 @@ from sparse_attention.layout import BlockLayout
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.support import supported
+from sparse_attention.tensor_layout import TensorLayout
 from sparse_attention.window import Window
 
 SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in CPU_DTYPES)
@@ -101,6 +102,11 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         raise ValueError(f"q, k: empty dimension in shapes {tuple(q.shape)}, {tuple(k.shape)}")
     if isinstance(layout, Pattern):
         layout.check_num_heads(heads)  # a pattern builds the layout that fits
+    elif isinstance(layout, TensorLayout):
+        try:
+            layout.check_fits(q, k)
+        except ValueError as error:
+            raise ValueError(str(error) + _transposed_hint(q, k)) from None
     elif isinstance(layout, BlockLayout):
         try:
             layout.check_fits(q_len, k_len, heads)
@@ -108,7 +114,8 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
             raise ValueError(str(error) + _transposed_hint(q, k)) from None
     else:
         raise TypeError(
-            f"layout: expected a BlockLayout or a Pattern (or DeepSpeed-style sparsity config), "
+            f"layout: expected a BlockLayout, a TensorLayout or a Pattern (or DeepSpeed-style "
+            f"sparsity config), "
             f"got {type(layout).__name__}"
         )
     if key_padding_mask is not None:
@@ -144,7 +151,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BlockLayout | Pattern,
+    layout: BlockLayout | TensorLayout | Pattern,
     *,
     causal: bool = False,
     scale: float | None = None,
@@ -157,9 +164,11 @@ def sparse_attention(
 
     Args:
         q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (GQA / MQA).
-        layout: which (query block, key block) pairs are computed: a BlockLayout, or a Pattern
-            (sparse_attention.patterns, or a DeepSpeed-style sparsity config), whose layout is
-            built (once, cached) with pattern.layout(Nq, Nk, num_heads=H, causal=causal).
+        layout: which (query block, key block) pairs are computed: a BlockLayout, a
+            TensorLayout (per call and input, on q's device: sa.TensorLayout.from_mask,
+            .from_indices, sa.select_blocks), or a Pattern (sparse_attention.patterns, or a
+            DeepSpeed-style sparsity config), whose layout is built (once, cached) with
+            pattern.layout(Nq, Nk, num_heads=H, causal=causal).
         causal: query i sees key j only if j <= i + Nk - Nq (aligned bottom-right). Always on
             for a pattern that is causal by definition (a unidirectional DeepSpeed config).
         scale: multiplies q k^T; default 1/sqrt(D).
@@ -196,6 +205,13 @@ def sparse_attention(
     # block runs in two pieces, so that each query block gets its whole-sequence row.
     pieces = (whole_block_pieces(q_len, k_len, layout.block_size) if is_pattern and causal
               else [(0, q_len, k_len)])
+    if isinstance(layout, TensorLayout):
+        # Built in the graph from the layout's tensors: new values never recompile.
+        lists = layout.block_lists(q_len, k_len, tuple(window))
+        out, lse = ops.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
+                               block_size=layout.block_size, scale=scale, window=window,
+                               deterministic=deterministic)
+        return (out, lse) if return_lse else out
     results = []
     for first, end, keys in pieces:
         part = (q, k, v, key_padding_mask)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from sparse_attention.layout import BlockLayout
+from sparse_attention.tensor_layout import TensorLayout
 from sparse_attention.memory import check_fits_in_memory
 
 
 def element_mask(
-    layout: BlockLayout,
+    layout: BlockLayout | TensorLayout,
     q_len: int,
     k_len: int,
     *,
@@ -26,12 +27,14 @@ def element_mask(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Bool mask [B or 1, layout heads, Nq, Nk]: True where query i attends to key j."""
-    batch = 1 if key_padding_mask is None else key_padding_mask.shape[0]
+    blocks = layout.mask.to(device)
+    if blocks.dim() == 3:  # a BlockLayout: shared by the batch
+        blocks = blocks.unsqueeze(0)
+    batch = max(blocks.shape[0], 1 if key_padding_mask is None else key_padding_mask.shape[0])
     # Named as the README documents it (sparse_attention.reference.element_mask).
     check_fits_in_memory("reference.element_mask", batch * layout.num_heads * q_len * k_len)
     bs = layout.block_size
-    blocks = layout.mask.to(device)
-    mask = blocks.repeat_interleave(bs, dim=1).repeat_interleave(bs, dim=2)[:, :q_len, :k_len]
+    mask = blocks.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[..., :q_len, :k_len]
     i = torch.arange(q_len, device=device).unsqueeze(1)
     j = torch.arange(k_len, device=device).unsqueeze(0)
     dist = j - i - (k_len - q_len)  # signed distance from the bottom-right diagonal
@@ -42,7 +45,6 @@ def element_mask(
         mask = mask & (dist >= -left)
     if right is not None:
         mask = mask & (dist <= right)
-    mask = mask.unsqueeze(0)
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask.to(device)[:, None, None, :]
     return mask

@@ -53,6 +53,14 @@ def build_block_lists(block_mask: torch.Tensor, q_len: int, k_len: int, block_si
                                   block_size=block_size, window_left=left, window_right=right)
 
 
+def block_kinds(q_len: int, k_len: int, block_size: int, window: Window = Window()) -> torch.Tensor:
+    """uint8 [q_blocks, k_blocks] on the CPU: 0 = no element visible, 1 = full (no element
+    mask needed), 2 = partial, under the element rules of these lengths and window."""
+    left, right = Window.of(window).kernel_bounds()
+    return _ops.block_kinds(q_len=q_len, k_len=k_len, block_size=block_size, window_left=left,
+                            window_right=right)
+
+
 @torch.library.register_fake("sparse_attention::forward")
 def _forward_fake(q, k, v, *args, **kwargs):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

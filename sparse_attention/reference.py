@@ -13,6 +13,7 @@ import torch
 
 from sparse_attention.element_rules import element_mask
 from sparse_attention.layout import BlockLayout
+from sparse_attention.tensor_layout import TensorLayout
 from sparse_attention.memory import check_fits_in_memory
 
 __all__ = ["attention", "element_mask"]
@@ -22,7 +23,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: BlockLayout,
+    layout: BlockLayout | TensorLayout,
     *,
     causal: bool = False,
     scale: float | None = None,
@@ -45,6 +46,8 @@ def attention(
         layout, q_len, k_len, causal=causal, window=window, key_padding_mask=key_padding_mask,
         device=q.device,
     )
+    if mask.shape[1] not in (1, heads):  # one layout per kv head, shared by its GQA group
+        mask = mask.repeat_interleave(heads // mask.shape[1], dim=1)
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     kc = kc.repeat_interleave(heads // kv_heads, dim=1)
     vc = vc.repeat_interleave(heads // kv_heads, dim=1)
