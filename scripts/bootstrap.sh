@@ -142,7 +142,7 @@ else
   fi
   rm -f "$stamp"
   what="CPU kernels, each compiled three times: portable, AVX2 and AVX-512"
-  estimate="about 2-5 minutes on 2 cores for a first build, seconds when little changed"
+  estimate="about 1-3 minutes on 2 cores for a first build, seconds when little changed"
   if [ "$build_kind" = cuda ]; then
     what="$what; and the CUDA kernels with nvcc for sm_${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
     estimate="the CUDA kernels take much longer than the CPU ones: tens of minutes on few cores"
