@@ -121,6 +121,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_compile_fullgraph_whole_models_with_padding():
+    torch.manual_seed(0)
+    lm = SparseTransformerLM(lm_config(num_layers=2, pattern="bigbird")).eval()
+    x = tokens()
+    compiled = torch.compile(lm, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, labels=x).loss, lm(x, labels=x).loss, atol=1e-5, rtol=0)
+    classifier = SparseTransformerClassifier(SparseClassifierConfig(
+        vocab_size=lm.config.vocab_size, max_seq_len=lm.config.max_seq_len, d_model=32,
+        num_layers=2, num_heads=4, num_classes=3, block_size=lm.config.block_size,
+        pattern="longformer", sdpa_max_len=0)).eval()
+    mask = torch.ones_like(x)
+    mask[-1, x.shape[1] // 2:] = 0
+    compiled = torch.compile(classifier, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, attention_mask=mask).logits,
+                               classifier(x, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
 def test_compile_fullgraph_sparse_and_sdpa_blocks():
     torch.manual_seed(0)
     model = SparseTransformerLM(lm_config(num_layers=2, pattern=["dense", "local"]))

@@ -518,3 +518,16 @@ def test_older_or_missing_transformers_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'sparse_attention\[transformers\]'"):
         check_version()
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_models_compile_fullgraph_on_the_op(family, padding):
+    """No graph break: the mask function reads no tensor data (padding goes to the op as a
+    mask even when nothing is padded)."""
+    model = build(family, SPARSE).eval()
+    ids, mask = inputs(padding=padding)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert_close(compiled(ids, attention_mask=mask).logits, expected, 1e-5)

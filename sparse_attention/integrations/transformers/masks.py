@@ -96,11 +96,12 @@ def _rule(mask_function) -> tuple[bool, tuple[int | None, int | None] | None] | 
 
 
 def _key_padding_mask(attention_mask, kv_length: int, kv_offset: int, key_count: int):
+    # Passed on even when nothing is padded: asking the data would stop torch.compile's
+    # graph, and the kernels skip the mask on key blocks without padding anyway.
     keep = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if keep is None:
         return None
-    keep = keep[:, kv_offset:kv_offset + key_count].bool()
-    return None if bool(keep.all()) else ~keep
+    return ~keep[:, kv_offset:kv_offset + key_count].bool()
 
 
 def token_rules_mask(
