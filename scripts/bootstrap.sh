@@ -150,9 +150,9 @@ else
   echo "sparse_attention: building the C++ extension against torch $torch_version ($what;" \
        "$estimate; MAX_JOBS sets the parallel jobs). pip's output: $log"
   start=$(date +%s)
-  # A line every 30 s while the compiler works (sleep holds no pipe that could outlive us).
+  # A line every 30 s while pip builds and installs (sleep holds no pipe that could outlive us).
   (while sleep 30 </dev/null >/dev/null 2>&1; do
-     echo "  ... still compiling, $(( $(date +%s) - start ))s so far"
+     echo "  ... still building, $(( $(date +%s) - start ))s so far"
    done) &
   ticker=$!
   trap 'kill "$ticker" 2>/dev/null || true' EXIT
