@@ -206,3 +206,36 @@ def test_fuzz_tensor_layouts(q_len, k_len, layout_batch, layout_heads, density, 
     layout = sa.TensorLayout.from_mask(mask, BS)
     atol = 1e-10 if dtype == torch.float64 else 2e-5
     check_against_reference(q, k, v, layout, atol=atol, causal=causal, key_padding_mask=pad)
+
+
+def test_modules_and_models_take_a_layout_per_call():
+    from sparse_attention.models import SparseTransformerConfig, SparseTransformerLM
+    from sparse_attention.nn import SparseMultiheadAttention, SparseSelfAttention
+
+    torch.manual_seed(0)
+    pattern = sa.Local(32, block_size=BS) | sa.Global(num_blocks=1, block_size=BS)
+    same = sa.TensorLayout.from_mask(pattern.layout(100, causal=True).mask.unsqueeze(0).expand(B, -1, -1, -1), BS)
+    module = SparseMultiheadAttention(32, 4, batch_first=True, pattern=pattern, sdpa_max_len=0,
+                                      dtype=torch.float64)
+    x = torch.randn(B, 100, 32, dtype=torch.float64)
+    expected = module(x, x, x, is_causal=True)[0]
+    torch.testing.assert_close(module(x, x, x, is_causal=True, layout=same)[0], expected,
+                               atol=1e-12, rtol=0)
+    deepspeed = SparseSelfAttention(sa.FixedSparsityConfig(num_heads=H, block=BS))
+    q, k, v = (t.detach() for t in qkv())
+    per_input = sa.TensorLayout.from_mask(torch.rand(B, 1, 7, 7) < 0.5, BS)
+    torch.testing.assert_close(deepspeed(q, k, v, layout=per_input),
+                               sa.sparse_attention(q, k, v, per_input), atol=1e-12, rtol=0)
+
+    config = SparseTransformerConfig(vocab_size=40, max_seq_len=128, d_model=32, num_layers=2,
+                                     num_heads=4, block_size=BS, pattern="local", sdpa_max_len=0)
+    model = SparseTransformerLM(config).eval()
+    ids = torch.randint(0, 40, (B, 100))
+    its_own = model.transformer.blocks[0].attn.dispatch.pattern.layout(100, num_heads=4, causal=True)
+    same = sa.TensorLayout.from_mask(its_own.mask.unsqueeze(0), BS)
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(model(ids, layout=same).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids, layout=[same, same]).logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="layout: expected one per layer"):
+        model(ids, layout=[same])

@@ -35,7 +35,7 @@ class SparseTransformerClassifier(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, *, layout=None) -> ModelOutput:
         self.transformer.check_input_ids(input_ids)
         batch, n = input_ids.shape
         if key_padding_mask is not None and attention_mask is not None:
@@ -48,7 +48,7 @@ class SparseTransformerClassifier(PretrainedMixin, nn.Module):
             padding = padding_from_mask("attention_mask", attention_mask, "mul", batch, n)
         else:
             padding = None
-        hidden = self.transformer(input_ids, padding)
+        hidden = self.transformer(input_ids, padding, layout=layout)
         if self.config.pooling == "first":
             pooled = hidden[:, 0]
         elif padding is None:

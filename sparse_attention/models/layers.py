@@ -50,8 +50,9 @@ class Attention(nn.Module):
                                           owner=f"layer {index}")
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x [B, N, d_model]; with a cache, x holds the tokens that follow the cached ones."""
+                cache: KVCache | None = None, layout=None) -> torch.Tensor:
+        """x [B, N, d_model]; with a cache, x holds the tokens that follow the cached ones.
+        layout: this call's layout instead of the pattern's (see AttentionDispatch)."""
         batch, n, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = 0 if cache is None else cache.length(self.index)
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.index, k, v)
         out = self.dispatch(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                       dropout_p=self.attention_dropout if self.training else 0.0)
+                       dropout_p=self.attention_dropout if self.training else 0.0, layout=layout)
         return self.out(out.transpose(1, 2).reshape(batch, n, d_model))
 
 
@@ -82,6 +83,6 @@ class Block(nn.Module):
         return self.attn.out, self.mlp_out
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), key_padding_mask, cache))
+                cache: KVCache | None = None, layout=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), key_padding_mask, cache, layout))
         return x + self.dropout(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))))

@@ -42,10 +42,11 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
             nn.init.normal_(self.head.weight, std=config.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, *, cache: KVCache | None = None) -> ModelOutput:
+                targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                layout=None) -> ModelOutput:
         if labels is not None and targets is not None:
             raise ValueError("labels, targets: pass one (labels are shifted here, targets already are)")
-        logits = self.head(self.transformer(input_ids, cache=cache))
+        logits = self.head(self.transformer(input_ids, cache=cache, layout=layout))
         if labels is not None:
             _check_same_shape("labels", labels, input_ids)
             logits_for_loss, targets = logits[:, :-1], labels[:, 1:]

@@ -62,9 +62,10 @@ class SparseTransformer(nn.Module):
             )
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layout=None) -> torch.Tensor:
         """Hidden states of input_ids; with a cache, of the tokens that follow the cached ones
-        (which it then holds too)."""
+        (which it then holds too). layout: a layout for this call instead of the patterns'
+        (a TensorLayout made per input, or a BlockLayout), or a list of one per layer."""
         offset = 0 if cache is None else cache.length()
         self.check_input_ids(input_ids, cached=offset)
         if cache is not None:
@@ -76,9 +77,19 @@ class SparseTransformer(nn.Module):
         x = self.dropout(x)
         # Checkpointing would run a block twice, and append to the cache twice.
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.blocks:
+        layouts = _per_layer("layout", layout, len(self.blocks))
+        for block, block_layout in zip(self.blocks, layouts):
             if checkpointed:
-                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+                x = checkpoint(block, x, key_padding_mask, None, block_layout, use_reentrant=False)
             else:
-                x = block(x, key_padding_mask, cache)
+                x = block(x, key_padding_mask, cache, block_layout)
         return self.norm(x)
+
+
+def _per_layer(name: str, value, layers: int) -> list:
+    """One value per layer from a single value or a list/tuple of one per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != layers:
+            raise ValueError(f"{name}: expected one per layer ({layers}), got {len(value)}")
+        return list(value)
+    return [value] * layers

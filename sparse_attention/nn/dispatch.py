@@ -152,22 +152,32 @@ class AttentionDispatch(KnownById):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                  key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, layout=None) -> torch.Tensor:
         """Attention of q [B, H, Nq, D] over k, v [B, Hkv, Nk, D]; key_padding_mask bool
-        [B, Nk], True = ignore. dropout_p: attention dropout (pass 0 outside training)."""
+        [B, Nk], True = ignore. dropout_p: attention dropout (pass 0 outside training).
+        layout: a layout for this call (a TensorLayout made per input, e.g. by
+        sa.select_blocks, or a BlockLayout) instead of the pattern's; it runs on the kernels."""
+        if layout is not None:
+            self.last_path = "sparse"
+            self._check_no_dropout(dropout_p, k.shape[2])
+            return sparse_attention(q, k, v, layout, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask)
         num_heads, q_len, k_len = (operator.index(n) for n in (q.shape[1], q.shape[2], k.shape[2]))
         choice = _choose(self, q_len, k_len, num_heads, bool(causal), key_padding_mask is not None,
                          q.device, q.dtype, operator.index(q.shape[3]))
         if choice.path == "sparse":
-            if dropout_p > 0:
-                raise ValueError(
-                    f"dropout: {self.owner} runs the sparse kernels here ({k_len} keys), which have "
-                    f"no attention dropout; set the attention dropout to 0 (residual dropout is "
-                    f"unaffected) or evaluate with model.eval()"
-                )
+            self._check_no_dropout(dropout_p, k_len)
             return sparse_attention(q, k, v, self.pattern, causal=causal, scale=scale,
                                     key_padding_mask=key_padding_mask)
         return _sdpa(q, k, v, choice, key_padding_mask, dropout_p, scale)
+
+    def _check_no_dropout(self, dropout_p: float, k_len: int) -> None:
+        if dropout_p > 0:
+            raise ValueError(
+                f"dropout: {self.owner} runs the sparse kernels here ({k_len} keys), which have "
+                f"no attention dropout; set the attention dropout to 0 (residual dropout is "
+                f"unaffected) or evaluate with model.eval()"
+            )
 
 
 def _pattern_element_mask(pattern: Pattern, q_len: int, k_len: int, num_heads: int, causal: bool,

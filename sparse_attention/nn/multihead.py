@@ -66,8 +66,9 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         return self.dispatch.last_path
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        """As nn.MultiheadAttention.forward; returns (attn_output, None)."""
+                average_attn_weights=True, is_causal=False, *, layout=None):
+        """As nn.MultiheadAttention.forward; returns (attn_output, None). layout: a layout for
+        this call (a TensorLayout made per input, or a BlockLayout) instead of the pattern's."""
         if need_weights:
             raise ValueError(
                 "need_weights: the sparse kernels never form the attention weights; pass "
@@ -80,12 +81,12 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)  # [L, B, E]
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, layout)  # [L, B, E]
         if self.batch_first:
             out = out.transpose(0, 1)
         return (out if batched else out.squeeze(1)), None
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, layout):
         """Sequence-first [L, B, E] in and out."""
         q_len, batch, _ = query.shape
         k_len = key.shape[0]
@@ -104,6 +105,6 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             check_causal_mask("attn_mask", attn_mask, "bool", q_len, k_len)
             causal = True
         out = self.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                            dropout_p=self.dropout if self.training else 0.0)
+                            dropout_p=self.dropout if self.training else 0.0, layout=layout)
         out = out.permute(2, 0, 1, 3).reshape(q_len, batch, self.embed_dim)
         return self.out_proj(out)

@@ -52,7 +52,10 @@ class SparseSelfAttention(nn.Module):
         """'sparse' or 'sdpa': the path the last call took (None before the first)."""
         return self.dispatch.last_path
 
-    def forward(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None):
+    def forward(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None, *,
+                layout=None):
+        """DeepSpeed's forward. layout: a layout for this call (a TensorLayout made per input,
+        or a BlockLayout) instead of the config's."""
         if rpe is not None:
             raise ValueError("rpe: relative position embeddings are not supported by the sparse kernels")
         if (key.dim() == 4 and value.dim() == 4 and key.shape[-2] != value.shape[-2]
@@ -70,4 +73,5 @@ class SparseSelfAttention(nn.Module):
         if attn_mask is not None:
             check_causal_mask("attn_mask", attn_mask, self.attn_mask_mode, q_len, k_len)
             causal = True
-        return self.dispatch(query, key, value, causal=causal, key_padding_mask=key_padding_mask)
+        return self.dispatch(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
+                             layout=layout)
