@@ -142,3 +142,19 @@ def test_cuda_errors(name):
     q, k, v, layout, _ = make_inputs(case, requires_grad=False)
     with pytest.raises(error, match=match):
         sa.sparse_attention(q, k, v, layout)
+
+
+@pytest.mark.parametrize("layout_heads", [1, 2, 4])
+@pytest.mark.parametrize("layout_batch", [1, 2])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_tensor_layouts_batched_and_per_kv_head(layout_batch, layout_heads, deterministic):
+    """Lists built on the device from a TensorLayout, with a batch index and GQA-shared heads."""
+    case = Case(batch=2, heads=4, kv_heads=2, q_len=300, k_len=333, head_dim=64, block_size=64,
+                causal=True, padding=True, dtype=torch.bfloat16, device="cuda", seed=layout_heads)
+    q, k, v, _, pad = make_inputs(case)
+    g = torch.Generator().manual_seed(layout_batch * 10 + layout_heads)
+    mask = (torch.rand(layout_batch, layout_heads, 5, 6, generator=g) < 0.5).cuda()
+    layout = sa.TensorLayout.from_mask(mask, 64)
+    from conftest import check_against_reference
+    check_against_reference(q, k, v, layout, dict(causal=True, key_padding_mask=pad),
+                            deterministic=deterministic)

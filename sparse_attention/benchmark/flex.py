@@ -34,7 +34,7 @@ def flex_block_mask(layout: sa.BlockLayout, q_len: int, k_len: int, causal: bool
     rows = heads * q_blocks
     offsets = lists.row_offsets.long()
     total = offsets[1:] - offsets[:-1]
-    full = lists.row_num_full.long()
+    full = lists.row_num_full.long().flatten()
     full_idx = _padded(offsets, lists.row_indices, torch.zeros_like(full), full, rows, k_blocks)
     part_idx = _padded(offsets, lists.row_indices, full, total - full, rows, k_blocks)
     shift, bs = k_len - q_len, layout.block_size
