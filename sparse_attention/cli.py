@@ -7,6 +7,7 @@ import argparse
 from sparse_attention import show_command
 from sparse_attention.benchmark import command as bench
 from sparse_attention.benchmark import speed
+from sparse_attention.optional import require
 from sparse_attention.training import demo_command, eval_command, generate_command, train_command
 from sparse_attention.training.checkpoint import CheckpointError
 
@@ -20,6 +21,10 @@ SUBCOMMANDS = {
     "bench": (bench, "benchmark against torch SDPA and compiled FlexAttention"),
     "show": (show_command, "picture, density and FLOPs of an attention pattern"),
 }
+
+
+# What the training commands import on the way (the `train` extra), checked before they start.
+TRAINING_MODULES = ("yaml", "tqdm", "safetensors.torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None):
     """Runs a command; returns what it measured (for scripts and tests)."""
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "generate", "demo"):
+        for module in TRAINING_MODULES:
+            require(module, purpose=f"sparse-attention {args.command}")
     return args.run(args)
 
 
@@ -44,5 +52,5 @@ def main(argv: list[str] | None = None) -> None:
     Errors in the settings or the data are reported in one line, without a traceback."""
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ImportError) as error:
         raise SystemExit(f"sparse-attention: error: {error}") from None

@@ -49,3 +49,38 @@ def test_console_script_exits_zero():
     result = subprocess.run([sys.executable, "-c", script, "show", "local", "--seq-len", "256",
                              "--block", "32", "--text"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_op_and_models_need_torch_only():
+    # With the extras' packages unimportable: the op, modules and models work; saving a model
+    # and the training commands say which extra to install, in one line.
+    import subprocess
+    import sys
+
+    script = """
+import sys
+for name in ("safetensors", "yaml", "tqdm", "matplotlib", "tokenizers", "transformers"):
+    sys.modules[name] = None
+import torch, sparse_attention as sa
+from sparse_attention.models import SparseTransformerConfig, SparseTransformerLM
+from sparse_attention.nn import SparseMultiheadAttention
+q = torch.randn(1, 2, 100, 16)
+assert sa.sparse_attention(q, q, q, sa.Local(32, block_size=16), causal=True).shape == q.shape
+SparseMultiheadAttention(32, 2, pattern=sa.Local(32, block_size=16))
+model = SparseTransformerLM(SparseTransformerConfig(vocab_size=10, max_seq_len=64, d_model=16,
+                                                    num_layers=1, num_heads=2, block_size=16))
+try:
+    model.save_pretrained("unused")
+except ImportError as error:
+    assert "sparse_attention[train]" in str(error), error
+else:
+    raise AssertionError("save_pretrained without safetensors")
+from sparse_attention import cli
+cli.run(["show", "fixed", "--seq-len", "256", "--block", "32"])
+try:
+    cli.main(["train", "--steps", "1"])
+except SystemExit as stop:
+    assert "pyyaml is needed for sparse-attention train" in str(stop), stop
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+
+from sparse_attention.optional import require
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -29,7 +30,7 @@ class PretrainedMixin:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / CONFIG_FILE)
-        save_model(self, str(folder / WEIGHTS_FILE))
+        require("safetensors.torch", purpose="save_pretrained").save_model(self, str(folder / WEIGHTS_FILE))
         # safetensors writes through a private temporary file (0600): give the weights the
         # permissions every other file gets, as the umask says.
         os.chmod(folder / WEIGHTS_FILE, 0o666 & ~_umask())
@@ -42,7 +43,8 @@ class PretrainedMixin:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"folder: {folder} has no {name} (written by save_pretrained)")
         model = cls(cls.config_class.load(folder / CONFIG_FILE))
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
+        require("safetensors.torch", purpose="from_pretrained").load_model(
+            model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
         return model.to(device)
 
 

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 import sparse_attention as sa
 from sparse_attention.models.config import ALTERNATING, POSITIONS
 from sparse_attention.nn.dispatch import SDPA_MAX_LEN, check_dropout
+from sparse_attention.optional import require
 from sparse_attention.patterns.arguments import check_bool, check_int
 from sparse_attention.training.data.prepare import TASKS
 from sparse_attention.patterns import PATTERN_NAMES
@@ -148,6 +148,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        yaml = require("yaml", purpose="config files")
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -166,6 +167,7 @@ def read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file: {path}")
     text = path.read_text()
+    yaml = require("yaml", purpose="config files")
     try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
 
 from sparse_attention import measure
 from sparse_attention.layout import BlockLayout
 from sparse_attention.models.pretrained import WEIGHTS_FILE
+from sparse_attention.optional import require
 from sparse_attention.training import distributed, runtime
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER, find_checkpoint, save_checkpoint
 from sparse_attention.training.config import CONFIG_FILE, TrainConfig, check_supported
@@ -166,7 +165,8 @@ class _Run:
         if saved_world != self.processes.world_size:
             raise ValueError(f"--resume: {checkpoint} was saved by {saved_world} process(es); resume it "
                              f"with as many (this run has {self.processes.world_size}) to continue exactly")
-        weights = load_file(str(checkpoint / WEIGHTS_FILE))
+        weights = require("safetensors.torch", purpose="checkpoints").load_file(
+            str(checkpoint / WEIGHTS_FILE))
         if self.model_config.tie_embeddings:  # stored once by safetensors' save_model
             weights.setdefault("head.weight", weights.get("transformer.embed.weight"))
             weights.setdefault("transformer.embed.weight", weights.get("head.weight"))
@@ -184,7 +184,7 @@ class _Run:
     def train(self) -> RunResult:
         config = self.config
         baseline = runtime.start_peak_memory(self.device)
-        bar = tqdm(total=config.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
+        bar = require("tqdm", purpose="the progress bar").tqdm(total=config.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                    disable=not (config.progress and self.processes.is_main))
         final: dict = {}
         self.last_save = time.monotonic()
