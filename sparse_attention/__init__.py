@@ -12,6 +12,8 @@ from sparse_attention.patterns import (
 from sparse_attention.show import show, show_text
 from sparse_attention.support import supported
 from sparse_attention.tensor_layout import TensorLayout
+from sparse_attention.selection import select_blocks
+from sparse_attention.block_mass import block_attention_mass
 from sparse_attention import reference
 
 __version__ = "0.1.0"
@@ -41,10 +43,12 @@ __all__ = [
     "TensorLayout",
     "Union",
     "VariableSparsityConfig",
+    "block_attention_mass",
     "built_with_cuda",
     "cpu_capability",
     "from_name",
     "reference",
+    "select_blocks",
     "show",
     "show_text",
     "sparse_attention",
