@@ -48,25 +48,38 @@ def _check_inputs(q, k) -> None:
         raise ValueError(f"k: kv heads ({k.shape[1]}) must divide the query heads of q ({q.shape[1]})")
 
 
-def _prefix_pools(x: torch.Tensor, block_size: int, pool: str) -> torch.Tensor:
-    """[..., blocks, block_size, D]: entry t of block c pools tokens c*bs .. c*bs + t of x
-    [..., N, D] (mean or max). Positions past the end of x are padding, never pooled by an
-    entry at or before the last real token."""
-    n = x.shape[-2]
-    blocks = num_blocks(n, block_size)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - n))
-    padded = padded.unflatten(-2, (blocks, block_size))
+def _reduce(x: torch.Tensor, dim: int, pool: str, dtype: torch.dtype) -> torch.Tensor:
     if pool == "max":
-        return padded.cummax(dim=-2).values
-    count = torch.arange(1, block_size + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
-    return padded.cumsum(dim=-2) / count
+        return x.amax(dim).to(dtype)
+    return x.sum(dim, dtype=dtype) / x.shape[dim]
 
 
-def _pool_at(prefix: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """prefix [..., blocks, bs, D] at token `last` [blocks] (long, in [0, bs)) of each block:
-    [..., blocks, D]."""
-    index = last.view(-1, 1, 1).expand(*prefix.shape[:-2], 1, prefix.shape[-1])
-    return prefix.gather(-2, index).squeeze(-2)
+def _pool_blocks(x: torch.Tensor, block_size: int, pool: str, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., N, D] pooled per block of block_size tokens (a tail block over its real tokens
+    only): [..., ceil(N / bs), D] in dtype. No copy of x."""
+    n = x.shape[-2]
+    whole = n // block_size
+    parts = []
+    if whole:
+        parts.append(_reduce(x[..., :whole * block_size, :].unflatten(-2, (whole, block_size)),
+                             -2, pool, dtype))
+    if n > whole * block_size:
+        parts.append(_reduce(x[..., whole * block_size:, :], -2, pool, dtype).unsqueeze(-2))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+
+def _pool_prefixes(x: torch.Tensor, block: torch.Tensor, last: torch.Tensor, block_size: int,
+                   pool: str, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., N, D] pooled over tokens block[i] * bs .. block[i] * bs + last[i] for every i
+    (block, last: [R] long, last < bs, within x): [..., R, D]. O(R * bs * D)."""
+    n = x.shape[-2]
+    tokens = block.unsqueeze(1) * block_size + torch.arange(block_size, device=x.device)
+    used = torch.arange(block_size, device=x.device) <= last.unsqueeze(1)  # [R, bs]
+    picked = x.index_select(-2, tokens.clamp(max=n - 1).flatten()).unflatten(-2, tokens.shape)
+    used = used.unsqueeze(-1)
+    if pool == "max":
+        return torch.where(used, picked, float("-inf")).amax(-2).to(dtype)
+    return torch.where(used, picked, 0).sum(-2, dtype=dtype) / (last + 1).unsqueeze(-1).to(dtype)
 
 
 @torch.no_grad()
@@ -157,25 +170,24 @@ def select_blocks(
 
     rows = torch.arange(qb, device=device)
     cols = torch.arange(kb, device=device)
-    q_last = (torch.clamp((rows + 1) * bs, max=q_len) - 1) - rows * bs  # last real token per block
-    k_last = (torch.clamp((cols + 1) * bs, max=k_len) - 1) - cols * bs
-    position = rows * bs + q_last + (k_len - q_len)  # p(r): last query's position, [qb]
-    diagonal = torch.div(position, bs, rounding_mode="floor")  # d(r); < 0: before the first key
+    # p(r): the position of block r's last query; d(r): its key block (< 0: before the first key).
+    position = torch.clamp((rows + 1) * bs, max=q_len) - 1 + (k_len - q_len)
+    diagonal = torch.div(position, bs, rounding_mode="floor")
 
-    pooled_q = _pool_at(_prefix_pools(q.to(dtype), bs, pool), q_last)  # [B, H, qb, D]
-    k_prefix = _prefix_pools(k.to(dtype), bs, pool)  # [B, Hkv, kb, bs, D]
-    pooled_k = _pool_at(k_prefix, k_last)  # [B, Hkv, kb, D]
-    pooled_q = pooled_q.view(batch, kv_heads, group, qb, head_dim)
+    pooled_q = _pool_blocks(q, bs, pool, dtype)  # [B, H, qb, D]
+    pooled_k = _pool_blocks(k, bs, pool, dtype)  # [B, Hkv, kb, D]
     scale = 1.0 / math.sqrt(head_dim)
-    scores = pooled_q @ pooled_k.unsqueeze(2).transpose(-1, -2) * scale  # [B, Hkv, G, qb, kb]
+    pooled_q = pooled_q.view(batch, kv_heads, group * qb, head_dim)
+    scores = (pooled_q @ pooled_k.transpose(-1, -2) * scale).view(batch, kv_heads, group, qb, kb)
 
     if causal:
         candidate = cols.unsqueeze(0) <= diagonal.unsqueeze(1)  # [qb, kb]
-        # The diagonal block pooled over its keys up to p(r) only: one (block, token) per row.
+        # The diagonal block pooled over its keys up to p(r) only: one prefix per row.
         diag_block = diagonal.clamp(0, kb - 1)
-        diag_token = torch.minimum(position - diag_block * bs, k_last[diag_block]).clamp(0, bs - 1)
-        diag_k = k_prefix.flatten(-3, -2).index_select(-2, diag_block * bs + diag_token)
-        diag_scores = (pooled_q * diag_k.unsqueeze(2)).sum(-1) * scale  # [B, Hkv, G, qb]
+        diag_last = (position - diag_block * bs).clamp(0, bs - 1)
+        diag_k = _pool_prefixes(k, diag_block, diag_last, bs, pool, dtype)  # [B, Hkv, qb, D]
+        diag_scores = (pooled_q.view(batch, kv_heads, group, qb, head_dim)
+                       * diag_k.unsqueeze(2)).sum(-1) * scale  # [B, Hkv, G, qb]
         on_diagonal = cols.unsqueeze(0) == diagonal.unsqueeze(1)
         scores = torch.where(on_diagonal, diag_scores.unsqueeze(-1), scores)
     else:
