@@ -33,9 +33,13 @@ def eager_constant(fn):
     """Decorator: `fn(obj, *args)`, with obj a KnownById and args Python constants, runs
     eagerly even under torch.compile and its result becomes a constant of the graph."""
 
-    @torch.compiler.assume_constant_result
     def by_id(obj_id: int, *args):
         return fn(_live_objects[obj_id], *args)
+
+    # Dynamo names a constant result after its function: one name per wrapped function, so
+    # that two of them can return tensors in one graph.
+    by_id.__name__ = by_id.__qualname__ = f"{fn.__name__}_by_id"
+    by_id = torch.compiler.assume_constant_result(by_id)
 
     @functools.wraps(fn)
     def call(obj: KnownById, *args):

@@ -160,3 +160,23 @@ def test_compile_dynamic_shapes_and_layout_arguments():
                              (2, 64, dense)):
         q, k, v = (torch.randn(batch, 2, n, 16) for _ in range(3))
         assert max_error(f(q, k, v, layout), reference.attention(q, k, v, layout, causal=True)) < 1e-5
+
+
+def test_two_eager_constants_returning_tensors_share_a_graph():
+    from sparse_attention.compile_constants import KnownById, eager_constant
+
+    class Holder(KnownById):
+        pass
+
+    @eager_constant
+    def first(holder, n):
+        return torch.arange(n)
+
+    @eager_constant
+    def second(holder, n):
+        return torch.ones(n)
+
+    holder = Holder()
+    compiled = torch.compile(lambda x: x + first(holder, 3) + second(holder, 3), fullgraph=True,
+                             backend="eager")
+    assert torch.equal(compiled(torch.zeros(3)), torch.tensor([1.0, 2.0, 3.0]))
