@@ -38,7 +38,9 @@ def eager_constant(fn):
 
     # Dynamo names a constant result after its function: one name per wrapped function, so
     # that two of them can return tensors in one graph.
-    by_id.__name__ = by_id.__qualname__ = f"{fn.__name__}_by_id"
+    name = f"{fn.__name__}_by_id"
+    by_id.__name__ = by_id.__qualname__ = name
+    by_id.__code__ = by_id.__code__.replace(co_name=name, co_qualname=name)
     by_id = torch.compiler.assume_constant_result(by_id)
 
     @functools.wraps(fn)
