@@ -141,6 +141,20 @@ def _cached_block_lists(layout, q_len, k_len, window, device, num_heads,
     return tuple(layout.block_lists(q_len, k_len, window, device))
 
 
+def call_rules(layout, head_dim: int, *, causal: bool, scale, window) -> tuple[float, bool, Window]:
+    """(scale, causal, window) that a call applies: the default scale 1/sqrt(D), and a
+    pattern's own causality and exact token window on top of the caller's."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    is_pattern = isinstance(layout, Pattern)
+    causal = bool(causal) or (is_pattern and layout.causal)
+    window = Window.resolve(window, causal=causal,
+                            pattern_window=layout.token_window if is_pattern else None)
+    return float(scale), causal, window
+
+
 def _static_window(window: Window) -> Window:
     # The block lists depend on the window: under dynamic shapes the graph specialises on it
     # (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
@@ -188,14 +202,9 @@ def sparse_attention(
     q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, layout, key_padding_mask)
     _check_device_kernels(q, layout.block_size)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
+    window = _static_window(window)
     is_pattern = isinstance(layout, Pattern)
-    causal = bool(causal) or (is_pattern and layout.causal)
-    window = _static_window(Window.resolve(
-        window, causal=causal, pattern_window=layout.token_window if is_pattern else None))
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])

@@ -11,18 +11,16 @@ whole [Nq, Nk] score matrix at once, with static-shape tensor ops (no host sync)
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 
-from sparse_attention.attention import _check_inputs
+from sparse_attention.attention import _check_inputs, call_rules
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.layout import BlockLayout, num_blocks
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.tensor_layout import TensorLayout
-from sparse_attention.window import Window
 
 # Elements of one chunk's score matrix [B, H, chunk queries, Nk] to aim for (a chunk holds at
 # least one query-block row).
@@ -138,14 +136,8 @@ def block_attention_mass(
     """
     _check_inputs(q, k, k, layout, key_padding_mask)
     _check_lse(lse, q)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    is_pattern = isinstance(layout, Pattern)
-    causal = bool(causal) or (is_pattern and layout.causal)
-    left, right = Window.resolve(window, causal=causal,
-                                 pattern_window=layout.token_window if is_pattern else None)
+    scale, causal, (left, right) = call_rules(layout, q.shape[-1], causal=causal, scale=scale,
+                                              window=window)
 
     batch, num_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]

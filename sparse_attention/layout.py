@@ -48,6 +48,21 @@ def check_block_size(block_size) -> int:
     return block_size
 
 
+def check_block_mask(mask, dims: tuple[int, ...], shape_text: str) -> torch.Tensor:
+    """A bool block mask with one of `dims` dimensions, none empty, that int32 lists can index."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
+    if mask.dim() not in dims or 0 in mask.shape:
+        raise ValueError(f"mask: expected a non-empty bool tensor {shape_text}, got shape "
+                         f"{tuple(mask.shape)}")
+    if mask.numel() >= MAX_BLOCKS:
+        raise ValueError(f"mask: {mask.numel()} blocks; block lists index blocks with int32, so at "
+                         f"most {MAX_BLOCKS - 1} (use a larger block_size)")
+    return mask
+
+
 def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
@@ -63,22 +78,9 @@ class BlockLayout(KnownById):
 
     def __init__(self, mask: torch.Tensor, block_size: int):
         self.block_size = check_block_size(block_size)
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
+        mask = check_block_mask(mask, (2, 3), "[heads, q_blocks, k_blocks] or [q_blocks, k_blocks]")
         if mask.dim() == 2:
             mask = mask.unsqueeze(0)
-        if mask.dim() != 3 or 0 in mask.shape:
-            raise ValueError(
-                "mask: expected a non-empty [heads, q_blocks, k_blocks] or [q_blocks, k_blocks] "
-                f"tensor, got shape {tuple(mask.shape)}"
-            )
-        if mask.numel() >= MAX_BLOCKS:
-            raise ValueError(
-                f"mask: {mask.numel()} blocks; block lists index blocks with int32, so at most "
-                f"{MAX_BLOCKS - 1} (use a larger block_size)"
-            )
         # A private copy: later edits of the caller's tensor must not change cached lists.
         self._mask = mask.detach().to("cpu", copy=True).contiguous()
         self._nnz = int(self._mask.sum())

@@ -15,7 +15,7 @@ import torch
 from sparse_attention import ops
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.compile_constants import KnownById, eager_constant
-from sparse_attention.layout import BlockLists, MAX_BLOCKS, check_block_size, num_blocks
+from sparse_attention.layout import BlockLists, check_block_mask, check_block_size, num_blocks
 from sparse_attention.window import Window
 
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -74,17 +74,7 @@ class TensorLayout:
 
     def __init__(self, mask: torch.Tensor, block_size: int):
         self.block_size = check_block_size(block_size)
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
-        if mask.dim() != 4 or 0 in mask.shape:
-            raise ValueError("mask: expected a non-empty bool tensor [B or 1, heads, q_blocks, "
-                             f"k_blocks], got shape {tuple(mask.shape)}")
-        if mask.numel() >= MAX_BLOCKS:
-            raise ValueError(f"mask: {mask.numel()} blocks; block lists index blocks with int32, so "
-                             f"at most {MAX_BLOCKS - 1} (use a larger block_size)")
-        self.mask = mask.detach()
+        self.mask = check_block_mask(mask, (4,), "[B or 1, heads, q_blocks, k_blocks]").detach()
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, block_size: int) -> "TensorLayout":

@@ -241,3 +241,26 @@ else:
     settings.register_profile("long", max_examples=3000, deadline=None,
                               suppress_health_check=_slow_ok, print_blob=True)
     settings.load_profile("quick")
+
+
+HOST_SYNC_METHODS = ("item", "tolist", "cpu", "nonzero", "__bool__")
+
+
+@contextlib.contextmanager
+def host_syncs(monkeypatch):
+    """While active, records the calls of Tensor methods that copy data to the host (a device
+    sync on a GPU): the list it yields must stay empty for sync-free code."""
+    calls = []
+    for name in HOST_SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    try:
+        yield calls
+    finally:
+        monkeypatch.undo()
+

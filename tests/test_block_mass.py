@@ -16,6 +16,8 @@ import torch
 import torch._dynamo.testing
 
 import sparse_attention as sa
+
+from conftest import host_syncs
 from sparse_attention import block_mass, reference
 from sparse_attention.element_rules import element_mask
 
@@ -197,17 +199,8 @@ def test_mass_never_syncs_with_the_host(monkeypatch):
     layout = sa.TensorLayout.from_mask(torch.rand(B, HKV, 7, 7) < 0.5, BS)
     pad = torch.rand(B, 100) < 0.2
     _, lse = sa.sparse_attention(q, k, v, layout, causal=True, key_padding_mask=pad, return_lse=True)
-    calls = []
-    for name in ("item", "tolist", "cpu", "nonzero", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    sa.block_attention_mass(q, k, layout, lse, causal=True, key_padding_mask=pad, window=(40, None))
-    monkeypatch.undo()
+    with host_syncs(monkeypatch) as calls:
+        sa.block_attention_mass(q, k, layout, lse, causal=True, key_padding_mask=pad, window=(40, None))
     assert calls == []
 
 

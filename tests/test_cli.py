@@ -51,7 +51,7 @@ def test_console_script_exits_zero():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_op_and_models_need_torch_only():
+def test_the_op_and_models_need_torch_only(tmp_path):
     # With the extras' packages unimportable: the op, modules and models work; saving a model
     # and the training commands say which extra to install, in one line.
     import subprocess
@@ -70,7 +70,7 @@ SparseMultiheadAttention(32, 2, pattern=sa.Local(32, block_size=16))
 model = SparseTransformerLM(SparseTransformerConfig(vocab_size=10, max_seq_len=64, d_model=16,
                                                     num_layers=1, num_heads=2, block_size=16))
 try:
-    model.save_pretrained("unused")
+    model.save_pretrained("model")
 except ImportError as error:
     assert "sparse_attention[train]" in str(error), error
 else:
@@ -82,5 +82,7 @@ try:
 except SystemExit as stop:
     assert "pyyaml is needed for sparse-attention train" in str(stop), stop
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "model").exists()  # nothing written before the error

@@ -15,6 +15,8 @@ import torch
 import torch._dynamo.testing
 
 import sparse_attention as sa
+
+from conftest import host_syncs
 from sparse_attention import reference
 
 B, H, HKV, D, BS = 2, 4, 2, 16, 16
@@ -205,18 +207,9 @@ def test_lower_precision_inputs(dtype):
 
 def test_selection_never_syncs_with_the_host(monkeypatch):
     q, k, _ = qkv(seed=9)
-    calls = []
-    for name in ("item", "tolist", "cpu", "nonzero", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    for kwargs in (dict(top_k=2), dict(threshold=0.9, pool="max")):
-        sa.select_blocks(q, k, BS, causal=True, heads="q", **kwargs)
-    monkeypatch.undo()
+    with host_syncs(monkeypatch) as calls:
+        for kwargs in (dict(top_k=2), dict(threshold=0.9, pool="max")):
+            sa.select_blocks(q, k, BS, causal=True, heads="q", **kwargs)
     assert calls == []
 
 

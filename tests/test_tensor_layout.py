@@ -16,7 +16,7 @@ import torch
 import sparse_attention as sa
 from sparse_attention import reference
 
-from conftest import require_module
+from conftest import host_syncs, require_module
 
 B, H, HKV, D, BS = 2, 4, 2, 16, 16
 
@@ -133,17 +133,8 @@ def test_lists_equal_the_cpu_builders(q_len, k_len, window):
 
 def test_building_lists_never_syncs_with_the_host(monkeypatch):
     layout = sa.TensorLayout.from_mask(torch.rand(B, H, 7, 7) < 0.5, BS)
-    calls = []
-    for name in ("item", "tolist", "cpu", "nonzero", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    layout.block_lists(100, 100, (None, 0))
-    monkeypatch.undo()
+    with host_syncs(monkeypatch) as calls:
+        layout.block_lists(100, 100, (None, 0))
     assert calls == []
 
 

@@ -21,7 +21,8 @@ from sparse_attention.benchmark.cases import FULL_GRID, QUICK_GRID, grid
 from sparse_attention.benchmark.contenders import Settings, measure_case
 
 
-def _csv(kind):
+def csv_of(kind):
+    """argparse type: a comma-separated list of `kind` values."""
     def parse(text: str):
         return tuple(kind(item) for item in text.split(",") if item)
     return parse
@@ -30,18 +31,18 @@ def _csv(kind):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"small grid: {QUICK_GRID} (explicit flags still win)")
-    parser.add_argument("--patterns", type=_csv(str), help=f"default {','.join(FULL_GRID['patterns'])}")
-    parser.add_argument("--seq-lens", type=_csv(int),
+    parser.add_argument("--patterns", type=csv_of(str), help=f"default {','.join(FULL_GRID['patterns'])}")
+    parser.add_argument("--seq-lens", type=csv_of(int),
                         help=f"default {','.join(map(str, FULL_GRID['seq_lens']))}")
-    parser.add_argument("--head-dims", type=_csv(int), help="default 64,128")
-    parser.add_argument("--dtypes", type=_csv(str), help="default float32,bfloat16")
+    parser.add_argument("--head-dims", type=csv_of(int), help="default 64,128")
+    parser.add_argument("--dtypes", type=csv_of(str), help="default float32,bfloat16")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls, median reported")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed calls per measurement at most (default 20)")
-    parser.add_argument("--skip", type=_csv(str), default=(),
+    parser.add_argument("--skip", type=csv_of(str), default=(),
                         help="contenders to leave out: sdpa_masked, flex (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

@@ -70,7 +70,7 @@ def _measure(forward: Callable[[], torch.Tensor], inputs, grad_out, settings: Se
     return Result(fwd, fwd_bwd, measure.peak_memory(step, settings.device), error)
 
 
-def _available_memory(device: str) -> int | None:
+def available_memory(device: str) -> int | None:
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
     try:
@@ -84,7 +84,7 @@ def _available_memory(device: str) -> int | None:
 
 
 def _too_big(needed: int, settings: Settings) -> str | None:
-    free = _available_memory(settings.device)
+    free = available_memory(settings.device)
     if free is not None and needed > settings.memory_fraction * free:
         return (f"needs ~{measure.format_bytes(needed)}, {measure.format_bytes(free)} free")
     return None

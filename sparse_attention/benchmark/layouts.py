@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import sparse_attention as sa
 from sparse_attention import measure
 from sparse_attention.benchmark import flops, machine
-from sparse_attention.benchmark.contenders import _available_memory
+from sparse_attention.benchmark.command import csv_of
+from sparse_attention.benchmark.contenders import available_memory
 from sparse_attention.benchmark.timing import median_time
 
 PARTS = ("lists", "selection", "flex")
@@ -64,11 +65,6 @@ class Skipped:
         return f"skipped: {self.reason}"
 
 
-def _csv(kind):
-    def parse(text: str):
-        return tuple(kind(item) for item in text.split(",") if item)
-    return parse
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
@@ -77,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="auto: float32 on the CPU, bfloat16 on CUDA")
-    parser.add_argument("--parts", type=_csv(str), default=PARTS,
+    parser.add_argument("--parts", type=csv_of(str), default=PARTS,
                         help=f"tables to make, comma-separated (default {','.join(PARTS)})")
     parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
     parser.add_argument("--head-dim", type=int, default=64)
@@ -93,16 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lists-mask", choices=["select", "random"], default="select",
                         help="table 1's layout: select_blocks' (default) or top_k random "
                              "causal key blocks per row (plus the first and the diagonal)")
-    parser.add_argument("--seq-lens", type=_csv(int),
+    parser.add_argument("--seq-lens", type=csv_of(int),
                         help=f"tables 2 and 3 (default {','.join(map(str, FULL['seq_lens']))})")
     parser.add_argument("--batch", type=int, default=1, help="tables 2 and 3's B (default 1)")
     parser.add_argument("--heads", type=int, default=8, help="tables 2 and 3's H (default 8)")
-    parser.add_argument("--kv-heads", type=_csv(int), default=(8, 2),
+    parser.add_argument("--kv-heads", type=csv_of(int), default=(8, 2),
                         help="tables 2 and 3's Hkv values (default 8,2)")
     parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True,
                         help="table 3, FlexAttention (default on; compiling it on the CPU takes "
                              "tens of seconds per shape)")
-    parser.add_argument("--flex-seq-lens", type=_csv(int),
+    parser.add_argument("--flex-seq-lens", type=csv_of(int),
                         help="table 3's lengths (default: the shortest of --seq-lens on the CPU, "
                              "all of them on CUDA)")
     parser.add_argument("--flex-create", choices=["compiled", "eager"], default="compiled",
@@ -186,7 +182,7 @@ def _free(device: str) -> None:
 
 
 def _too_big(needed: int, device: str) -> Skipped | None:
-    free = _available_memory(device)
+    free = available_memory(device)
     if free is not None and needed > 0.8 * free:
         return Skipped(f"needs ~{measure.format_bytes(needed)}, "
                        f"{measure.format_bytes(free)} free")

@@ -27,10 +27,11 @@ class PretrainedMixin:
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Writes folder/config.json and folder/model.safetensors (tied weights stored once)."""
+        safetensors = require("safetensors.torch", purpose="save_pretrained")  # before any write
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / CONFIG_FILE)
-        require("safetensors.torch", purpose="save_pretrained").save_model(self, str(folder / WEIGHTS_FILE))
+        safetensors.save_model(self, str(folder / WEIGHTS_FILE))
         # safetensors writes through a private temporary file (0600): give the weights the
         # permissions every other file gets, as the umask says.
         os.chmod(folder / WEIGHTS_FILE, 0o666 & ~_umask())
