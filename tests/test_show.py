@@ -75,3 +75,133 @@ def test_show_command_causal_counts_and_params(capsys):
     assert "causal" in capsys.readouterr().out  # a unidirectional config is causal by itself
     with pytest.raises(SystemExit):
         cli.main(["show", "fixed", "--param", "oops"])
+
+
+# --- A trained model's block attention mass: `show --checkpoint RUN --text FILE` ---
+
+TINY_RUN = ["--seq-len", "128", "--block-size", "32", "--d-model", "32", "--num-layers", "2",
+            "--num-heads", "2", "--batch-size", "4", "--sdpa-max-len", "0", "--no-progress",
+            "--no-tensorboard", "--device", "cpu", "--warmup-steps", "1", "--precision", "fp32",
+            "--steps", "3", "--eval-every", "3", "--pattern", "fixed", "--positions", "rotary"]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A language model trained for three steps (about a second) and a text for it to read."""
+    root = tmp_path_factory.mktemp("show_run")
+    words = "the quick brown fox jumps over a lazy dog while seven wizards hum".split()
+    text = " ".join(words[(i * 7) % len(words)] for i in range(300)) + "\n"
+    (root / "data").mkdir()
+    for i in range(3):
+        (root / "data" / f"doc{i}.txt").write_text(text[i:])
+    (root / "text.txt").write_text(text)
+    cli.run(["train", *TINY_RUN, "--data", str(root / "data"), "--out", str(root / "run")])
+    return root / "run", root / "text.txt"
+
+
+def test_show_checkpoint_draws_the_mass_and_prints_a_line_per_layer(lm_run, tmp_path, capsys):
+    run, text = lm_run
+    out = tmp_path / "mass.png"
+    result = cli.run(["show", "--checkpoint", str(run), "--text", str(text), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "128 tokens" in printed and "2 layers x 2 heads" in printed and f"wrote {out}" in printed
+    lines = [line.strip() for line in printed.splitlines() if line.strip().startswith("layer ")]
+    assert [line.split(" (")[0] for line in lines] == ["layer 0", "layer 1"]
+    assert all("diagonal block" in line and "first block" in line and "entropy" in line
+               for line in lines)
+    assert len(result["masses"]) == 2 and result["tokens"] == 128
+    # One layer, one head, a shorter sequence, on a log scale.
+    cli.run(["show", "--checkpoint", str(run / "checkpoints"), "--text", str(text), "--out",
+             str(out), "--layer", "1", "--head", "0", "--seq-len", "100", "--log"])
+    assert "100 tokens" in capsys.readouterr().out
+
+
+def test_layer_masses_are_the_layers_softmax_weights_per_block(lm_run):
+    from sparse_attention.block_mass_view import attention_layers, layer_masses, row_statistics
+    from sparse_attention.reference import element_mask
+    from sparse_attention.training.trained_model import load_trained
+
+    run, text = lm_run
+    trained = load_trained(run, torch.device("cpu"))
+    n = 100  # a tail block of 4 queries
+    ids = torch.tensor(trained.tokenizer.encode(text.read_text())[:n])
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+             for layer in attention_layers(trained.model)]
+    try:
+        masses = layer_masses(trained.model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [m.layer for m in masses] == [0, 1] and all(m.causal for m in masses)
+    for mass, x, layer in zip(masses, inputs, attention_layers(trained.model)):
+        assert mass.share.shape == mass.computed.shape == (2, 4, 4)
+        # Every row's queries see a key: the drawn shares sum to 1 per row, 0 off the layout.
+        torch.testing.assert_close(mass.share.sum(-1), torch.ones(2, 4), atol=1e-4, rtol=0)
+        assert float(mass.share[~mass.computed].abs().sum()) == 0.0
+        # Against dense softmax weights of the layer's q and k, recomputed from its input.
+        with torch.no_grad():
+            q, k, _ = layer.qkv(x).view(1, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            q, k = layer.rotary(q), layer.rotary(k)
+            layout = layer.dispatch.pattern.layout(n, num_heads=2, causal=True)
+            scores = (q @ k.transpose(-1, -2) / 4.0).double()
+            scores = scores.masked_fill(~element_mask(layout, n, n, causal=True), float("-inf"))
+            weights = torch.nn.functional.pad(scores.softmax(-1), (0, 28, 0, 28))[0]
+        expected = weights.unflatten(-1, (4, 32)).sum(-1).unflatten(-2, (4, 32)).sum(-2)
+        expected = expected / torch.tensor([32.0, 32.0, 32.0, 4.0]).view(4, 1)
+        torch.testing.assert_close(mass.share.double(), expected, atol=1e-5, rtol=1e-4)
+        stats = row_statistics(mass)
+        assert 0 < stats["diagonal"] < 1 and 0 <= stats["first"] < 1
+        assert 0 < stats["entropy"] <= stats["uniform_entropy"] + 1e-6
+
+
+def test_layer_masses_of_a_classifier_are_bidirectional():
+    from sparse_attention.block_mass_view import layer_masses
+    from sparse_attention.models import SparseClassifierConfig, SparseTransformerClassifier
+
+    config = SparseClassifierConfig(vocab_size=20, max_seq_len=128, d_model=16, num_layers=1,
+                                    num_heads=2, block_size=16, pattern="local", sdpa_max_len=0)
+    masses = layer_masses(SparseTransformerClassifier(config), torch.arange(90) % 20)
+    assert len(masses) == 1 and not masses[0].causal
+    assert bool(masses[0].computed.triu(1).any())  # later key blocks are computed too
+    torch.testing.assert_close(masses[0].share.sum(-1), torch.ones(2, 6), atol=1e-4, rtol=0)
+
+
+def test_show_checkpoint_errors_name_the_flag(lm_run, tmp_path):
+    run, text = lm_run
+    out = str(tmp_path / "x.png")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--text", str(text), "--out", out],
+         "--checkpoint: no run"),
+        (["--checkpoint", str(run), "--text", str(tmp_path / "missing.txt"), "--out", out],
+         "--text: no file"),
+        (["--checkpoint", str(run), "--out", out], "--text: expected the text FILE"),
+        (["--checkpoint", str(run), "--text", str(text)], "--out: expected the image file"),
+        (["fixed", "--checkpoint", str(run), "--text", str(text), "--out", out], "NAME: not with"),
+        (["--checkpoint", str(run), "--text", str(text), "--out", out, "--block", "32"],
+         "--block: not with --checkpoint"),
+        (["--checkpoint", str(run), "--text", str(text), "--out", out, "--layer", "2"],
+         r"--layer: 2 is out of range \(the model has 2 layers\)"),
+        (["--checkpoint", str(run), "--text", str(text), "--out", out, "--seq-len", "129"],
+         "--seq-len: expected 1 to the model's max_seq_len 128"),
+        (["fixed", "--layer", "0"], "--layer: only with --checkpoint"),
+        (["fixed", "--text", str(text)], "--text: a file"),
+        ([], "NAME: expected a pattern name"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["show", *argv])
+
+
+def test_show_text_flag_still_comes_before_the_name(capsys):
+    cli.main(["show", "--text", "local", "--seq-len", "256", "--block", "32", "--ascii"])
+    assert "Local(" in capsys.readouterr().out
+
+
+def test_show_checkpoint_without_matplotlib_names_the_extra(lm_run, tmp_path, monkeypatch):
+    run, text = lm_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"pip install 'sparse_attention\[plot\]'"):
+        cli.main(["show", "--checkpoint", str(run), "--text", str(text), "--out",
+                  str(tmp_path / "x.png")])
