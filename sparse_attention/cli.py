@@ -19,7 +19,8 @@ SUBCOMMANDS = {
     "demo": (demo_command, "train sparse against dense attention at 4096 tokens and compare (about 5 min)"),
     "speed": (speed, "time and memory of sparse against dense attention on one long sequence"),
     "bench": (bench, "benchmark against torch SDPA and compiled FlexAttention"),
-    "show": (show_command, "picture, density and FLOPs of an attention pattern, or the attention of a trained model"),
+    "show": (show_command,
+             "picture, density and FLOPs of an attention pattern, or a trained model's attention"),
 }
 
 
