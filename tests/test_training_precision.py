@@ -4,6 +4,7 @@ and the run says which precision ran and why."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -77,6 +78,7 @@ def test_an_aten_capability_cap_makes_auto_pick_fp32(monkeypatch):
     assert choice.name == "fp32" and "ATEN_CPU_CAPABILITY=avx2" in choice.reason
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction set variables")
 @pytest.mark.parametrize("env", [AVX2_ENV, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}])
 def test_the_avx2_environment_picks_fp32_in_a_fresh_process(env):
     """With the real probes of torch: the variables are read when torch starts."""
