@@ -59,6 +59,18 @@ def _compact(selected: torch.Tensor, full: torch.Tensor):
     return offsets.to(torch.int32), indices[:capacity], num_full.to(torch.int32)
 
 
+def static_block_lists(mask: torch.Tensor, q_len: int, k_len: int, block_size: int,
+                       window: Window) -> BlockLists:
+    """Block lists of a bool mask [B', heads, qb, kb] by tensor ops of static shapes (the
+    indices have capacity mask.numel()): what TensorLayout builds on a GPU and under compile."""
+    kinds = _block_kinds(_KINDS, q_len, k_len, block_size, tuple(window), str(mask.device))
+    selected = mask & (kinds != 0)
+    full = selected & (kinds == 1)
+    rows = _compact(selected, full)
+    cols = _compact(selected.transpose(-1, -2), full.transpose(-1, -2))
+    return BlockLists(*rows, *cols)
+
+
 class TensorLayout:
     """A block layout as a bool tensor on the device, batched, built per call.
 
@@ -175,14 +187,17 @@ class TensorLayout:
 
     def block_lists(self, q_len: int, k_len: int, window) -> BlockLists:
         """The kernels' row and column lists for these lengths and token window, on the mask's
-        device, by tensor ops of static shapes (no host sync)."""
-        window = tuple(Window.of(window))
-        kinds = _block_kinds(_KINDS, q_len, k_len, self.block_size, window, str(self.mask.device))
-        selected = self.mask & (kinds != 0)
-        full = selected & (kinds == 1)
-        rows = _compact(selected, full)
-        cols = _compact(selected.transpose(-1, -2), full.transpose(-1, -2))
-        return BlockLists(*rows, *cols)
+        device, with no host sync: by tensor ops of static shapes on a GPU and in compiled
+        graphs; in eager mode on the CPU (where there is no device to sync with) by the C++
+        builder, whose one pass over the blocks is some 25x faster."""
+        window = Window.of(window)
+        if self.mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            lb, lh, qb, kb = self.mask.shape
+            built = ops.build_block_lists(self.mask.reshape(lb * lh, qb, kb), q_len, k_len,
+                                          self.block_size, window)
+            return BlockLists(built[0], built[1], built[2].view(lb, lh, qb),
+                              built[3], built[4], built[5].view(lb, lh, kb))
+        return static_block_lists(self.mask, q_len, k_len, self.block_size, window)
 
     def to_block_layout(self):
         """The BlockLayout of a layout shared by the batch ([1, heads, qb, kb]; copies to the CPU)."""

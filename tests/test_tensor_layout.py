@@ -16,6 +16,9 @@ import torch
 import sparse_attention as sa
 from sparse_attention import reference
 
+from sparse_attention.tensor_layout import static_block_lists
+from sparse_attention.window import Window
+
 from conftest import host_syncs, require_module
 
 B, H, HKV, D, BS = 2, 4, 2, 16, 16
@@ -118,10 +121,18 @@ def test_index_errors_name_the_argument():
 @pytest.mark.parametrize("q_len, k_len, window", [(100, 100, (None, None)), (70, 130, (None, 0)),
                                                   (64, 64, (10, 3)), (130, 70, (None, 0))])
 def test_lists_equal_the_cpu_builders(q_len, k_len, window):
+    # The static-shape builder (GPUs, compiled graphs) against the C++ one, which eager CPU
+    # calls of TensorLayout and every BlockLayout use.
     qb, kb = math.ceil(q_len / BS), math.ceil(k_len / BS)
-    mask = torch.rand(3, qb, kb, generator=torch.Generator().manual_seed(q_len)) < 0.5
-    ours = sa.TensorLayout.from_mask(mask.unsqueeze(0), BS).block_lists(q_len, k_len, window)
-    theirs = sa.BlockLayout(mask, BS).block_lists(q_len, k_len, window, torch.device("cpu"))
+    mask = torch.rand(2, 3, qb, kb, generator=torch.Generator().manual_seed(q_len)) < 0.5
+    ours = static_block_lists(mask, q_len, k_len, BS, Window.of(window))
+    theirs = sa.TensorLayout.from_mask(mask, BS).block_lists(q_len, k_len, window)
+    assert torch.equal(theirs.row_num_full, sa.BlockLayout(mask.flatten(0, 1), BS).block_lists(
+        q_len, k_len, window, torch.device("cpu")).row_num_full.view(2, 3, qb))
+    assert_same_lists(ours, theirs)
+
+
+def assert_same_lists(ours, theirs):
     for name in ("row", "col"):
         offsets, num_full = getattr(ours, f"{name}_offsets"), getattr(ours, f"{name}_num_full")
         assert torch.equal(offsets, getattr(theirs, f"{name}_offsets"))
@@ -132,9 +143,9 @@ def test_lists_equal_the_cpu_builders(q_len, k_len, window):
 
 
 def test_building_lists_never_syncs_with_the_host(monkeypatch):
-    layout = sa.TensorLayout.from_mask(torch.rand(B, H, 7, 7) < 0.5, BS)
+    mask = torch.rand(B, H, 7, 7) < 0.5
     with host_syncs(monkeypatch) as calls:
-        layout.block_lists(100, 100, (None, 0))
+        static_block_lists(mask, 100, 100, BS, Window(None, 0))
     assert calls == []
 
 
@@ -197,6 +208,9 @@ def test_fuzz_tensor_layouts(q_len, k_len, layout_batch, layout_heads, density, 
     layout = sa.TensorLayout.from_mask(mask, BS)
     atol = 1e-10 if dtype == torch.float64 else 2e-5
     check_against_reference(q, k, v, layout, atol=atol, causal=causal, key_padding_mask=pad)
+    window = Window(None, 0 if causal else None)
+    assert_same_lists(static_block_lists(mask, q_len, k_len, BS, window),
+                      layout.block_lists(q_len, k_len, window))
 
 
 def test_modules_and_models_take_a_layout_per_call():

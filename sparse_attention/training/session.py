@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sparse_attention.training.metrics_log import read_metrics
 from sparse_attention.training.report import RunSummary, write_report
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER
 from sparse_attention.training.trainer import RunResult, train
+from sparse_attention.benchmark.machine import cpu_features, cpu_name
 
 DENSE_FOLDER = "dense"
 REPORT_FOLDER = "report"
@@ -66,21 +66,14 @@ def machine(config: TrainConfig) -> str:
     """The machine the runs ran on, in one line."""
     processes = distributed.processes_from_environment()
     device = runtime.pick_device(config.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{_cpu_name()} ({sa.cpu_capability()} kernels), {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = (f"{cpu_name()} ({cpu_features()}; {sa.cpu_capability()} kernels), "
+                 f"{torch.get_num_threads()} threads")
     return (f"Machine: {where}; {processes.world_size} process(es); torch {torch.__version__}; "
             f"sparse_attention {sa.__version__}.")
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_headline(runs: list[RunSummary], report: Path) -> None:
