@@ -28,6 +28,13 @@ TORCH_LIBRARY(sparse_attention, m) {
       "Tensor row_num_full, Tensor col_offsets, Tensor col_indices, Tensor col_num_full, "
       "Tensor? key_padding_mask, int block_size, float scale, int window_left, "
       "int window_right, bool deterministic=False) -> (Tensor, Tensor)");
+  // Attention probability mass of every computed block pair, float32 [B, H, q_blocks,
+  // k_blocks]: the sum over the block of exp(q k^T * scale - lse), with the forward's lse and
+  // the element rules; 0 where the row lists have no block. Not differentiable.
+  m.def(
+      "block_mass(Tensor q, Tensor k, Tensor lse, Tensor row_offsets, Tensor row_indices, "
+      "Tensor row_num_full, Tensor? key_padding_mask, int block_size, float scale, "
+      "int window_left, int window_right) -> Tensor");
   // (grad_q, grad_k, grad_v). grad_lse may be None.
   m.def(
       "backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "

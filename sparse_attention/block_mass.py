@@ -15,7 +15,10 @@ import operator
 
 import torch
 
-from sparse_attention.attention import _check_inputs, call_rules
+from sparse_attention import ops
+from sparse_attention.attention import _cached_block_lists, _check_inputs, call_rules
+from sparse_attention.ops import lse_dtype
+from sparse_attention.window import Window
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.layout import BlockLayout, num_blocks
 from sparse_attention.patterns.base import Pattern
@@ -142,6 +145,29 @@ def block_attention_mass(
     batch, num_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     q_len, k_len = operator.index(q_len), operator.index(k_len)
+    if q.device.type == "cpu" and len(_pieces(layout, q_len, k_len, causal)) == 1:
+        # The CPU kernel walks the op's own lists: O(computed blocks), not O(Nq * Nk).
+        window = Window(left, right)
+        if isinstance(layout, TensorLayout):
+            lists = layout.block_lists(q_len, k_len, window)
+        else:
+            heads = operator.index(num_heads) if isinstance(layout, Pattern) else None
+            lists = _cached_block_lists(layout, q_len, k_len, tuple(window), q.device, heads, causal)
+        return ops.block_mass(q, k, lse.to(lse_dtype(q.dtype)), lists,
+                              key_padding_mask=key_padding_mask, block_size=layout.block_size,
+                              scale=scale, window=window)
+    return tensor_block_mass(q, k, layout, lse, causal=causal, scale=scale,
+                             key_padding_mask=key_padding_mask, window=Window(left, right))
+
+
+def tensor_block_mass(q, k, layout, lse, *, causal: bool, scale: float, key_padding_mask,
+                      window: Window) -> torch.Tensor:
+    """block_attention_mass by tensor ops, a chunk of query-block rows at a time (on a GPU,
+    and for causal pattern calls the op runs in two pieces): every key of a row is scored."""
+    batch, num_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    q_len, k_len = operator.index(q_len), operator.index(k_len)
+    left, right = window
     group = num_heads // kv_heads
     bs, device = layout.block_size, q.device
     qb, kb = num_blocks(q_len, bs), num_blocks(k_len, bs)

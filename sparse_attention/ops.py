@@ -45,6 +45,18 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, lists, *, key_padding_mask, 
                                         deterministic))
 
 
+def block_mass(q, k, lse, lists, *, key_padding_mask, block_size: int, scale: float,
+               window: Window = Window()) -> torch.Tensor:
+    """float32 [B, H, q_blocks, k_blocks]: sum of exp(q k^T * scale - lse) over every block
+    pair of the row lists (CPU kernels)."""
+    args = _kernel_args(lists, key_padding_mask, block_size, scale, window, False)
+    return _ops.block_mass(q=q, k=k, lse=lse, row_offsets=args["row_offsets"],
+                           row_indices=args["row_indices"], row_num_full=args["row_num_full"],
+                           key_padding_mask=key_padding_mask, block_size=args["block_size"],
+                           scale=args["scale"], window_left=args["window_left"],
+                           window_right=args["window_right"])
+
+
 def build_block_lists(block_mask: torch.Tensor, q_len: int, k_len: int, block_size: int,
                       window: Window = Window()) -> tuple[torch.Tensor, ...]:
     """The six CSR block lists of a bool block mask [heads, q_blocks, k_blocks] (CPU)."""
@@ -66,6 +78,13 @@ def _forward_fake(q, k, v, *args, **kwargs):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     return out, lse
+
+
+@torch.library.register_fake("sparse_attention::block_mass")
+def _block_mass_fake(q, k, lse, row_offsets, row_indices, row_num_full, key_padding_mask,
+                     block_size, *args):
+    blocks = (-(-q.shape[2] // block_size), -(-k.shape[2] // block_size))
+    return torch.empty(*q.shape[:2], *blocks, dtype=torch.float32, device=q.device)
 
 
 @torch.library.register_fake("sparse_attention::backward")

@@ -249,3 +249,47 @@ def test_bad_arguments_name_the_argument():
         sa.block_attention_mass(q, k, layout, lse, window=(-2, None))
     with pytest.raises(TypeError, match="^q"):
         sa.block_attention_mass(q.long(), k, layout, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["tensor", "block", "pattern"])
+def test_the_cpu_kernel_equals_the_tensor_ops(kind, dtype):
+    # The CPU kernel walks the op's lists (O(computed blocks)); the tensor ops, which GPUs
+    # use, score every key: both give the same masses.
+    q, k, v = qkv(q_len=90, k_len=130, seed=21, dtype=dtype)
+    pad = torch.rand(B, 130, generator=torch.Generator().manual_seed(4)) < 0.25
+    if kind == "tensor":
+        layout = sa.TensorLayout.from_mask(torch.rand(B, HKV, 6, 9) < 0.5, BS)
+    elif kind == "block":
+        layout = sa.BlockLayout(torch.rand(H, 6, 9) < 0.5, BS)
+    else:
+        layout = sa.Longformer(24, global_tokens=[3], block_size=BS)
+    for causal, window in ((False, None), (True, (40, None)), (False, (10, 20))):
+        _, lse = sa.sparse_attention(q, k, v, layout, causal=causal, window=window,
+                                     key_padding_mask=pad, return_lse=True)
+        kernel = sa.block_attention_mass(q, k, layout, lse, causal=causal, window=window,
+                                         key_padding_mask=pad)
+        scale, causal_rule, rules = sa.attention.call_rules(layout, D, causal=causal, scale=None,
+                                                            window=window)
+        tensors = block_mass.tensor_block_mass(q, k, layout, lse, causal=causal_rule,
+                                               scale=scale, key_padding_mask=pad, window=rules)
+        atol = 1e-10 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(kernel, tensors, atol=atol, rtol=0)
+
+
+def test_the_block_mass_op_checks_its_lse():
+    q, k, v = qkv(dtype=torch.float32)
+    layout = sa.BlockLayout(torch.ones(1, 7, 7, dtype=torch.bool), BS)
+    lists = layout.block_lists(100, 100, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="lse: expected Float"):
+        torch.ops.sparse_attention.block_mass(q, k, torch.zeros(B, H, 99), *lists[:3], None, BS,
+                                              0.25, -1, -1)
+
+
+def test_opcheck_block_mass():
+    q, k, v = qkv(dtype=torch.float32)
+    layout = sa.BlockLayout(torch.rand(1, 7, 7, generator=torch.Generator().manual_seed(2)) < 0.6, BS)
+    lists = layout.block_lists(100, 100, (None, 0), torch.device("cpu"))
+    _, lse = sa.sparse_attention(q, k, v, layout, causal=True, return_lse=True)
+    torch.library.opcheck(torch.ops.sparse_attention.block_mass.default,
+                          (q, k, lse, *lists[:3], None, BS, 0.25, -1, 0))

@@ -147,12 +147,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   return {grad_q, grad_k, grad_v};
 }
 
+at::Tensor block_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
+                          const at::Tensor& row_offsets, const at::Tensor& row_indices,
+                          const at::Tensor& row_num_full,
+                          const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
+                          double scale, int64_t window_left, int64_t window_right) {
+  Problem p = make_problem_with_rows(q_in, k_in, k_in, key_padding_mask, block_size, scale,
+                                     window_left, window_right, row_offsets, row_indices,
+                                     row_num_full, at::Tensor());
+  const at::ScalarType acc = accum_dtype(p.dtype);
+  const std::vector<int64_t> lse_shape{p.batch, p.heads, p.q_len};
+  TORCH_CHECK_VALUE(lse_in.sizes() == lse_shape && lse_in.scalar_type() == acc &&
+                        lse_in.device().is_cpu(),
+                    "lse: expected ", acc, " ", lse_shape, " on the CPU (the op's), got ",
+                    lse_in.scalar_type(), " ", lse_in.sizes(), " on ", lse_in.device());
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), lse = lse_in.contiguous();
+  at::Tensor mask_bytes;
+  std::vector<uint8_t> block_state;
+  attach_padding(&p, key_padding_mask, &mask_bytes, &block_state);
+  at::Tensor mass = at::zeros({p.batch, p.heads, p.q_blocks, p.k_blocks}, q.options().dtype(at::kFloat));
+  BlockMassParams m;
+  m.problem = p;
+  m.q = operand(q);
+  m.k = operand(k);
+  m.lse = lse.data_ptr();
+  m.mass = mass.data_ptr<float>();
+  m.rows = lists_of(row_offsets, row_indices, row_num_full);
+  block_mass(m);
+  return mass;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_attention, CPU, m) {
   m.impl("build_block_lists", &build_block_lists);
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("block_mass", &block_mass_cpu);
 }
 
 }  // namespace sparse_attention::cpu

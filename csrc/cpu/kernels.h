@@ -13,6 +13,7 @@ namespace sparse_attention::cpu {
   namespace capability::CAPABILITY {               \
   void forward(const ForwardParams& params);       \
   void backward(const BackwardParams& params);     \
+  void block_mass(const BlockMassParams& params);  \
   bool available();                                \
   }
 
@@ -22,6 +23,7 @@ namespace sparse_attention::cpu {
   namespace sparse_attention::cpu::capability::CAPABILITY {                               \
   void forward(const ForwardParams&) { TORCH_CHECK(false, #CAPABILITY " kernels not built"); } \
   void backward(const BackwardParams&) { TORCH_CHECK(false, #CAPABILITY " kernels not built"); } \
+  void block_mass(const BlockMassParams&) { TORCH_CHECK(false, #CAPABILITY " kernels not built"); } \
   bool available() { return false; }                                                      \
   }
 
@@ -32,6 +34,7 @@ SA_DECLARE_KERNELS(AVX512)
 
 void forward(const ForwardParams& params);
 void backward(const BackwardParams& params);
+void block_mass(const BlockMassParams& params);
 
 // The instruction set the kernels run with: "AVX512", "AVX2" or "DEFAULT".
 const char* kernel_capability();

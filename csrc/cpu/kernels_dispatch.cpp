@@ -39,6 +39,14 @@ void backward(const BackwardParams& params) {
   }
 }
 
+void block_mass(const BlockMassParams& params) {
+  switch (chosen_capability()) {
+    case Capability::kAvx512: return capability::AVX512::block_mass(params);
+    case Capability::kAvx2: return capability::AVX2::block_mass(params);
+    default: return capability::DEFAULT::block_mass(params);
+  }
+}
+
 const char* kernel_capability() {
   switch (chosen_capability()) {
     case Capability::kAvx512: return "AVX512";

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include "backward_kernel.h"
+#include "block_mass_kernel.h"
 #include "forward_kernel.h"
 #include "kernels.h"
 
@@ -32,6 +33,12 @@ void forward(const ForwardParams& params) {
 void backward(const BackwardParams& params) {
   dispatch_dtype(params.problem.dtype, [&](auto tag) {
     backward_kernel<decltype(tag)>(params);
+  });
+}
+
+void block_mass(const BlockMassParams& params) {
+  dispatch_dtype(params.problem.dtype, [&](auto tag) {
+    block_mass_kernel<decltype(tag)>(params);
   });
 }
 

@@ -27,6 +27,14 @@ struct ForwardParams {
   BlockLists rows;
 };
 
+struct BlockMassParams {
+  Problem problem;
+  Operand q, k;
+  const void* lse = nullptr;  // contiguous [B, H, Nq], accumulation dtype
+  float* mass = nullptr;      // contiguous [B, H, q_blocks, k_blocks], zeroed
+  BlockLists rows;
+};
+
 struct BackwardParams {
   Problem problem;
   Operand q, k, v, out, grad_out;
