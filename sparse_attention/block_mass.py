@@ -142,9 +142,8 @@ def block_attention_mass(
     scale, causal, (left, right) = call_rules(layout, q.shape[-1], causal=causal, scale=scale,
                                               window=window)
 
-    batch, num_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    q_len, k_len = operator.index(q_len), operator.index(k_len)
+    num_heads = q.shape[1]
+    q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
     if q.device.type == "cpu" and len(_pieces(layout, q_len, k_len, causal)) == 1:
         # The CPU kernel walks the op's own lists: O(computed blocks), not O(Nq * Nk).
         window = Window(left, right)

@@ -264,3 +264,20 @@ def host_syncs(monkeypatch):
     finally:
         monkeypatch.undo()
 
+
+def signal_during_step(monkeypatch, number: int, step: int) -> None:
+    """Makes the training loop send itself signal `number` while it runs step `step` (0-based),
+    as a scheduler's SIGTERM or a Ctrl-C would arrive."""
+    import os
+
+    from sparse_attention.training import trainer
+
+    train_step = trainer._Run._train_step
+
+    def signalled(run):
+        if run.step == step:
+            os.kill(os.getpid(), number)
+        return train_step(run)
+
+    monkeypatch.setattr(trainer._Run, "_train_step", signalled)
+

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sparse_attention import cli
-from sparse_attention.training import trainer as trainer_module
+from conftest import signal_during_step
 from sparse_attention.training.checkpoint import CheckpointError
 from sparse_attention.training.metrics_log import read_metrics
 
@@ -153,18 +153,11 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path):
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(corpus, tmp_path, monkeypatch):
     common = ["--data", str(corpus), "--steps", "6", "--save-every", "100"]
     train(*common, "--out", str(tmp_path / "straight"))
-    step = trainer_module._Run._train_step
-
-    def interrupted_at_step_3(self):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives during the third step
-        return step(self)
-
-    monkeypatch.setattr(trainer_module._Run, "_train_step", interrupted_at_step_3)
+    signal_during_step(monkeypatch, signal.SIGINT, 2)  # arrives during the third step
     result = train(*common, "--out", str(tmp_path / "stopped"))
     assert result.runs[0].records[-1]["step"] == 3
     assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip().endswith("3")
-    monkeypatch.setattr(trainer_module._Run, "_train_step", step)
+    monkeypatch.undo()
     train("--out", str(tmp_path / "stopped"), "--resume")
     assert_same_weights(tmp_path / "straight", tmp_path / "stopped")
 

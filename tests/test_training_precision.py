@@ -14,7 +14,7 @@ import torch
 from sparse_attention.training import TrainConfig, demo_command, runtime
 from sparse_attention.training.metrics_log import read_metrics
 
-from test_training import TINY, train, write_corpus
+from test_training import TINY, write_corpus
 
 CPU = torch.device("cpu")
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}

@@ -4,7 +4,6 @@ checkpoints every --save-every-minutes of wall time."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparse_attention.training import trainer as trainer_module
 from sparse_attention.training.checkpoint import checkpoint_step, find_checkpoint, list_checkpoints
 from sparse_attention.training.metrics_log import read_metrics
 
+from conftest import signal_during_step
 from test_training import TINY, assert_same_weights, train, write_corpus
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
@@ -75,14 +74,7 @@ def test_sighup_saves_and_stops_and_the_handlers_come_back(corpus, tmp_path, mon
         raise AssertionError("the run's handler should have been in place")
 
     previous = {number: signal.signal(number, mine) for number in (signal.SIGTERM, signal.SIGHUP)}
-    step = trainer_module._Run._train_step
-
-    def hung_up_at_step_3(self):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGHUP)  # arrives during the third step
-        return step(self)
-
-    monkeypatch.setattr(trainer_module._Run, "_train_step", hung_up_at_step_3)
+    signal_during_step(monkeypatch, signal.SIGHUP, 2)  # arrives during the third step
     try:
         result = train("--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "6")
         assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGHUP) is mine
