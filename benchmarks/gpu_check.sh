@@ -6,8 +6,9 @@
 #   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference) and
 #      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU);
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
-#   4. benchmarks/bench_cuda.py: forward and backward against SDPA (flash, dense causal) and
-#      compiled FlexAttention on the same block masks, as long as the budget allows.
+#   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
+#      against SDPA), then benchmarks/bench_cuda.py: forward and backward against SDPA (flash,
+#      dense causal) and compiled FlexAttention on the same block masks, as the budget allows.
 # A failing stage is reported and the later stages still run, except that nothing runs after
 # a failed build or import; the exit status is non-zero if any stage failed. Logs and the
 # full benchmark results go to gpu_check_results/<time>/.
@@ -82,6 +83,11 @@ for tool in racecheck synccheck; do
   stage "$tool" 90 "$OUT/$tool.log" \
     "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
 done
+
+# Per-input layouts on the device: lists built with tensor ops, select_blocks + attention
+# against SDPA (small sizes: the budget belongs to the main benchmark).
+stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device cuda --quick \
+  --no-flex --out "$OUT/layouts"
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
