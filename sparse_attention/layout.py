@@ -138,8 +138,8 @@ class BlockLayout(KnownById):
             )
 
     def block_lists(self, q_len: int, k_len: int, window, device: torch.device) -> BlockLists:
-        """Block lists for these lengths and token window (a Window, a (left, right) pair or
-        None; None or a negative bound is unbounded), cached."""
+        """Block lists for these lengths and token window (a Window, a (left, right) pair of
+        ints >= 0 or None, or None), cached."""
         window = Window.of(window)
         key = (q_len, k_len, window, str(device))
         lists = self._lists.get(key)

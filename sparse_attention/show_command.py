@@ -84,7 +84,7 @@ def parse_params(items: list[str]) -> dict:
 def cost(layout: sa.BlockLayout, seq_len: int, heads: int, head_dim: int, causal: bool) -> dict:
     """Blocks the kernels compute (blocks hidden by the causal rule dropped) and forward FLOPs,
     for this layout and for dense attention."""
-    window = (-1, 0 if causal else -1)
+    window = (None, 0) if causal else None
     lists = layout.block_lists(seq_len, seq_len, window, "cpu")
     per_head = heads // layout.num_heads
     computed = int(lists.row_offsets[-1]) * per_head

@@ -16,27 +16,20 @@ class Window(NamedTuple):
 
     @classmethod
     def of(cls, window) -> "Window":
-        """A Window from None, a Window or a (left, right) pair of ints >= 0 or None; a
-        negative bound (the kernels' spelling) also means unbounded."""
+        """A Window from None, a Window or a (left, right) pair of ints >= 0 or None."""
         if window is None:
             return cls()
         if not (isinstance(window, tuple) and len(window) == 2):
             raise TypeError("window: expected a (left, right) tuple of ints >= 0 or None")
-        bounds = []
         for name, w in zip(("left", "right"), window):
-            if w is not None and (isinstance(w, bool) or not isinstance(w, int)):
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
                 raise ValueError(f"window: {name} must be an int >= 0 or None, got {w!r}")
-            bounds.append(None if w is None or w < 0 else w)
-        return cls(*bounds)
+        return cls(*window)
 
     @classmethod
     def resolve(cls, window, *, causal: bool, pattern_window=None) -> "Window":
         """The window a call applies: the caller's (ints >= 0 or None), narrowed by a pattern's
         exact token window, with right = 0 under causal."""
-        if window is not None and isinstance(window, tuple) and len(window) == 2:
-            for name, w in zip(("left", "right"), window):
-                if w is not None and not isinstance(w, bool) and isinstance(w, int) and w < 0:
-                    raise ValueError(f"window: {name} must be an int >= 0 or None, got {w!r}")
         left, right = cls.of(window)
         if pattern_window is not None:
             left = pattern_window[0] if left is None else min(left, pattern_window[0])

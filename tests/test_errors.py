@@ -61,7 +61,7 @@ def test_head_dim_too_large_for_cpu():
 def test_ops_check_their_inputs_directly():
     """The ops are public through torch.ops: they validate lists and shapes themselves."""
     q, k, v = inputs(H=2, Hkv=2)
-    lists = layout().block_lists(40, 40, (-1, -1), torch.device("cpu"))
+    lists = layout().block_lists(40, 40, None, torch.device("cpu"))
     fwd = torch.ops.sparse_attention.forward
     fwd(q, k, v, *lists, None, 16, 0.25, -1, -1)  # valid
     bad_index = lists._replace(row_indices=lists.row_indices.clone().fill_(7))
@@ -74,12 +74,12 @@ def test_ops_check_their_inputs_directly():
     with pytest.raises(ValueError, match="offsets"):
         fwd(q, k, v, *bad_offsets, None, 16, 0.25, -1, -1)
     # Claiming a causal-diagonal block is full would skip its mask: refused.
-    dense = layout().block_lists(48, 48, (-1, -1), torch.device("cpu"))
+    dense = layout().block_lists(48, 48, None, torch.device("cpu"))
     q48, k48, v48 = inputs(H=2, Hkv=2, Nq=48, Nk=48)
     with pytest.raises(ValueError, match="listed as full"):
         fwd(q48, k48, v48, *dense, None, 16, 0.25, -1, 0)
     with pytest.raises(ValueError, match="row block lists: expected 4 offsets"):
-        fwd(q, k, v, *layout(qb=3).block_lists(40, 40, (-1, -1), torch.device("cpu"))._replace(
+        fwd(q, k, v, *layout(qb=3).block_lists(40, 40, None, torch.device("cpu"))._replace(
             row_offsets=torch.zeros(3, dtype=torch.int32)), None, 16, 0.25, -1, -1)
     # The lists' batch and heads come from the full counts' shape [list batch, heads, blocks].
     with pytest.raises(ValueError, match=r"row_num_full: expected \[list batch"):
@@ -102,7 +102,7 @@ def test_ops_check_their_inputs_directly():
 
 def test_backward_op_checks_lse():
     q, k, v = inputs(H=2, Hkv=2)
-    lists = layout().block_lists(40, 40, (-1, -1), torch.device("cpu"))
+    lists = layout().block_lists(40, 40, None, torch.device("cpu"))
     out, lse = torch.ops.sparse_attention.forward(q, k, v, *lists, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="lse"):
         torch.ops.sparse_attention.backward(out, None, q, k, v, out, lse[:, :, :5], *lists, None, 16, 0.25, -1, -1)

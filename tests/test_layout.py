@@ -17,7 +17,7 @@ def expected_kind(qb, kb, q_len, k_len, bs, left, right):
     for i in range(qb * bs, min(qb * bs + bs, q_len)):
         for j in range(kb * bs, min(kb * bs + bs, k_len)):
             d = j - i - (k_len - q_len)
-            visible += (left < 0 or d >= -left) and (right < 0 or d <= right)
+            visible += (left is None or d >= -left) and (right is None or d <= right)
             total += 1
     if visible == 0:
         return 0
@@ -38,8 +38,8 @@ def listed(offsets, indices, num_full, blocks_along, to_row_col, heads=2):
 
 @pytest.mark.parametrize(
     "q_len,k_len,window",
-    [(64, 64, (-1, -1)), (64, 64, (-1, 0)), (50, 70, (-1, 0)), (70, 50, (-1, 0)),
-     (64, 96, (20, 3)), (33, 33, (0, -1))],
+    [(64, 64, (None, None)), (64, 64, (None, 0)), (50, 70, (None, 0)), (70, 50, (None, 0)),
+     (64, 96, (20, 3)), (33, 33, (0, None))],
 )
 def test_lists_match_brute_force(q_len, k_len, window):
     bs = 16
@@ -75,14 +75,14 @@ def test_statistics():
 def test_lists_are_cached_per_length_window_and_device():
     layout = sa.BlockLayout(torch.ones(1, 3, 3, dtype=torch.bool), 16)
     cpu = torch.device("cpu")
-    a = layout.block_lists(48, 48, (-1, 0), cpu)
-    assert layout.block_lists(48, 48, (-1, 0), cpu) is a
-    b = layout.block_lists(40, 48, (-1, 0), cpu)  # same grid, other length: other lists
-    c = layout.block_lists(48, 48, (-1, -1), cpu)
+    a = layout.block_lists(48, 48, (None, 0), cpu)
+    assert layout.block_lists(48, 48, (None, 0), cpu) is a
+    b = layout.block_lists(40, 48, (None, 0), cpu)  # same grid, other length: other lists
+    c = layout.block_lists(48, 48, None, cpu)
     assert b is not a and c is not a
     assert a.row_num_full.sum() < c.row_num_full.sum()
     other = sa.BlockLayout(torch.ones(1, 3, 3, dtype=torch.bool), 16)
-    assert other.block_lists(48, 48, (-1, 0), cpu) is not a  # per instance, never per class
+    assert other.block_lists(48, 48, (None, 0), cpu) is not a  # per instance, never per class
 
 
 def test_cache_is_safe_under_threads():
@@ -90,7 +90,7 @@ def test_cache_is_safe_under_threads():
     results = []
 
     def work():
-        results.append(layout.block_lists(320, 320, (-1, 0), torch.device("cpu")))
+        results.append(layout.block_lists(320, 320, (None, 0), torch.device("cpu")))
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
@@ -133,5 +133,5 @@ def test_build_block_lists_op_checks_its_grid():
 
 
 def test_block_lists_type():
-    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(5, 5, (-1, -1), torch.device("cpu"))
+    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(5, 5, None, torch.device("cpu"))
     assert isinstance(lists, BlockLists) and len(lists) == 6

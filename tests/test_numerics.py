@@ -133,7 +133,7 @@ def expanded(shape, dtype=torch.float32):
 def test_lengths_beyond_int32_block_indices_are_refused():
     # 2**40 keys are 2**36 blocks of 16: more than int32 block lists can index. Refused with
     # a ValueError before anything is allocated (the tensors are stride-0 views).
-    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(16, 16, (-1, -1), torch.device("cpu"))
+    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(16, 16, None, torch.device("cpu"))
     q = expanded((1, 1, 16, 16))
     k = expanded((1, 1, 2**40, 16))
     with pytest.raises(ValueError, match="k: sequence length 1099511627776 needs more than 2147483647 blocks"):
@@ -148,7 +148,7 @@ def test_lengths_beyond_int32_block_indices_are_refused():
 def test_block_sizes_beyond_the_scratch_limit_are_refused(block_size):
     # The kernels keep block_size**2 scores per thread: 2**32 would overflow that count.
     q = torch.randn(1, 1, 5, 8)
-    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(5, 5, (-1, -1), torch.device("cpu"))
+    lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(5, 5, None, torch.device("cpu"))
     with pytest.raises(ValueError, match="block_size: expected an integer from 1 to 256"):
         torch.ops.sparse_attention.forward(q, q, q, *lists, None, block_size, 0.25, -1, -1)
     with pytest.raises(ValueError, match="block_size"):

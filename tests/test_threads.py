@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparse_attention as sa
+from sparse_attention.window import Window
 from conftest import Case, make_inputs
 
 
@@ -68,14 +69,15 @@ def test_block_list_cache_first_use_from_many_threads():
     # Many threads ask for the same lists, and for other (length, window) keys, at the same
     # moment: each key is built once and every thread gets that one object.
     layout = sa.BlockLayout(torch.rand(3, 12, 12) < 0.5, 16)
-    keys = [(190, 190, (-1, 0)), (190, 180, (-1, -1)), (185, 190, (8, 0))]
+    keys = [(190, 190, Window(None, 0)), (190, 180, Window()), (185, 190, Window(8, 0))]
     got = in_threads(12, lambda i: (keys[i % 3], layout.block_lists(*keys[i % 3], torch.device("cpu"))))
     for key in keys:
         objects = {id(lists) for k, lists in got if k == key}
         assert len(objects) == 1
     assert len(layout._lists) == len(keys)
     for key, lists in got:  # and they are the right lists
-        expected = torch.ops.sparse_attention.build_block_lists(layout.mask, key[0], key[1], 16, *key[2])
+        expected = torch.ops.sparse_attention.build_block_lists(layout.mask, key[0], key[1], 16,
+                                                                *key[2].kernel_bounds())
         assert all(torch.equal(a, b) for a, b in zip(lists, expected))
 
 

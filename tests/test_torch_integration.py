@@ -9,14 +9,15 @@ import torch
 
 import sparse_attention as sa
 from sparse_attention import reference
+from sparse_attention.window import Window
 from conftest import Case, make_inputs, max_error
 
 
 def op_args(case: Case, causal: bool):
     q, k, v, layout, pad = make_inputs(case)
-    window = (-1, 0 if causal else -1)
+    window = Window(None, 0 if causal else None)
     lists = layout.block_lists(case.q_len, case.k_len, window, q.device)
-    return (q, k, v, *lists, pad, case.block_size, case.head_dim**-0.5, *window)
+    return (q, k, v, *lists, pad, case.block_size, case.head_dim**-0.5, *window.kernel_bounds())
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -28,7 +28,7 @@ def flex_block_mask(layout: sa.BlockLayout, q_len: int, k_len: int, causal: bool
     (bottom-right causal) as our op."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    window = (-1, 0) if causal else (-1, -1)
+    window = (None, 0) if causal else None
     lists = layout.block_lists(q_len, k_len, window, torch.device(device))
     heads, q_blocks, k_blocks = layout.shape
     rows = heads * q_blocks
