@@ -155,6 +155,15 @@ def call_rules(layout, head_dim: int, *, causal: bool, scale, window) -> tuple[f
     return float(scale), causal, window
 
 
+def call_pieces(layout, q_len: int, k_len: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, keys) of each piece a call runs in: a causal pattern call on
+    behalf of a longer sequence (a prefill chunk) that starts inside a block and runs past it
+    runs in two, so that each query block gets its whole-sequence row; any other in one."""
+    if isinstance(layout, Pattern) and causal:
+        return whole_block_pieces(q_len, k_len, layout.block_size)
+    return [(0, q_len, k_len)]
+
+
 def _static_window(window: Window) -> Window:
     # The block lists depend on the window: under dynamic shapes the graph specialises on it
     # (a pattern's or the caller's window ints would otherwise turn symbolic on a change).
@@ -204,23 +213,19 @@ def sparse_attention(
     _check_device_kernels(q, layout.block_size)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     window = _static_window(window)
-    is_pattern = isinstance(layout, Pattern)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
-    # A pattern's layout may depend on the head count: graphs specialise on it then only.
-    num_heads = operator.index(q.shape[1]) if is_pattern else None
-    # A causal call on behalf of a longer sequence (a prefill chunk) that starts inside a
-    # block runs in two pieces, so that each query block gets its whole-sequence row.
-    pieces = (whole_block_pieces(q_len, k_len, layout.block_size) if is_pattern and causal
-              else [(0, q_len, k_len)])
     if isinstance(layout, TensorLayout):
         # Built in the graph from the layout's tensors: new values never recompile.
-        lists = layout.block_lists(q_len, k_len, tuple(window))
+        lists = layout.block_lists(q_len, k_len, window)
         out, lse = ops.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
                                block_size=layout.block_size, scale=scale, window=window,
                                deterministic=deterministic)
         return (out, lse) if return_lse else out
+    # A pattern's layout may depend on the head count: graphs specialise on it then only.
+    num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
+    pieces = call_pieces(layout, q_len, k_len, causal)
     results = []
     for first, end, keys in pieces:
         part = (q, k, v, key_padding_mask)

@@ -16,13 +16,12 @@ import operator
 import torch
 
 from sparse_attention import ops
-from sparse_attention.attention import _cached_block_lists, _check_inputs, call_rules
+from sparse_attention.attention import _cached_block_lists, _check_inputs, call_pieces, call_rules
 from sparse_attention.ops import lse_dtype
 from sparse_attention.window import Window
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.layout import BlockLayout, num_blocks
 from sparse_attention.patterns.base import Pattern
-from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.tensor_layout import TensorLayout
 
 # Elements of one chunk's score matrix [B, H, chunk queries, Nk] to aim for (a chunk holds at
@@ -30,22 +29,14 @@ from sparse_attention.tensor_layout import TensorLayout
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _pieces(layout, q_len, k_len, causal):
-    """The op's pieces of a call (first query, end query, keys): two for a causal pattern
-    call that starts inside a block and runs past it, else one."""
-    if isinstance(layout, Pattern) and causal:
-        return whole_block_pieces(q_len, k_len, layout.block_size)
-    return [(0, q_len, k_len)]
-
-
 @eager_constant
-def _fixed_rows(layout, q_len, k_len, num_heads, causal, device) -> tuple[torch.Tensor]:
-    """The block rows the op computes for a BlockLayout or a Pattern, ([1, heads, rows, kb],):
+def _fixed_rows(layout, q_len, k_len, num_heads, causal, device) -> torch.Tensor:
+    """The block rows the op computes for a BlockLayout or a Pattern, [1, heads, rows, kb]:
     the layout's rows, one set per piece of the call (in order). A constant of compiled graphs,
     as the op's block lists are."""
     kb = num_blocks(k_len, layout.block_size)
     masks = []
-    for first, end, keys in _pieces(layout, q_len, k_len, causal):
+    for first, end, keys in call_pieces(layout, q_len, k_len, causal):
         if isinstance(layout, Pattern):
             mask = layout.layout(end - first, keys, num_heads=num_heads, causal=causal).mask
         else:
@@ -53,7 +44,7 @@ def _fixed_rows(layout, q_len, k_len, num_heads, causal, device) -> tuple[torch.
         masks.append(torch.nn.functional.pad(mask, (0, kb - mask.shape[-1])))
     heads = max(m.shape[0] for m in masks)
     rows = torch.cat([m.expand(heads, *m.shape[1:]) for m in masks], dim=1)
-    return (rows.unsqueeze(0).to(device),)  # a tuple: one single-tensor constant may clash
+    return rows.unsqueeze(0).to(device)
 
 
 @eager_constant
@@ -63,7 +54,7 @@ def _fixed_heads(layout, q_len, k_len, num_heads, causal) -> int:
     if not isinstance(layout, Pattern):
         return layout.num_heads
     return max(layout.layout(end - first, keys, num_heads=num_heads, causal=causal).num_heads
-               for first, end, keys in _pieces(layout, q_len, k_len, causal))
+               for first, end, keys in call_pieces(layout, q_len, k_len, causal))
 
 
 def _rows(layout, q_len, k_len, num_heads, causal, device):
@@ -73,10 +64,10 @@ def _rows(layout, q_len, k_len, num_heads, causal, device):
     queries = torch.arange(q_len, device=device)
     if isinstance(layout, TensorLayout):
         return layout.mask, torch.div(queries, bs, rounding_mode="floor"), layout.mask.shape[1]
-    (rows,) = _fixed_rows(layout, q_len, k_len, num_heads, causal, device)
+    rows = _fixed_rows(layout, q_len, k_len, num_heads, causal, device)
     heads = _fixed_heads(layout, q_len, k_len, num_heads, causal)
     parts, base = [], 0
-    for first, end, _ in _pieces(layout, q_len, k_len, causal):
+    for first, end, _ in call_pieces(layout, q_len, k_len, causal):
         parts.append(base + torch.div(queries[first:end] - first, bs, rounding_mode="floor"))
         base += num_blocks(end - first, bs)
     return rows, (torch.cat(parts) if len(parts) > 1 else parts[0]), heads
@@ -144,7 +135,7 @@ def block_attention_mass(
 
     num_heads = q.shape[1]
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
-    if q.device.type == "cpu" and len(_pieces(layout, q_len, k_len, causal)) == 1:
+    if q.device.type == "cpu" and len(call_pieces(layout, q_len, k_len, causal)) == 1:
         # The CPU kernel walks the op's own lists: O(computed blocks), not O(Nq * Nk).
         window = Window(left, right)
         if isinstance(layout, TensorLayout):

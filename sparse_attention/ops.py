@@ -49,12 +49,11 @@ def block_mass(q, k, lse, lists, *, key_padding_mask, block_size: int, scale: fl
                window: Window = Window()) -> torch.Tensor:
     """float32 [B, H, q_blocks, k_blocks]: sum of exp(q k^T * scale - lse) over every block
     pair of the row lists (CPU kernels)."""
-    args = _kernel_args(lists, key_padding_mask, block_size, scale, window, False)
-    return _ops.block_mass(q=q, k=k, lse=lse, row_offsets=args["row_offsets"],
-                           row_indices=args["row_indices"], row_num_full=args["row_num_full"],
-                           key_padding_mask=key_padding_mask, block_size=args["block_size"],
-                           scale=args["scale"], window_left=args["window_left"],
-                           window_right=args["window_right"])
+    left, right = Window.of(window).kernel_bounds()
+    rows = dict(zip(LIST_NAMES[:3], lists[:3]))  # a BlockLists or a plain tuple of the six
+    return _ops.block_mass(q=q, k=k, lse=lse, **rows, key_padding_mask=key_padding_mask,
+                           block_size=int(block_size), scale=float(scale), window_left=left,
+                           window_right=right)
 
 
 def build_block_lists(block_mask: torch.Tensor, q_len: int, k_len: int, block_size: int,

@@ -3,9 +3,10 @@
 Content-based block selection (top-k key blocks per query block, per input, per head) makes
 a new layout on every call. A TensorLayout keeps it on the device as a bool block mask
 [B or 1, heads, q_blocks, k_blocks] (heads: 1, the kv heads or the query heads) and builds the
-kernels' block lists from it with tensor ops of static shapes: no host sync, no data-dependent
-shape, O(number of blocks) work, so CUDA graphs can capture it and torch.compile keeps the
-layout as a graph input (new values never recompile).
+kernels' block lists from it with tensor ops of static shapes (on the CPU outside compiled
+graphs, with the C++ builder): no host sync, no data-dependent shape, O(number of blocks)
+work, so CUDA graphs can capture it and torch.compile keeps the layout as a graph input (new
+values never recompile).
 """
 
 from __future__ import annotations

@@ -34,12 +34,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sparse_attention.attention import sparse_attention
+from sparse_attention.attention import call_pieces, sparse_attention
 from sparse_attention.compile_constants import KnownById, eager_constant
 from sparse_attention.patterns.arguments import check_int
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.patterns.base import Pattern
-from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.patterns.local import Dense
 from sparse_attention.element_rules import element_mask
 from sparse_attention.support import supported
@@ -185,7 +184,7 @@ def _pattern_element_mask(pattern: Pattern, q_len: int, k_len: int, num_heads: i
     """Bool [1, layout heads, Nq, Nk]: the keys each query sees through the pattern, exactly as
     sparse_attention computes it (a causal chunk that starts inside a block in two pieces)."""
     window = Window.resolve(None, causal=causal, pattern_window=pattern.token_window)
-    pieces = whole_block_pieces(q_len, k_len, pattern.block_size) if causal else [(0, q_len, k_len)]
+    pieces = call_pieces(pattern, q_len, k_len, causal)
     masks = []
     for first, end, keys in pieces:
         layout = pattern.layout(end - first, keys, num_heads=num_heads, causal=causal)
