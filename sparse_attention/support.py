@@ -6,6 +6,8 @@ generated from, so the supported set is written once. Never touches a GPU at imp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sparse_attention import kernel_table as table
@@ -61,11 +63,12 @@ def _cpu_reasons(dtype: str, head_dim: int, block_size: int) -> list[str]:
     return reasons
 
 
+NO_CUDA_BUILD = ("cuda: this build of sparse_attention has no CUDA kernels (it was compiled "
+                 "without nvcc or against a CPU build of torch; reinstall with "
+                 "SPARSE_ATTENTION_CUDA=1 to require them)")
+
+
 def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> list[str]:
-    if not built_with_cuda():
-        return ["cuda: this build of sparse_attention has no CUDA kernels (it was compiled "
-                "without nvcc or against a CPU build of torch; reinstall with "
-                "SPARSE_ATTENTION_CUDA=1 to require them)"]
     reasons = []
     if dtype not in table.CUDA_DTYPES:
         reasons.append(f"dtype {dtype}: the CUDA kernels take {', '.join(table.CUDA_DTYPES)} "
@@ -112,12 +115,22 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
     device_type = _device_type(device_type)
     dtype = _dtype_name(dtype)
     head_dim, block_size = _check_int("head_dim", head_dim), _check_int("block_size", block_size)
-    if device_type == "cpu":
-        return _cpu_reasons(dtype, head_dim, block_size)
     if device_type == "cuda":
-        if capability is None and built_with_cuda() and torch.cuda.is_available():
+        if not built_with_cuda():
+            return [NO_CUDA_BUILD]
+        if capability is None and torch.cuda.is_available():
             capability = torch.cuda.get_device_capability()
-        return _cuda_reasons(dtype, head_dim, block_size, capability)
+    return list(_reasons(device_type, dtype, head_dim, block_size,
+                         None if capability is None else tuple(capability)))
+
+
+@functools.lru_cache(maxsize=256)
+def _reasons(device_type: str, dtype: str, head_dim: int, block_size: int, capability) -> tuple:
+    # Cached: sa.sparse_attention asks on every CUDA call.
+    if device_type == "cpu":
+        return tuple(_cpu_reasons(dtype, head_dim, block_size))
+    if device_type == "cuda":
+        return tuple(_cuda_reasons(dtype, head_dim, block_size, capability))
     if device_type == "meta":
-        return []
-    return [f"device {device_type}: sparse_attention has kernels for cpu and cuda only"]
+        return ()
+    return (f"device {device_type}: sparse_attention has kernels for cpu and cuda only",)
