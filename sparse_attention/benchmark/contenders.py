@@ -83,11 +83,17 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def _too_big(needed: int, settings: Settings) -> str | None:
-    free = available_memory(settings.device)
-    if free is not None and needed > settings.memory_fraction * free:
+def memory_shortfall(needed: int, device: str, fraction: float = 0.8) -> str | None:
+    """Why a measurement needing `needed` bytes is skipped (more than `fraction` of the free
+    memory), or None when it fits."""
+    free = available_memory(device)
+    if free is not None and needed > fraction * free:
         return (f"needs ~{measure.format_bytes(needed)}, {measure.format_bytes(free)} free")
     return None
+
+
+def _too_big(needed: int, settings: Settings) -> str | None:
+    return memory_shortfall(needed, settings.device, settings.memory_fraction)
 
 
 def measure_case(case: Case, settings: Settings, dense_cache: dict) -> tuple[sa.BlockLayout, dict]:

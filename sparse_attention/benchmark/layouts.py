@@ -41,7 +41,7 @@ import sparse_attention as sa
 from sparse_attention import measure
 from sparse_attention.benchmark import flops, machine
 from sparse_attention.benchmark.command import csv_of
-from sparse_attention.benchmark.contenders import available_memory
+from sparse_attention.benchmark.contenders import memory_shortfall
 from sparse_attention.benchmark.timing import median_time
 
 PARTS = ("lists", "selection", "flex")
@@ -182,11 +182,8 @@ def _free(device: str) -> None:
 
 
 def _too_big(needed: int, device: str) -> Skipped | None:
-    free = available_memory(device)
-    if free is not None and needed > 0.8 * free:
-        return Skipped(f"needs ~{measure.format_bytes(needed)}, "
-                       f"{measure.format_bytes(free)} free")
-    return None
+    reason = memory_shortfall(needed, device)
+    return None if reason is None else Skipped(reason)
 
 
 def _num(value) -> float | None:

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.index, k, v)
         out = self.dispatch(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                       dropout_p=self.attention_dropout if self.training else 0.0, layout=layout)
+                            dropout_p=self.attention_dropout if self.training else 0.0,
+                            layout=layout)
         return self.out(out.transpose(1, 2).reshape(batch, n, d_model))
 
 
