@@ -58,6 +58,8 @@ class Grid:
     def whole_blocks(self) -> "Grid":
         """The grid of the whole-sequence blocks that hold this call's queries: from the block
         of the first query to the end of the last key block, every block block_size long."""
+        if self.is_whole:
+            return self
         bs = self.block_size
         k_len = self.k_blocks * bs
         return Grid(k_len - self.offset // bs * bs, k_len, bs, seq_len=self.seq_len)
