@@ -5,6 +5,11 @@ seconds); every launch is bounded by a timeout."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +17,9 @@ import sparse_attention as sa
 from sparse_attention.distributed import (
     Sharding, context_parallel_attention, group_sharding, traffic,
 )
-from sparse_attention.distributed.local_processes import run_on_gloo
+from sparse_attention import cli
+from sparse_attention.distributed.local_processes import free_port, run_on_gloo
+from test_training import weights, write_corpus
 
 BLOCK = 16
 TIMEOUT_S = 150
@@ -182,3 +189,61 @@ def test_sharding_round_trips_and_zigzag_balances_chunks():
     assert seq.positions(1).tolist() == list(range(8, 16)) + list(range(48, 56))
     x = torch.arange(64).view(1, 64)
     assert torch.equal(seq.unshard([seq.shard(x, r, 1) for r in range(4)], 1), x)
+
+
+# ---- sparse-attention train --context-parallel, under torchrun ----
+
+TINY_RUN = ["--seq-len", "128", "--block-size", "32", "--d-model", "32", "--num-layers", "2",
+            "--num-heads", "2", "--sdpa-max-len", "0", "--no-progress", "--no-tensorboard",
+            "--device", "cpu", "--warmup-steps", "2", "--lr", "3e-3", "--precision", "fp32",
+            "--pattern", "bigbird"]
+
+
+def _torchrun(processes: int, *argv: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+         f"--master_port={free_port()}", "-m", "sparse_attention", "train", *argv],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_close_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_train_with_two_ranks_per_sequence_and_ddp_equals_one_process(corpus, tmp_path):
+    """4 processes: 2 sequences of 2 shards each per step train the weights one process
+    trains on batches of 4 whole sequences (learned positions)."""
+    common = [*TINY_RUN, "--data", str(corpus), "--steps", "3"]
+    _torchrun(4, *common, "--batch-size", "2", "--context-parallel", "2", "--out", str(tmp_path / "cp"))
+    cli.run(["train", *common, "--batch-size", "4", "--out", str(tmp_path / "single")])
+    _assert_close_weights(tmp_path / "cp", tmp_path / "single")
+
+
+def test_a_context_parallel_run_resumes(corpus, tmp_path):
+    """2 ranks per sequence, rotary positions: 2 steps, then resumed to 3, train the weights
+    one process trains in 3 steps."""
+    common = [*TINY_RUN, "--data", str(corpus), "--positions", "rotary", "--batch-size", "2"]
+    parallel = [*common, "--context-parallel", "2", "--out", str(tmp_path / "cp")]
+    _torchrun(2, *parallel, "--steps", "2")
+    _torchrun(2, *parallel, "--steps", "3", "--resume")
+    cli.run(["train", *common, "--steps", "3", "--out", str(tmp_path / "single")])
+    _assert_close_weights(tmp_path / "cp", tmp_path / "single")
+
+
+def test_context_parallel_settings_are_checked():
+    from sparse_attention.training.context_parallel import split_world
+
+    with pytest.raises(ValueError, match="context_parallel: 3 ranks per sequence do not divide the 4"):
+        split_world(0, 4, 3)
+    place = split_world(5, 8, 2)
+    assert (place.rank, place.data_rank, place.data_world) == (1, 2, 4)

@@ -78,6 +78,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    context_parallel: int = 1  # under torchrun: ranks per sequence (each holds a shard of it)
     # Evaluation, logging, checkpoints
     eval_every: int = 100
     eval_batches: int = 8
@@ -105,7 +106,7 @@ class TrainConfig:
         _one_of("pattern", self.pattern, PATTERN_NAMES + (ALTERNATING,))
         for name in ("seq_len", "d_model", "num_layers", "num_heads", "block_size", "steps",
                      "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                     "keep_checkpoints", "vocab_size"):
+                     "keep_checkpoints", "vocab_size", "context_parallel"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("seed", "warmup_steps", "sdpa_max_len"):
             check_int(name, getattr(self, name), minimum=0)
@@ -157,7 +158,7 @@ class TrainConfig:
 FIXED_ON_RESUME = ("seed", "task", "data", "glob", "text_field", "label_field", "max_data_bytes",
                    "tokenizer", "vocab_size", "validation_fraction", "seq_len", "d_model",
                    "num_layers", "num_heads", "d_ff", "block_size", "pattern", "pattern_params",
-                   "positions", "batch_size", "grad_accum")
+                   "positions", "batch_size", "grad_accum", "context_parallel")
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TrainConfig))
 
 

@@ -76,6 +76,8 @@ HELP = {
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "compile": "torch.compile the model",
     "distributed": "under torchrun: DistributedDataParallel or FSDP",
+    "context_parallel": "under torchrun: shard each sequence over this many ranks (context "
+                        "parallelism; the processes must be a multiple of it, DDP over the groups)",
     "eval_every": "evaluate every this many steps (and at the end)",
     "eval_batches": "validation batches per evaluation",
     "save_every": "checkpoint every this many steps (and at the end, and on Ctrl-C, SIGTERM or SIGHUP)",

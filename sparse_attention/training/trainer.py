@@ -21,7 +21,7 @@ from sparse_attention import measure
 from sparse_attention.layout import BlockLayout
 from sparse_attention.models.pretrained import WEIGHTS_FILE
 from sparse_attention.optional import require
-from sparse_attention.training import distributed, runtime
+from sparse_attention.training import context_parallel, distributed, runtime
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER, find_checkpoint, save_checkpoint
 from sparse_attention.training.config import CONFIG_FILE, TrainConfig, check_supported
 from sparse_attention.training.data import PreparedData, ResumableSampler, save_tokenizer
@@ -102,13 +102,19 @@ class _Run:
         self.model_config = model_config(config, self.data.tokenizer.vocab_size, self.data.num_classes)
         self.model = build_model(self.model_config).to(device)
         self.layout = self._check_layouts()
+        self.parallel = context_parallel.setup(config, processes)
+        if self.parallel is not None:
+            self.parallel.install(self.model)
         self.wrapped = distributed.wrap(self.model, processes, device, config.distributed)
         self.trained = torch.compile(self.wrapped) if config.compile else self.wrapped
         self.optimizer = _adamw(self.wrapped, config, device)
         self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, config.schedule_steps, config.min_lr_ratio)
         self.scaler = runtime.grad_scaler(device, self.precision)
+        # The ranks that share a sequence share its batch.
+        data_rank, data_world = ((processes.rank, processes.world_size) if self.parallel is None
+                                 else (self.parallel.layout.data_rank, self.parallel.layout.data_world))
         self.sampler = ResumableSampler(len(self.data.train), config.batch_size, config.seed,
-                                        rank=processes.rank, world_size=processes.world_size)
+                                        rank=data_rank, world_size=data_world)
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         self.eval_sequences: int | None = None
         if checkpoint is not None:
@@ -233,10 +239,13 @@ class _Run:
         tokens = 0
         for micro in range(config.grad_accum):
             batch = to_device(self.data.train.collate(self.sampler.next_batch()), self.device)
+            sharded = contextlib.nullcontext()
+            if self.parallel is not None:
+                batch, sharded = self.parallel.shard_batch(batch), self.parallel.active()
             tokens += batch["input_ids"].numel()
             # Gradients are averaged across processes only on the last micro-batch.
             skip_sync = micro < config.grad_accum - 1 and isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-            with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
+            with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext(), sharded:
                 with runtime.autocast(self.device, self.precision):
                     loss = forward(self.trained, batch).loss / config.grad_accum
                 self.scaler.scale(loss).backward()
