@@ -119,9 +119,10 @@ at::Tensor block_kinds(int64_t q_len, int64_t k_len, int64_t block_size, int64_t
 }
 
 void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
-                       const at::Tensor& num_full, int64_t num_lists, int64_t blocks_along,
-                       int64_t blocks_across, bool rows, int64_t q_len, int64_t k_len,
-                       int64_t block_size, const Window& window) {
+                       const at::Tensor& num_full, const Problem& p, bool rows) {
+  const int64_t blocks_along = rows ? p.q_blocks : p.k_blocks;
+  const int64_t blocks_across = rows ? p.k_blocks : p.q_blocks;
+  const int64_t num_lists = p.num_lists() * blocks_along;
   for (const auto* t : {&offsets, &indices, &num_full}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && (t->dim() == 1 || t == &num_full) &&
                           t->is_contiguous() && t->device().is_cpu(),
@@ -144,16 +145,23 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
     TORCH_CHECK_VALUE(begin <= end && full[list] >= 0 && full[list] <= end - begin, name,
                       " block lists: list ", list, " has bad offsets or full count");
     const int64_t along = list % blocks_along;
+    // Packed lists are per document (list batch = documents); a batch's lengths are shared.
+    const Sequence seq = p.sequence(p.packed() ? list / blocks_along / p.layout_heads : 0);
+    const int64_t seq_across = rows ? seq.k_blocks : seq.q_blocks;
+    TORCH_CHECK_VALUE(along < (rows ? seq.q_blocks : seq.k_blocks) || begin == end, name,
+                      " block lists: list ", list, " lies past its document's blocks but is not empty");
     for (int64_t e = begin; e < end; ++e) {
-      TORCH_CHECK_VALUE(idx[e] >= 0 && idx[e] < blocks_across, name, " block lists: index ",
-                        idx[e], " out of range [0, ", blocks_across, ")");
+      TORCH_CHECK_VALUE(idx[e] >= 0 && idx[e] < seq_across, name, " block lists: index ",
+                        idx[e], " out of range [0, ", seq_across, ")");
       TORCH_CHECK_VALUE(last_list[idx[e]] != list, name, " block lists: block ", idx[e],
                         " appears twice in list ", list);
       last_list[idx[e]] = list;
       if (e < begin + full[list]) {
         const int64_t qb = rows ? along : idx[e], kb = rows ? idx[e] : along;
         TORCH_CHECK_VALUE(
-            classify_block(qb, kb, q_len, k_len, block_size, window) == BlockKind::kFull, name,
+            classify_block(qb, kb, seq.q_len, seq.k_len, p.block_size, seq.window) ==
+                BlockKind::kFull,
+            name,
             " block lists: block (", qb, ", ", kb, ") is listed as full but needs an element mask");
       }
     }

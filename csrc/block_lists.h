@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "block_rules.h"
+#include "problem.h"
 
 namespace sparse_attention {
 
@@ -23,14 +24,13 @@ BlockListTensors build_block_lists(const at::Tensor& block_mask, int64_t q_len, 
 at::Tensor block_kinds(int64_t q_len, int64_t k_len, int64_t block_size, int64_t window_left,
                        int64_t window_right);
 
-// Checks one CSR list set over `num_lists` = list batch * layout heads * blocks_along: offsets
+// Checks one CSR list set of problem `p` (its list shape set, see set_list_shape): offsets
 // monotone from 0 to at most the number of indices (entries past the last offset are unused
-// capacity), indices in [0, blocks_across), no repeats, and every entry listed as full is
-// full under the element rules (so the kernel may skip its mask). `rows` says whether the
-// lists are per query block (indices are key blocks) or per key block.
+// capacity), indices within their sequence's blocks, no repeats, lists past a packed
+// document's blocks empty, and every entry listed as full is full under the element rules of
+// its sequence (so the kernel may skip its mask). `rows` says whether the lists are per query
+// block (indices are key blocks) or per key block.
 void check_block_lists(const char* name, const at::Tensor& offsets, const at::Tensor& indices,
-                       const at::Tensor& num_full, int64_t num_lists, int64_t blocks_along,
-                       int64_t blocks_across, bool rows, int64_t q_len, int64_t k_len,
-                       int64_t block_size, const Window& window);
+                       const at::Tensor& num_full, const Problem& p, bool rows);
 
 }  // namespace sparse_attention

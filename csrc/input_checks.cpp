@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -72,11 +73,32 @@ void set_list_shape(Problem* p, const at::Tensor& row_num_full, const at::Tensor
   TORCH_CHECK_VALUE(row_num_full.dim() == 3, "row_num_full: expected [list batch, layout heads, ",
                     "q_blocks], got shape ", row_num_full.sizes());
   const int64_t list_batch = row_num_full.size(0), layout_heads = row_num_full.size(1);
-  TORCH_CHECK_VALUE(list_batch == 1 || list_batch == p->batch, "block lists: a layout for ",
-                    list_batch, " batch entries; expected 1 (shared) or the batch of q (", p->batch, ")");
+  if (p->packed()) {
+    TORCH_CHECK_VALUE(list_batch == p->documents, "block lists: packed documents need one list ",
+                      "set per document (", p->documents, "), got ", list_batch);
+  } else {
+    TORCH_CHECK_VALUE(list_batch == 1 || list_batch == p->batch, "block lists: a layout for ",
+                      list_batch, " batch entries; expected 1 (shared) or the batch of q (", p->batch, ")");
+  }
   TORCH_CHECK_VALUE(layout_heads == 1 || layout_heads == p->kv_heads || layout_heads == p->heads,
                     "block lists: a layout with ", layout_heads, " heads; expected 1 (shared), the kv heads (",
                     p->kv_heads, ") or the query heads (", p->heads, ")");
+  if (p->packed()) {
+    // The lists' grid is padded to a common width; every document must fit in it.
+    int64_t q_blocks = 0, k_blocks = 0;
+    for (int64_t s = 0; s < p->documents; ++s) {
+      q_blocks = std::max(q_blocks, p->sequence(s).q_blocks);
+      k_blocks = std::max(k_blocks, p->sequence(s).k_blocks);
+    }
+    TORCH_CHECK_VALUE(row_num_full.size(2) >= q_blocks, "row_num_full: expected at least ",
+                      q_blocks, " query blocks (the longest document's), got shape ",
+                      row_num_full.sizes());
+    p->q_blocks = row_num_full.size(2);
+    const int64_t list_k_blocks = col_num_full.defined() ? col_num_full.size(-1) : k_blocks;
+    TORCH_CHECK_VALUE(list_k_blocks >= k_blocks, "col_num_full: expected at least ", k_blocks,
+                      " key blocks (the longest document's), got shape ", col_num_full.sizes());
+    p->k_blocks = list_k_blocks;
+  }
   TORCH_CHECK_VALUE(row_num_full.size(2) == p->q_blocks, "row_num_full: expected ", p->q_blocks,
                     " query blocks, got shape ", row_num_full.sizes());
   const std::vector<int64_t> columns{list_batch, layout_heads, p->k_blocks};

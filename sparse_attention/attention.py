@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from sparse_attention import ops
+from sparse_attention import ops, packing
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.kernel_table import CPU_DTYPES
 from sparse_attention.layout import BlockLayout
@@ -75,7 +75,9 @@ def _autocast(*tensors):
                  else t for t in tensors)
 
 
-def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
+def _check_inputs(q, k, v, layout, key_padding_mask, documents: int | None = None) -> None:
+    """documents: the number of packed documents (cu_seqlens), whose grids a TensorLayout
+    holds instead of one for the whole row."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
@@ -104,7 +106,7 @@ def _check_inputs(q, k, v, layout, key_padding_mask) -> None:
         layout.check_num_heads(heads)  # a pattern builds the layout that fits
     elif isinstance(layout, TensorLayout):
         try:
-            layout.check_fits(q, k)
+            layout.check_fits(q, k, documents=documents)
         except ValueError as error:
             raise ValueError(str(error) + _transposed_hint(q, k)) from None
     elif isinstance(layout, BlockLayout):
@@ -182,6 +184,8 @@ def sparse_attention(
     window: tuple[int | None, int | None] | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
 ):
     """Block-sparse scaled dot-product attention.
 
@@ -204,11 +208,24 @@ def sparse_attention(
             computes dQ in a separate pass over the rows instead of with fp32 atomics (on
             Hopper GPUs at head dim 128 that pass is used anyway: it measured faster); the
             CPU kernels are always deterministic and ignore it.
+        cu_seqlens: packed documents, as FlashAttention's varlen: int32/int64 [documents + 1],
+            every document's first token in the row and the total; q, k, v hold one row
+            ([1, H, T, D], [1, Hkv, Tk, D]). Every document is attended alone, as if it were
+            passed on its own with the same pattern, causal rule, window and scale: a pattern
+            builds its layout per document length, a TensorLayout gives one grid per document
+            ([documents or 1, heads, qb, kb], its top-left corner used for shorter ones).
+            Documents may be of any length, empty too.
+        cu_seqlens_k: the documents' starts in k and v when they differ from those in q
+            (default cu_seqlens).
 
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
     """
     q, k, v = _autocast(q, k, v)
+    if cu_seqlens is not None or cu_seqlens_k is not None:
+        return _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask,
+                                 causal=causal, scale=scale, window=window,
+                                 return_lse=return_lse, deterministic=deterministic)
     _check_inputs(q, k, v, layout, key_padding_mask)
     _check_device_kernels(q, layout.block_size)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
@@ -239,4 +256,67 @@ def sparse_attention(
                                    deterministic=deterministic))
     out, lse = results[0] if len(results) == 1 else (
         torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2))
+    return (out, lse) if return_lse else out
+
+
+def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask, *, causal,
+                      scale, window, return_lse, deterministic):
+    """sparse_attention over packed documents: the CPU kernels walk per-document lists in one
+    call; on other devices each document runs as a call of its own (views, no copies)."""
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k: given without cu_seqlens (the documents' starts in q)")
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask: not taken with cu_seqlens (each document ends where "
+                         "its keys do)")
+    if isinstance(layout, BlockLayout):
+        raise TypeError("layout: a BlockLayout has one fixed grid; packed documents take a "
+                        "pattern (built per document length) or a TensorLayout (one grid per "
+                        "document, sa.TensorLayout.from_mask)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.shape[0] != 1:
+            raise ValueError(f"{name}: packed documents (cu_seqlens) take one row [1, heads, "
+                             f"total tokens, head_dim], got shape {tuple(t.shape)}")
+    packing.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)
+    packing.check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[2], q.device)
+    if cu_k.shape != cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k: expected as many documents as cu_seqlens "
+                         f"({cu_seqlens.shape[0] - 1}), got {cu_k.shape[0] - 1}")
+    _check_inputs(q, k, v, layout, None, documents=cu_seqlens.shape[0] - 1)
+    if q.device.type != "cpu":
+        return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
+                                       scale=scale, window=window, return_lse=return_lse,
+                                       deterministic=deterministic)
+    scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
+    window = _static_window(window)
+    num_heads = operator.index(q.shape[1])
+    lists = packing.packed_lists(layout, cu_seqlens, cu_k, window, num_heads, causal)
+    out, lse = ops.forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
+                           scale=scale, window=window, deterministic=deterministic,
+                           cu_seqlens=(cu_seqlens, cu_k))
+    return (out, lse) if return_lse else out
+
+
+def _attention_per_document(q, k, v, layout, cu_q, cu_k, *, return_lse, **call):
+    """Packed documents as one call each (devices whose kernels do not walk packed lists)."""
+    outs, lses = [], []
+    for d, (q0, q1, k0, k1) in enumerate(packing.document_bounds(cu_q, cu_k)):
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            out, lse = packing.rows_without_keys(q, q1 - q0, v.shape[3], ops.lse_dtype(q.dtype))
+            outs.append(out)
+            lses.append(lse)
+            continue
+        doc_layout = layout
+        if isinstance(layout, TensorLayout):
+            doc_layout = TensorLayout(packing.document_mask(layout.mask, d, q1 - q0, k1 - k0,
+                                                            layout.block_size)[None],
+                                      layout.block_size)
+        out, lse = sparse_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], doc_layout,
+                                    return_lse=True, **call)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     return (out, lse) if return_lse else out

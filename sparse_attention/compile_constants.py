@@ -29,12 +29,17 @@ class KnownById:
         return obj
 
 
+def live_object(obj_id: int) -> KnownById:
+    """The live KnownById object of this id (as Dynamo hands ids over)."""
+    return _live_objects[obj_id]
+
+
 def eager_constant(fn):
     """Decorator: `fn(obj, *args)`, with obj a KnownById and args Python constants, runs
     eagerly even under torch.compile and its result becomes a constant of the graph."""
 
     def by_id(obj_id: int, *args):
-        return fn(_live_objects[obj_id], *args)
+        return fn(live_object(obj_id), *args)
 
     # Dynamo names a constant result after its function: one name per wrapped function, so
     # that two of them can return tensors in one graph.

@@ -21,28 +21,33 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kernel_args(lists, key_padding_mask, block_size: int, scale: float, window: Window,
-                 deterministic: bool) -> dict:
+def _kernel_args(lists, key_padding_mask, cu_seqlens, block_size: int, scale: float,
+                 window: Window, deterministic: bool) -> dict:
     left, right = Window.of(window).kernel_bounds()
-    return dict(zip(LIST_NAMES, lists), key_padding_mask=key_padding_mask,
-                block_size=int(block_size), scale=float(scale), window_left=left,
-                window_right=right, deterministic=bool(deterministic))
+    cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
+    return dict(zip(LIST_NAMES, lists), key_padding_mask=key_padding_mask, cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k, block_size=int(block_size), scale=float(scale),
+                window_left=left, window_right=right, deterministic=bool(deterministic))
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *,
             key_padding_mask: torch.Tensor | None, block_size: int, scale: float,
-            window: Window = Window(), deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the block-sparse op over the six block lists (a BlockLists)."""
-    return _ops.forward(q=q, k=k, v=v, **_kernel_args(lists, key_padding_mask, block_size, scale,
-                                                      window, deterministic))
+            window: Window = Window(), deterministic: bool = False,
+            cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the block-sparse op over the six block lists (a BlockLists).
+    cu_seqlens: (query starts, key starts) of packed documents, with lists per document."""
+    return _ops.forward(q=q, k=k, v=v, **_kernel_args(lists, key_padding_mask, cu_seqlens,
+                                                      block_size, scale, window, deterministic))
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, lists, *, key_padding_mask, block_size: int,
-             scale: float, window: Window = Window(), deterministic: bool = False):
+             scale: float, window: Window = Window(), deterministic: bool = False,
+             cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(grad_q, grad_k, grad_v) of `forward`."""
     return _ops.backward(grad_out=grad_out, grad_lse=grad_lse, q=q, k=k, v=v, out=out, lse=lse,
-                         **_kernel_args(lists, key_padding_mask, block_size, scale, window,
-                                        deterministic))
+                         **_kernel_args(lists, key_padding_mask, cu_seqlens, block_size, scale,
+                                        window, deterministic))
 
 
 def block_mass(q, k, lse, lists, *, key_padding_mask, block_size: int, scale: float,
@@ -95,7 +100,7 @@ def _backward_fake(grad_out, grad_lse, q, k, v, *args, **kwargs):
 
 
 _FORWARD_ARGS = tuple(a.name for a in _ops.forward.default._schema.arguments)
-_SAVED = ("q", "k", "v", *LIST_NAMES, "key_padding_mask")
+_SAVED = ("q", "k", "v", *LIST_NAMES, "key_padding_mask", "cu_seqlens_q", "cu_seqlens_k")
 
 
 def _setup_context(ctx, inputs, output):

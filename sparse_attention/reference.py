@@ -31,11 +31,18 @@ def attention(
     window: tuple[int | None, int | None] | None = None,
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float64,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
 ):
     """Same contract as sparse_attention.sparse_attention, computed densely.
 
     Differentiable: use it for reference gradients. Output has q's dtype; lse is in
-    compute_dtype."""
+    compute_dtype. With cu_seqlens (packed documents) every document is computed alone, with
+    `layout` a pattern (its layout and rules per document) or a TensorLayout (one grid per
+    document or one shared, its top-left corner used)."""
+    if cu_seqlens is not None:
+        return _packed(q, k, v, layout, cu_seqlens, cu_seqlens_k, causal=causal, scale=scale,
+                       window=window, return_lse=return_lse, compute_dtype=compute_dtype)
     heads, kv_heads = q.shape[1], k.shape[1]
     q_len, k_len = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -61,4 +68,34 @@ def attention(
     probs = torch.where(seen, torch.exp(scores - lse), 0.0)
     lse = torch.where(seen, lse, float("-inf")).squeeze(-1).expand(q.shape[:3])
     out = (probs @ vc).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _packed(q, k, v, layout, cu_q, cu_k, *, return_lse, causal, scale, window, **rest):
+    from sparse_attention.attention import call_rules  # attention imports this module's users
+    from sparse_attention.packing import document_mask, rows_without_keys
+    from sparse_attention.patterns.base import Pattern
+
+    cu_k = cu_q if cu_k is None else cu_k
+    outs, lses = [], []
+    q_starts, k_starts = cu_q.tolist(), cu_k.tolist()
+    for d, (q0, q1, k0, k1) in enumerate(zip(q_starts, q_starts[1:], k_starts, k_starts[1:])):
+        if k1 == k0 or q1 == q0:
+            out, lse = rows_without_keys(q, q1 - q0, v.shape[3], rest["compute_dtype"])
+            outs.append(out)
+            lses.append(lse)
+            continue
+        doc_scale, doc_causal, doc_window = call_rules(layout, q.shape[-1], causal=causal,
+                                                       scale=scale, window=window)
+        if isinstance(layout, Pattern):
+            doc_layout = layout.layout(q1 - q0, k1 - k0, num_heads=q.shape[1], causal=doc_causal)
+        else:
+            doc_layout = TensorLayout(document_mask(layout.mask, d, q1 - q0, k1 - k0,
+                                                    layout.block_size)[None], layout.block_size)
+        out, lse = attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], doc_layout,
+                             causal=doc_causal, scale=doc_scale, window=tuple(doc_window),
+                             return_lse=True, **rest)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     return (out, lse) if return_lse else out

@@ -168,16 +168,21 @@ class TensorLayout:
         per_entry = self.mask.sum(dtype=torch.int64) * (heads // self.num_heads)
         return per_entry * (batch // self.mask.shape[0]) * 4 * self.block_size**2 * head_dim
 
-    def check_fits(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Raises ValueError unless this layout fits q [B, H, Nq, D] and k [B, Hkv, Nk, D]."""
+    def check_fits(self, q: torch.Tensor, k: torch.Tensor, documents: int | None = None) -> None:
+        """Raises ValueError unless this layout fits q [B, H, Nq, D] and k [B, Hkv, Nk, D], or
+        with `documents` packed documents (cu_seqlens) one grid per document or one for all
+        (whose size the op checks against the longest document)."""
         batch, heads, q_len = q.shape[:3]
         kv_heads, k_len = k.shape[1], k.shape[2]
         lb, lh, qb, kb = self.mask.shape
         want = (num_blocks(q_len, self.block_size), num_blocks(k_len, self.block_size))
-        if (qb, kb) != want:
+        if documents is None and (qb, kb) != want:
             raise ValueError(f"layout: a {qb} x {kb} block grid does not fit Nq={q_len}, Nk={k_len} "
                              f"with block_size {self.block_size} (expected {want[0]} x {want[1]})")
-        if lb not in (1, batch):
+        if documents is not None and lb not in (1, documents):
+            raise ValueError(f"layout: a TensorLayout for {lb} documents; expected 1 (shared) or "
+                             f"one per document ({documents})")
+        if documents is None and lb not in (1, batch):
             raise ValueError(f"layout: a layout for {lb} batch entries; expected 1 (shared) or the "
                              f"batch of q ({batch})")
         if lh not in (1, kv_heads, heads):

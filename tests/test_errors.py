@@ -63,51 +63,51 @@ def test_ops_check_their_inputs_directly():
     q, k, v = inputs(H=2, Hkv=2)
     lists = layout().block_lists(40, 40, None, torch.device("cpu"))
     fwd = torch.ops.sparse_attention.forward
-    fwd(q, k, v, *lists, None, 16, 0.25, -1, -1)  # valid
+    fwd(q, k, v, *lists, None, None, None, 16, 0.25, -1, -1)  # valid
     bad_index = lists._replace(row_indices=lists.row_indices.clone().fill_(7))
     with pytest.raises(ValueError, match="out of range"):
-        fwd(q, k, v, *bad_index, None, 16, 0.25, -1, -1)
+        fwd(q, k, v, *bad_index, None, None, None, 16, 0.25, -1, -1)
     repeated = lists._replace(row_indices=torch.tensor([0, 0, 2, 0, 1, 2, 0, 1, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="appears twice"):
-        fwd(q, k, v, *repeated, None, 16, 0.25, -1, -1)
+        fwd(q, k, v, *repeated, None, None, None, 16, 0.25, -1, -1)
     bad_offsets = lists._replace(row_offsets=lists.row_offsets.flip(0).contiguous())
     with pytest.raises(ValueError, match="offsets"):
-        fwd(q, k, v, *bad_offsets, None, 16, 0.25, -1, -1)
+        fwd(q, k, v, *bad_offsets, None, None, None, 16, 0.25, -1, -1)
     # Claiming a causal-diagonal block is full would skip its mask: refused.
     dense = layout().block_lists(48, 48, None, torch.device("cpu"))
     q48, k48, v48 = inputs(H=2, Hkv=2, Nq=48, Nk=48)
     with pytest.raises(ValueError, match="listed as full"):
-        fwd(q48, k48, v48, *dense, None, 16, 0.25, -1, 0)
+        fwd(q48, k48, v48, *dense, None, None, None, 16, 0.25, -1, 0)
     with pytest.raises(ValueError, match="row block lists: expected 4 offsets"):
         fwd(q, k, v, *layout(qb=3).block_lists(40, 40, None, torch.device("cpu"))._replace(
-            row_offsets=torch.zeros(3, dtype=torch.int32)), None, 16, 0.25, -1, -1)
+            row_offsets=torch.zeros(3, dtype=torch.int32)), None, None, None, 16, 0.25, -1, -1)
     # The lists' batch and heads come from the full counts' shape [list batch, heads, blocks].
     with pytest.raises(ValueError, match=r"row_num_full: expected \[list batch"):
-        fwd(q, k, v, *lists._replace(row_num_full=lists.row_num_full.view(-1)), None, 16, 0.25, -1, -1)
+        fwd(q, k, v, *lists._replace(row_num_full=lists.row_num_full.view(-1)), None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="a layout for 3 batch entries"):
         fwd(q, k, v, *lists._replace(row_num_full=lists.row_num_full.expand(3, -1, -1).contiguous()),
-            None, 16, 0.25, -1, -1)
+            None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="col_num_full: expected shape"):
-        fwd(q, k, v, *lists._replace(col_num_full=lists.col_num_full[:, :, :1].contiguous()), None,
+        fwd(q, k, v, *lists._replace(col_num_full=lists.col_num_full[:, :, :1].contiguous()), None, None, None,
             16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="q: expected a 4-d"):
-        fwd(q[0], k, v, *lists, None, 16, 0.25, -1, -1)
+        fwd(q[0], k, v, *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(TypeError, match="q: expected float32"):
-        fwd(q.long(), k, v, *lists, None, 16, 0.25, -1, -1)
+        fwd(q.long(), k, v, *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="block_size"):
-        fwd(q, k, v, *lists, None, 0, 0.25, -1, -1)
+        fwd(q, k, v, *lists, None, None, None, 0, 0.25, -1, -1)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        fwd(q, k, v, *lists, torch.zeros(2, 40, dtype=torch.bool), 16, 0.25, -1, -1)
+        fwd(q, k, v, *lists, torch.zeros(2, 40, dtype=torch.bool), None, None, 16, 0.25, -1, -1)
 
 
 def test_backward_op_checks_lse():
     q, k, v = inputs(H=2, Hkv=2)
     lists = layout().block_lists(40, 40, None, torch.device("cpu"))
-    out, lse = torch.ops.sparse_attention.forward(q, k, v, *lists, None, 16, 0.25, -1, -1)
+    out, lse = torch.ops.sparse_attention.forward(q, k, v, *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="lse"):
-        torch.ops.sparse_attention.backward(out, None, q, k, v, out, lse[:, :, :5], *lists, None, 16, 0.25, -1, -1)
+        torch.ops.sparse_attention.backward(out, None, q, k, v, out, lse[:, :, :5], *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="out, grad_out"):
-        torch.ops.sparse_attention.backward(out[:, :1], None, q, k, v, out, lse, *lists, None, 16, 0.25, -1, -1)
+        torch.ops.sparse_attention.backward(out[:, :1], None, q, k, v, out, lse, *lists, None, None, None, 16, 0.25, -1, -1)
 
 
 def test_double_backward_is_refused():

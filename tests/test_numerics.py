@@ -137,9 +137,9 @@ def test_lengths_beyond_int32_block_indices_are_refused():
     q = expanded((1, 1, 16, 16))
     k = expanded((1, 1, 2**40, 16))
     with pytest.raises(ValueError, match="k: sequence length 1099511627776 needs more than 2147483647 blocks"):
-        torch.ops.sparse_attention.forward(q, k, k, *lists, None, 16, 0.25, -1, -1)
+        torch.ops.sparse_attention.forward(q, k, k, *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="q: sequence length"):
-        torch.ops.sparse_attention.forward(k, q, q, *lists, None, 16, 0.25, -1, -1)
+        torch.ops.sparse_attention.forward(k, q, q, *lists, None, None, None, 16, 0.25, -1, -1)
     with pytest.raises(ValueError, match="q: sequence length"):
         torch.ops.sparse_attention.build_block_lists(torch.ones(1, 1, 1, dtype=torch.bool), 2**62, 16, 16, -1, -1)
 
@@ -150,7 +150,7 @@ def test_block_sizes_beyond_the_scratch_limit_are_refused(block_size):
     q = torch.randn(1, 1, 5, 8)
     lists = sa.BlockLayout(torch.ones(1, 1, 1, dtype=torch.bool), 16).block_lists(5, 5, None, torch.device("cpu"))
     with pytest.raises(ValueError, match="block_size: expected an integer from 1 to 256"):
-        torch.ops.sparse_attention.forward(q, q, q, *lists, None, block_size, 0.25, -1, -1)
+        torch.ops.sparse_attention.forward(q, q, q, *lists, None, None, None, block_size, 0.25, -1, -1)
     with pytest.raises(ValueError, match="block_size"):
         torch.ops.sparse_attention.build_block_lists(torch.ones(1, 1, 1, dtype=torch.bool), 5, 5, block_size, -1, -1)
 

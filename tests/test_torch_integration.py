@@ -17,7 +17,7 @@ def op_args(case: Case, causal: bool):
     q, k, v, layout, pad = make_inputs(case)
     window = Window(None, 0 if causal else None)
     lists = layout.block_lists(case.q_len, case.k_len, window, q.device)
-    return (q, k, v, *lists, pad, case.block_size, case.head_dim**-0.5, *window.kernel_bounds())
+    return (q, k, v, *lists, pad, None, None, case.block_size, case.head_dim**-0.5, *window.kernel_bounds())
 
 
 @pytest.mark.parametrize("causal", [False, True])

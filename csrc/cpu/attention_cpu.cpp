@@ -10,6 +10,7 @@
 
 #include "../block_lists.h"
 #include "../input_checks.h"
+#include "../packed_sequences.h"
 #include "kernels.h"
 
 namespace sparse_attention::cpu {
@@ -50,9 +51,12 @@ void attach_padding(Problem* p, const std::optional<at::Tensor>& key_padding_mas
   p->key_block_state = state->data();
 }
 
-// make_problem, plus the lists' batch and heads and the row lists every op walks, checked.
+// make_problem, plus packed documents (their tables kept in `packed`), the lists' batch and
+// heads and the row lists every op walks, checked.
 Problem make_problem_with_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& cu_seqlens_q,
+                               const std::optional<at::Tensor>& cu_seqlens_k, PackedSequences* packed,
                                int64_t block_size, double scale, int64_t window_left,
                                int64_t window_right, const at::Tensor& row_offsets,
                                const at::Tensor& row_indices, const at::Tensor& row_num_full,
@@ -61,9 +65,9 @@ Problem make_problem_with_rows(const at::Tensor& q, const at::Tensor& k, const a
                            window_right, c10::DeviceType::CPU);
   TORCH_CHECK_VALUE(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim, "q: head_dim must be in [1, ",
                     kMaxHeadDim, "] on CPU, got ", p.head_dim);
+  attach_packed_sequences(&p, cu_seqlens_q, cu_seqlens_k, key_padding_mask.has_value(), packed);
   set_list_shape(&p, row_num_full, col_num_full);
-  check_block_lists("row", row_offsets, row_indices, row_num_full, p.num_lists() * p.q_blocks,
-                    p.q_blocks, p.k_blocks, true, p.q_len, p.k_len, block_size, p.window);
+  check_block_lists("row", row_offsets, row_indices, row_num_full, p, true);
   return p;
 }
 
@@ -76,11 +80,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& row_offsets, const at::Tensor& row_indices, const at::Tensor& row_num_full,
     const at::Tensor& /*col_offsets*/, const at::Tensor& /*col_indices*/,
     const at::Tensor& col_num_full, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
     bool /*deterministic: the CPU kernels always are*/) {
-  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, block_size, scale,
-                                     window_left, window_right, row_offsets, row_indices,
-                                     row_num_full, col_num_full);
+  PackedSequences packed;
+  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
+                                     cu_seqlens_k, &packed, block_size, scale, window_left,
+                                     window_right, row_offsets, row_indices, row_num_full,
+                                     col_num_full);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor mask_bytes;
   std::vector<uint8_t> block_state;
@@ -106,13 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& row_offsets,
     const at::Tensor& row_indices, const at::Tensor& row_num_full, const at::Tensor& col_offsets,
     const at::Tensor& col_indices, const at::Tensor& col_num_full,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
-    int64_t window_left, int64_t window_right, bool /*deterministic: the CPU kernels always are*/) {
-  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, block_size, scale,
-                                     window_left, window_right, row_offsets, row_indices,
-                                     row_num_full, col_num_full);
-  check_block_lists("column", col_offsets, col_indices, col_num_full, p.num_lists() * p.k_blocks,
-                    p.k_blocks, p.q_blocks, false, p.q_len, p.k_len, block_size, p.window);
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t block_size, double scale, int64_t window_left, int64_t window_right,
+    bool /*deterministic: the CPU kernels always are*/) {
+  PackedSequences packed;
+  Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
+                                     cu_seqlens_k, &packed, block_size, scale, window_left,
+                                     window_right, row_offsets, row_indices, row_num_full,
+                                     col_num_full);
+  check_block_lists("column", col_offsets, col_indices, col_num_full, p, false);
   check_backward_operands(p, q_in, out_in, grad_out_in, lse_in, grad_lse_in, c10::DeviceType::CPU);
   const at::ScalarType acc = accum_dtype(p.dtype);
   const at::Tensor lse = lse_in.contiguous();
@@ -152,9 +162,11 @@ at::Tensor block_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const 
                           const at::Tensor& row_num_full,
                           const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
                           double scale, int64_t window_left, int64_t window_right) {
-  Problem p = make_problem_with_rows(q_in, k_in, k_in, key_padding_mask, block_size, scale,
-                                     window_left, window_right, row_offsets, row_indices,
-                                     row_num_full, at::Tensor());
+  PackedSequences unused;
+  Problem p = make_problem_with_rows(q_in, k_in, k_in, key_padding_mask, std::nullopt,
+                                     std::nullopt, &unused, block_size, scale, window_left,
+                                     window_right, row_offsets, row_indices, row_num_full,
+                                     at::Tensor());
   const at::ScalarType acc = accum_dtype(p.dtype);
   const std::vector<int64_t> lse_shape{p.batch, p.heads, p.q_len};
   TORCH_CHECK_VALUE(lse_in.sizes() == lse_shape && lse_in.scalar_type() == acc &&

@@ -27,13 +27,14 @@ struct BlockPair {
 // Sets to -inf the scores the element rules hide: s is [qn x kn] (kColumns false) or
 // [kn x qn] (kColumns true), with leading dimension ld.
 template <bool kColumns, typename T>
-inline void apply_element_mask(const Problem& p, int64_t batch, const BlockPair& blk, T* s,
+inline void apply_element_mask(const Problem& p, const Sequence& seq, const BlockPair& blk, T* s,
                                int64_t ld) {
-  const uint8_t* pad = p.key_padding ? p.key_padding + batch * p.k_len + blk.k0 : nullptr;
+  const uint8_t* pad =
+      p.key_padding ? p.key_padding + seq.batch * p.k_len + seq.k_begin + blk.k0 : nullptr;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < blk.qn; ++i) {
     for (int64_t j = 0; j < blk.kn; ++j) {
-      if (!p.window.visible(blk.q0 + i, blk.k0 + j) || (pad && pad[j])) {
+      if (!seq.window.visible(blk.q0 + i, blk.k0 + j) || (pad && pad[j])) {
         (kColumns ? s[j * ld + i] : s[i * ld + j]) = kNegInf;
       }
     }
@@ -43,19 +44,19 @@ inline void apply_element_mask(const Problem& p, int64_t batch, const BlockPair&
 // Column tile S^T[kn x qn] = K (scale Q)^T from key rows and the task's (scale Q)^T [D x qn],
 // with the element rules applied.
 template <typename T>
-inline void column_scores(const Problem& p, int64_t batch, const BlockPair& blk,
+inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
                           const RowsView<T>& k, const T* q_t, T* s_t) {
   gemm<false>(blk.kn, blk.qn, p.head_dim, k.data, k.ld, q_t, blk.qn, s_t, blk.qn);
-  if (blk.masked) apply_element_mask<true>(p, batch, blk, s_t, blk.qn);
+  if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t, blk.qn);
 }
 
 // Row tile S[qn x kn] = Q (scale K)^T from query rows and the task's (scale K)^T [D x kn],
 // with the element rules applied.
 template <typename T>
-inline void row_scores(const Problem& p, int64_t batch, const BlockPair& blk,
+inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
                        const RowsView<T>& q, const T* k_t, T* s) {
   gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
-  if (blk.masked) apply_element_mask<false>(p, batch, blk, s, blk.kn);
+  if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
 
 // Whether rows [0, rows) of a tile with leading dimension ld hold only finite values.
@@ -167,15 +168,16 @@ inline KeyBlockState key_block_state(const Problem& p, int64_t batch, int64_t kb
              : KeyBlockState::kAllValid;
 }
 
-// Describes block pair (qb, kb), or returns false when padding hides the whole key block.
-inline bool make_block_pair(const Problem& p, int64_t batch, int64_t qb, int64_t kb,
+// Describes block pair (qb, kb) of a sequence, or returns false when padding hides the whole
+// key block. Rows and columns are the sequence's own (operands add its *_begin).
+inline bool make_block_pair(const Problem& p, const Sequence& seq, int64_t qb, int64_t kb,
                             bool listed_partial, BlockPair* blk) {
-  const KeyBlockState state = key_block_state(p, batch, kb);
+  const KeyBlockState state = key_block_state(p, seq.batch, kb);
   if (state == KeyBlockState::kAllPadded) return false;
   blk->q0 = qb * p.block_size;
-  blk->qn = std::min(p.block_size, p.q_len - blk->q0);
+  blk->qn = std::min(p.block_size, seq.q_len - blk->q0);
   blk->k0 = kb * p.block_size;
-  blk->kn = std::min(p.block_size, p.k_len - blk->k0);
+  blk->kn = std::min(p.block_size, seq.k_len - blk->k0);
   blk->masked = listed_partial || state == KeyBlockState::kMixed;
   return true;
 }
@@ -184,13 +186,13 @@ inline bool make_block_pair(const Problem& p, int64_t batch, int64_t qb, int64_t
 // entries are key blocks of query block `fixed` (kRows) or query blocks of key block `fixed`.
 template <bool kRows, typename Fn>
 inline void for_each_block_pair(const Problem& p, const BlockLists& lists, int64_t list,
-                                int64_t batch, int64_t fixed, const Fn& fn) {
+                                const Sequence& seq, int64_t fixed, const Fn& fn) {
   const int64_t begin = lists.offsets[list], end = lists.offsets[list + 1];
   const int64_t full_end = begin + lists.num_full[list];
   for (int64_t e = begin; e < end; ++e) {
     const int64_t qb = kRows ? fixed : lists.indices[e], kb = kRows ? lists.indices[e] : fixed;
     BlockPair blk;
-    if (make_block_pair(p, batch, qb, kb, e >= full_end, &blk)) fn(blk);
+    if (make_block_pair(p, seq, qb, kb, e >= full_end, &blk)) fn(blk);
   }
 }
 
@@ -199,14 +201,22 @@ inline int64_t list_length(const BlockLists& lists, int64_t list) {
   return lists.offsets[list + 1] - lists.offsets[list];
 }
 
-// One query block of one (batch, head): a task of the forward and of the dQ pass.
+// One query block of one (sequence, head): a task of the forward and of the dQ pass. Tasks
+// are numbered head-major over the query blocks of all sequences.
 struct RowTask {
-  int64_t batch, head, qb;
-  int64_t list(const Problem& p) const { return p.list(batch, head, qb, p.q_blocks); }
+  Sequence seq;
+  int64_t s, head, qb;
+  int64_t list(const Problem& p) const { return p.list(s, head, qb, p.q_blocks); }
 };
 
+inline int64_t num_row_tasks(const Problem& p) { return p.heads * p.total_q_blocks(); }
+
 inline RowTask row_task(const Problem& p, int64_t task) {
-  return {task / (p.q_blocks * p.heads), (task / p.q_blocks) % p.heads, task % p.q_blocks};
+  RowTask t;
+  t.head = task / p.total_q_blocks();
+  p.locate(task % p.total_q_blocks(), true, &t.s, &t.qb);
+  t.seq = p.sequence(t.s);
+  return t;
 }
 
 // Work of a row task, for longest-first scheduling: its block pairs plus the fixed cost of
@@ -215,17 +225,22 @@ inline int64_t row_task_cost(const Problem& p, const BlockLists& rows, int64_t t
   return 1 + list_length(rows, row_task(p, task).list(p));
 }
 
-// One key block of one (batch, kv head): a task of the dK/dV pass, which walks the block's
-// column for every query head of the GQA group.
+// One key block of one (sequence, kv head): a task of the dK/dV pass, which walks the block's
+// column for every query head of the GQA group. Numbered as row tasks are.
 struct ColumnTask {
-  int64_t batch, kv_head, kb;
-  int64_t list(const Problem& p, int64_t head) const {
-    return p.list(batch, head, kb, p.k_blocks);
-  }
+  Sequence seq;
+  int64_t s, kv_head, kb;
+  int64_t list(const Problem& p, int64_t head) const { return p.list(s, head, kb, p.k_blocks); }
 };
 
+inline int64_t num_column_tasks(const Problem& p) { return p.kv_heads * p.total_k_blocks(); }
+
 inline ColumnTask column_task(const Problem& p, int64_t task) {
-  return {task / (p.k_blocks * p.kv_heads), (task / p.k_blocks) % p.kv_heads, task % p.k_blocks};
+  ColumnTask t;
+  t.kv_head = task / p.total_k_blocks();
+  p.locate(task % p.total_k_blocks(), false, &t.s, &t.kb);
+  t.seq = p.sequence(t.s);
+  return t;
 }
 
 inline int64_t column_task_cost(const Problem& p, const BlockLists& cols, int64_t task) {

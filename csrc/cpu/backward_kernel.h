@@ -1,8 +1,8 @@
 // Block-sparse attention backward on the CPU, deterministic and free of atomics:
 //   1. delta = rowsum(dO * O) - dlse;
-//   2. one task per (batch, kv head, key block) walks its column of the layout (for every
+//   2. one task per (sequence, kv head, key block) walks its column of the layout (for every
 //      query head of the GQA group) and accumulates dK and dV, with row tiles [qn x kn];
-//   3. one task per (batch, head, query block) walks its row and accumulates dQ, with column
+//   3. one task per (sequence, head, query block) walks its row and accumulates dQ, with column
 //      tiles [kn x qn] (see attention_tile.h).
 // P is recomputed from the saved lse in both passes. Each task transposes only what it
 // keeps for all of its blocks (K and V in pass 2, Q and dO in pass 3).
@@ -52,33 +52,34 @@ void grad_key_value_kernel(const BackwardParams& g) {
   const auto* lse = static_cast<const T*>(g.lse);
   const auto* delta = static_cast<const T*>(g.delta);
   const auto cost = [&](int64_t task) { return column_task_cost(p, g.cols, task); };
-  run_parallel_longest_first(p.batch * p.kv_heads * p.k_blocks, cost, [&](const NextTask& next) {
+  run_parallel_longest_first(num_column_tasks(p), cost, [&](const NextTask& next) {
     std::vector<T> k_t(dim * bs), v_t(dim * bs), q_rows(bs * dim), do_rows(bs * dim),
         s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
       const ColumnTask column = column_task(p, task);
-      const int64_t batch = column.batch, kv_head = column.kv_head, kb = column.kb;
-      const int64_t k0 = kb * bs, kn = std::min(bs, p.k_len - k0);
+      const Sequence& seq = column.seq;
+      const int64_t batch = seq.batch, kv_head = column.kv_head, kb = column.kb;
+      const int64_t k0 = kb * bs, kn = std::min(bs, seq.k_len - k0);
       std::fill(grad_k.begin(), grad_k.end(), T(0));
       std::fill(grad_v.begin(), grad_v.end(), T(0));
       // K^T and V^T, kept for every query block of the column. The scale goes on Q, as in the
       // forward pass: S must round exactly as it did there, or exp(S - lse) drifts when logits
       // are large.
-      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, k0), g.k.row_stride,
+      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, seq.k_begin + k0), g.k.row_stride,
                            T(1), k_t.data(), kn);
-      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, k0), g.v.row_stride,
+      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, seq.k_begin + k0), g.v.row_stride,
                            T(1), v_t.data(), kn);
       const bool v_finite = all_finite(v_t.data(), kn, dim, kn);
       for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
-        for_each_block_pair<false>(p, g.cols, column.list(p, head), batch, kb, [&](const BlockPair& blk) {
-          const int64_t qn = blk.qn, row0 = (batch * p.heads + head) * p.q_len + blk.q0;
-          load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, blk.q0), g.q.row_stride,
+        for_each_block_pair<false>(p, g.cols, column.list(p, head), seq, kb, [&](const BlockPair& blk) {
+          const int64_t qn = blk.qn, row0 = p.q_row(seq, head, blk.q0);
+          load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, seq.q_begin + blk.q0), g.q.row_stride,
                     static_cast<T>(p.scale), q_rows.data());
           const RowsView<T> q{q_rows.data(), dim};  // scale Q
           const RowsView<T> d_o =
-              operand_block<scalar_t>(g.grad_out, batch, head, blk.q0, qn, dim, do_rows.data());
+              operand_block<scalar_t>(g.grad_out, batch, head, seq.q_begin + blk.q0, qn, dim, do_rows.data());
           // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
-          row_scores(p, batch, blk, q, k_t.data(), s.data());
+          row_scores(p, seq, blk, q, k_t.data(), s.data());
           if (blk.masked && !(v_finite && all_finite(q.data, q.ld, qn, dim) &&
                               all_finite(d_o.data, d_o.ld, qn, dim) &&
                               row_stats_finite(lse + row0, delta + row0, qn))) {
@@ -102,7 +103,7 @@ void grad_key_value_kernel(const BackwardParams& g) {
           gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim);
         });
       }
-      const int64_t out0 = (batch * p.kv_heads + kv_head) * p.k_len + k0;
+      const int64_t out0 = p.k_row(seq, kv_head, k0);
       store_rows(kn, dim, grad_k.data(), T(1),
                  static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
       store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
@@ -116,20 +117,21 @@ void grad_query_kernel(const BackwardParams& g) {
   const Problem& p = g.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
   const auto cost = [&](int64_t task) { return row_task_cost(p, g.rows, task); };
-  run_parallel_longest_first(p.batch * p.heads * p.q_blocks, cost, [&](const NextTask& next) {
+  run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
     std::vector<T> q_t(dim * bs), do_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim),
         s_t(bs * bs), dp_t(bs * bs), shift(bs), delta(bs), grad_q(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
-      const int64_t batch = row.batch, head = row.head, qb = row.qb;
-      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
-      const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
+      const Sequence& seq = row.seq;
+      const int64_t batch = seq.batch, head = row.head, qb = row.qb;
+      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, seq.q_len - q0);
+      const int64_t row0 = p.q_row(seq, head, q0);
       std::fill(grad_q.begin(), grad_q.end(), T(0));
       // (scale Q)^T and dO^T, kept for every key block of the row; a query that saw no key
       // shifts by +inf so that its probabilities are exp(-inf) = 0.
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.q, batch, head, q0), g.q.row_stride,
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.q, batch, head, seq.q_begin + q0), g.q.row_stride,
                            static_cast<T>(p.scale), q_t.data(), qn);
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, q0),
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, seq.q_begin + q0),
                            g.grad_out.row_stride, T(1), do_t.data(), qn);
       const bool do_finite = all_finite(do_t.data(), qn, dim, qn);
       for (int64_t i = 0; i < qn; ++i) {
@@ -137,12 +139,12 @@ void grad_query_kernel(const BackwardParams& g) {
         shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
         delta[i] = static_cast<const T*>(g.delta)[row0 + i];
       }
-      for_each_block_pair<true>(p, g.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
+      for_each_block_pair<true>(p, g.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
-        const RowsView<T> k = operand_block<scalar_t>(g.k, batch, kv_head, blk.k0, kn, dim, k_rows.data());
-        const RowsView<T> v = operand_block<scalar_t>(g.v, batch, kv_head, blk.k0, kn, dim, v_rows.data());
+        const RowsView<T> k = operand_block<scalar_t>(g.k, batch, kv_head, seq.k_begin + blk.k0, kn, dim, k_rows.data());
+        const RowsView<T> v = operand_block<scalar_t>(g.v, batch, kv_head, seq.k_begin + blk.k0, kn, dim, v_rows.data());
         // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
-        column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+        column_scores(p, seq, blk, k, q_t.data(), s_t.data());
         if (blk.masked && !(do_finite && all_finite(k.data, k.ld, kn, dim) &&
                             all_finite(v.data, v.ld, kn, dim))) {
           return grad_query_visible(qn, kn, dim, s_t.data(), shift.data(), delta.data(), k, v,

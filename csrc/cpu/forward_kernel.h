@@ -1,5 +1,5 @@
 // Block-sparse attention forward on the CPU, FlashAttention-2 style: one task per
-// (batch, head, query block) walks its row of the layout with an online softmax, keeping
+// (sequence, head, query block) walks its row of the layout with an online softmax, keeping
 // the output accumulator in the accumulation type and writing out and lse once.
 #pragma once
 
@@ -25,26 +25,27 @@ void forward_kernel(const ForwardParams& f) {
   auto* lse = static_cast<T*>(f.lse);
 
   const auto cost = [&](int64_t task) { return row_task_cost(p, f.rows, task); };
-  run_parallel_longest_first(p.batch * p.heads * p.q_blocks, cost, [&](const NextTask& next) {
+  run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
     // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
     // block_sum are per query.
     std::vector<T> q_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim), s_t(bs * bs), acc(bs * dim),
         m(bs), l(bs), new_max(bs), shift(bs), block_sum(bs);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
-      const int64_t batch = row.batch, head = row.head, qb = row.qb;
-      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, p.q_len - q0);
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(f.q, batch, head, q0), f.q.row_stride,
+      const Sequence& seq = row.seq;
+      const int64_t batch = seq.batch, head = row.head, qb = row.qb;
+      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, seq.q_len - q0);
+      load_rows_transposed(qn, dim, operand_rows<scalar_t>(f.q, batch, head, seq.q_begin + q0), f.q.row_stride,
                            static_cast<T>(p.scale), q_t.data(), qn);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
 
-      for_each_block_pair<true>(p, f.rows, row.list(p), batch, qb, [&](const BlockPair& blk) {
+      for_each_block_pair<true>(p, f.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
-        const RowsView<T> k = operand_block<scalar_t>(f.k, batch, kv_head, blk.k0, kn, dim, k_rows.data());
-        const RowsView<T> v = operand_block<scalar_t>(f.v, batch, kv_head, blk.k0, kn, dim, v_rows.data());
-        column_scores(p, batch, blk, k, q_t.data(), s_t.data());
+        const RowsView<T> k = operand_block<scalar_t>(f.k, batch, kv_head, seq.k_begin + blk.k0, kn, dim, k_rows.data());
+        const RowsView<T> v = operand_block<scalar_t>(f.v, batch, kv_head, seq.k_begin + blk.k0, kn, dim, v_rows.data());
+        column_scores(p, seq, blk, k, q_t.data(), s_t.data());
 
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
         // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
@@ -70,7 +71,7 @@ void forward_kernel(const ForwardParams& f) {
         }
       });
 
-      const int64_t row0 = (batch * p.heads + head) * p.q_len + q0;
+      const int64_t row0 = p.q_row(seq, head, q0);
       for (int64_t i = 0; i < qn; ++i) {
         // A row that saw no key returns 0 with lse = -inf; a NaN sum (NaN inputs) is not "no
         // key": that row returns NaN.

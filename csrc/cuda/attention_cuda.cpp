@@ -107,7 +107,9 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& key_padding_mask, int64_t block_size,
+                 const std::optional<at::Tensor>& key_padding_mask,
+                 const std::optional<at::Tensor>& cu_seqlens_q,
+                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t block_size,
                  double scale, int64_t window_left, int64_t window_right,
                  const at::Tensor& row_offsets, const at::Tensor& row_indices,
                  const at::Tensor& row_num_full, const at::Tensor& col_num_full) {
@@ -118,6 +120,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
                     "q, k, v: expected one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   check_cuda_limits(p);
+  // sa.sparse_attention runs packed documents on CUDA one document at a time.
+  TORCH_CHECK_VALUE(!cu_seqlens_q && !cu_seqlens_k, "cu_seqlens_q, cu_seqlens_k: the CUDA ",
+                    "kernels do not take packed documents yet (sa.sparse_attention runs them)");
   set_list_shape(&p, row_num_full, col_num_full);
   Params& c = r.params;
   c.rows = device_lists("row", row_offsets, row_indices, row_num_full, p.num_lists() * p.q_blocks,
@@ -178,10 +183,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_offsets,
     const at::Tensor& row_indices, const at::Tensor& row_num_full, const at::Tensor& /*col_offsets*/,
     const at::Tensor& /*col_indices*/, const at::Tensor& col_num_full,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
-    int64_t window_left, int64_t window_right, bool /*deterministic: the forward always is*/) {
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t block_size, double scale, int64_t window_left, int64_t window_right,
+    bool /*deterministic: the forward always is*/) {
   const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
+  Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
+                       window_left, window_right,
                        row_offsets, row_indices, row_num_full, col_num_full);
   const Problem& p = r.problem;
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
@@ -197,10 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& row_offsets, const at::Tensor& row_indices, const at::Tensor& row_num_full,
     const at::Tensor& col_offsets, const at::Tensor& col_indices, const at::Tensor& col_num_full,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t block_size, double scale,
-    int64_t window_left, int64_t window_right, bool deterministic) {
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t block_size, double scale, int64_t window_left, int64_t window_right,
+    bool deterministic) {
   const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, key_padding_mask, block_size, scale, window_left, window_right,
+  Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
+                       window_left, window_right,
                        row_offsets, row_indices, row_num_full, col_num_full);
   const Problem& p = r.problem;
   Params& c = r.params;

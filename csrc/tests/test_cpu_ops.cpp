@@ -21,8 +21,9 @@ using BlockLists = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using BuildBlockListsFn = BlockLists(const Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t);
 using ForwardFn = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, double,
-    int64_t, int64_t, bool);
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, double, int64_t, int64_t,
+    bool);
 
 int checks = 0, failures = 0;
 
@@ -104,7 +105,7 @@ void run_case(const Case& c) {
 
   const auto [out, lse] =
       forward.call(q, k, v, row_offsets, row_indices, row_num_full, col_offsets, col_indices,
-                   col_num_full, pad, c.block_size, scale, c.window_left, c.window_right,
+                   col_num_full, pad, std::nullopt, std::nullopt, c.block_size, scale, c.window_left, c.window_right,
                    /*deterministic=*/false);
   const auto [ref_out, ref_lse] = dense_attention(q, k, v, element_mask(block_mask, c, pad), scale);
   check(out.sizes() == q.sizes() && out.scalar_type() == c.dtype, name + ": out shape and dtype");
@@ -135,7 +136,8 @@ void check_wrong_rank_throws() {
   const Tensor q3 = at::randn({2, n, 16});  // missing the batch dimension
   bool threw_value_error = false;
   try {
-    forward.call(q3, kv, kv, ro, ri, rf, co, ci, cf, std::nullopt, block_size, 0.25, -1, 0, false);
+    forward.call(q3, kv, kv, ro, ri, rf, co, ci, cf, std::nullopt, std::nullopt, std::nullopt,
+                 block_size, 0.25, -1, 0, false);
   } catch (const c10::Error& e) {
     threw_value_error = dynamic_cast<const c10::ValueError*>(&e) != nullptr;
   }
