@@ -5,7 +5,7 @@ equal SDPA with transformers' full mask intersected with the pattern's element m
 GPT-2 (per-layer scaling), Llama (GQA), Mistral (sliding window), Qwen2 (full and sliding
 layers), Qwen3 (head_dim != hidden / heads), BERT and RoBERTa (bidirectional encoders); right
 and left padding, decoding with dynamic, sliding-window and static caches, custom 4D masks,
-packed sequences, bf16.
+bf16. Packed sequences: tests/test_transformers_packing.py.
 """
 
 from __future__ import annotations
@@ -340,13 +340,16 @@ def test_custom_4d_mask_takes_the_dense_fallback():
     assert_close(actual, expected, 1e-4)
 
 
-def test_packed_sequences_take_the_dense_fallback():
-    expected_model, model = model_pair("llama", DENSE)
+def test_packed_sequences_under_an_unrecognised_mask_take_the_dense_fallback():
+    """Packed documents run on the op (tests/test_transformers_packing.py); under a mask
+    function the op does not know they still get the right result, densely."""
+    expected_model, model = model_pair("llama", FALLBACK)
     ids, _ = inputs(batch=1, padding="none")
     position_ids = torch.cat([torch.arange(70), torch.arange(SEQ - 70)]).unsqueeze(0)
     with torch.no_grad():
         # Packing is detected without a cache only.
-        expected = expected_model(ids, position_ids=position_ids, use_cache=False).logits
+        expected = build("llama", ORACLE, like=expected_model)(
+            ids, position_ids=position_ids, use_cache=False).logits
         with pytest.warns(UserWarning, match="dense SDPA"):
             actual = model(ids, position_ids=position_ids, use_cache=False).logits
     assert_close(actual, expected, 1e-4)

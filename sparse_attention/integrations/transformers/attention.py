@@ -14,6 +14,7 @@ from sparse_attention.integrations.transformers.fallback import (
     masked_dense_attention, place_caller_mask, rules_as_mask,
 )
 from sparse_attention.integrations.transformers.masks import PositionedMask, TokenRules
+from sparse_attention.integrations.transformers.packed import call_documents, packed_attention
 from sparse_attention.patterns import Dense, Pattern
 
 # Arguments some models pass that change attention in ways the op does not compute.
@@ -68,7 +69,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     attention_mask is what `token_rules_mask` built, or None (no mask: the module's causality
     and sliding_window apply). TokenRules run the op, except over a sliding-window cache that
     dropped keys with a sparse pattern; that, a PositionedMask (a mask the op cannot express)
-    and a 4D mask passed by the caller take the dense fallback. Query rows that
+    and a 4D mask passed by the caller take the dense fallback. Packed documents (the
+    cu_seq_lens_q / cu_seq_lens_k kwargs, or position_ids that restart: see `packed`) run
+    on the op's cu_seqlens, each document attended alone. Query rows that
     see no key (left padding under causal attention) give 0, as transformers' SDPA path gives
     for them. Returns (output [B, Nq, H, D], None)."""
     _check_arguments(module, dropout, ignore_dropout, kwargs)
@@ -77,8 +80,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if isinstance(attention_mask, PositionedMask):
         return masked_dense_attention(
             module, query, key, value, attention_mask, pattern, scaling,
-            "a mask that the block-sparse kernels cannot express (a custom 4D mask, packed "
-            "sequences or an overlay)",
+            "a mask that the block-sparse kernels cannot express (a custom 4D mask or an "
+            "overlay)",
         )
     if attention_mask is None:
         rules = _rules_without_mask(module, key, is_causal, sliding_window)
@@ -90,6 +93,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             f"{type(attention_mask).__name__}"
         )
     _check_pattern_fits(pattern, rules, module)
+    documents = call_documents(rules, query, key, kwargs)
+    if documents is not None:
+        return packed_attention(query, key, value, pattern, rules, documents, scaling), None
     key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
     if rules.key_offset and not isinstance(pattern, Dense):
         # The pattern's blocks start at position 0: they do not line up with keys that start

@@ -1,6 +1,6 @@
 """The dense fallback: SDPA with a mask that the op cannot run, intersected with the pattern.
 
-Used for masks the op's rules cannot express (custom 4D masks, packed sequences, overlays) and
+Used for masks the op's rules cannot express (custom 4D masks, overlays) and
 for sparse patterns over sliding-window caches that dropped keys (the pattern's blocks no
 longer line up with the keys). The pattern is laid at the queries' and keys' absolute
 positions, so the result is what the op computes on the full sequence.

@@ -3,8 +3,10 @@
 transformers builds each layer's mask from a mask function (causal, bidirectional, sliding
 window, ...) and a 2D padding mask. Instead of expanding them into a [B, 1, Nq, Nk] tensor, as
 its SDPA path does (O(N^2) memory), `token_rules_mask` recognises the mask functions that the
-op's element rules express and returns them as `TokenRules`: causal, window, key padding. Any
-other mask function (packed sequences, image-token overlays, chunked attention) is expanded
+op's element rules express and returns them as `TokenRules`: causal, window, key padding, and
+packed documents (transformers' packed-sequence form of those masks, built when position_ids
+restart inside a row). Any other mask function (image-token overlays, chunked attention) is
+expanded
 like SDPA's into a `PositionedMask`, and the attention function then takes its dense fallback:
 a mask is never dropped.
 """
@@ -30,6 +32,8 @@ class TokenRules:
         key_offset: absolute position of the first key (> 0 when a sliding-window cache has
             dropped the oldest keys).
         key_padding_mask: bool [B, key_count], True = ignore, or None when nothing is padded.
+        documents: int [B, Nq] document index of every token when the rows hold packed
+            documents (transformers' packed sequence mask), each attended alone; or None.
     """
 
     causal: bool
@@ -37,6 +41,7 @@ class TokenRules:
     key_count: int
     key_offset: int = 0
     key_padding_mask: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,21 @@ def _code(function):
 _AND_CODE = _code(masking_utils.and_masks(masking_utils.causal_mask_function))
 _CAUSAL_WINDOW_CODE = _code(masking_utils.sliding_window_overlay(1))
 _TWO_SIDED_WINDOW_CODE = _code(masking_utils.sliding_window_bidirectional_overlay(1))
+_REMAP_CODE = _code(masking_utils.remap_positions_for_packed_sequence(
+    masking_utils.causal_mask_function, None))
+_PACKED_CODE = _code(masking_utils.packed_sequence_mask_function(None))
+
+
+def _unpacked(mask_function):
+    """(the mask function within each document, document index [B, N]) of transformers'
+    packed form and_masks(remap_positions_for_packed_sequence(f, position_ids),
+    packed_sequence_mask_function(documents)); (mask_function, None) for any other."""
+    if _code(mask_function) is not _AND_CODE:
+        return mask_function, None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2 or _code(parts[0]) is not _REMAP_CODE or _code(parts[1]) is not _PACKED_CODE:
+        return mask_function, None
+    return _closure(parts[0])["mask_function"], _closure(parts[1])["packed_sequence_mask"]
 
 
 def _rule(mask_function) -> tuple[bool, tuple[int | None, int | None] | None] | None:
@@ -119,8 +139,13 @@ def token_rules_mask(
 
     Same arguments as transformers' `sdpa_mask`; attention_mask is the 2D padding mask
     (True = keep) over the keys seen so far."""
-    rule = _rule(mask_function)
+    within, documents = _unpacked(mask_function)
+    rule = _rule(within)
     q_offset = int(q_offset)  # static caches give it as a tensor
+    if documents is not None and rule is not None:
+        # transformers packs only without a cache and a padding mask: one square per row.
+        causal, window = rule
+        return TokenRules(causal=causal, window=window, key_count=kv_length, documents=documents)
     if rule is not None:
         causal, window = rule
         # Keys after the last query are past every query's horizon under causal attention.

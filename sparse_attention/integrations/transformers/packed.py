@@ -1,0 +1,64 @@
+"""Packed batches: documents side by side in a row, each attended alone, on the op's
+cu_seqlens.
+
+transformers marks them in three ways, taken in this order (FlashAttention's):
+- the `cu_seq_lens_q` / `cu_seq_lens_k` kwargs (DataCollatorWithFlattening with
+  return_flash_attn_kwargs=True), offsets over the batch flattened into one row;
+- the packed sequence mask that its causal mask functions build when position_ids restart
+  inside a row without a padding mask or cache (TokenRules.documents);
+- position_ids that restart, for bidirectional attention (encoders), whose masks
+  transformers builds without looking at them: as its FlashAttention path does, the
+  documents are found with its own `find_packed_sequence_indices`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import find_packed_sequence_indices
+
+from sparse_attention.attention import sparse_attention
+from sparse_attention.documents import cu_seqlens_from_ids
+from sparse_attention.integrations.transformers.masks import TokenRules
+
+
+def _offsets(name: str, cu) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor):
+        raise ValueError(f"{name}: expected an int tensor [documents + 1], got {type(cu).__name__}")
+    return cu.to(torch.int32)
+
+
+def call_documents(rules: TokenRules, query: torch.Tensor, key: torch.Tensor,
+                   kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cu_seqlens, cu_seqlens_k) over the batch flattened into one row, or None when the
+    call holds no packed documents."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if rules.key_padding_mask is not None:
+            raise ValueError("cu_seq_lens_q: packed documents take no padding mask; pass "
+                             "attention_mask=None (each document ends where its offsets say)")
+        cu_q = _offsets("cu_seq_lens_q", cu_q if cu_q is not None else cu_k)
+        return cu_q, _offsets("cu_seq_lens_k", cu_k) if cu_k is not None else cu_q
+    documents = rules.documents
+    position_ids = kwargs.get("position_ids")
+    if (documents is None and not rules.causal and rules.key_padding_mask is None
+            and position_ids is not None and position_ids.shape[-1] == query.shape[2]
+            and query.shape[2] == key.shape[2]):
+        documents = find_packed_sequence_indices(position_ids.expand(query.shape[0], -1))
+    if documents is None:
+        return None
+    cu = cu_seqlens_from_ids(documents.expand(query.shape[0], -1))
+    return cu, cu
+
+
+def _one_row(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] as the op's packed row [1, H, B * N, D]."""
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
+
+
+def packed_attention(query, key, value, pattern, rules: TokenRules, documents, scaling):
+    """The op over the batch's documents; returns transformers' [B, Nq, H, D]."""
+    batch, heads, q_len, _ = query.shape
+    out = sparse_attention(_one_row(query), _one_row(key), _one_row(value), pattern,
+                           cu_seqlens=documents[0], cu_seqlens_k=documents[1],
+                           causal=rules.causal, scale=scaling, window=rules.window)
+    return out[0].transpose(0, 1).reshape(batch, q_len, heads, value.shape[3])
