@@ -123,25 +123,26 @@ class _ContextParallelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: Plan, group, op_kwargs: dict):
         grad = any(ctx.needs_input_grad[:3])
         parts, sources, leaves = _local_and_received(q, k, v, plan, group, grad, op_kwargs)
-        if not parts:
-            return q.new_zeros(q.shape)
-        with torch.enable_grad():
-            merge_inputs = [tuple(t.detach().requires_grad_() for t in part) for part in parts]
-            merged = merge_by_lse([p[0] for p in merge_inputs], [p[1] for p in merge_inputs])
+        if not parts:  # no row sees a key (others may still see this rank's keys)
+            merge_inputs, merged = [], q.new_zeros(q.shape)
+        elif not grad:
+            return merge_by_lse([p[0] for p in parts], [p[1] for p in parts])
+        else:
+            with torch.enable_grad():
+                merge_inputs = [tuple(t.detach().requires_grad_() for t in part) for part in parts]
+                merged = merge_by_lse([p[0] for p in merge_inputs], [p[1] for p in merge_inputs])
         ctx.graph = (plan, group, leaves, parts, sources, merge_inputs, merged)
         return merged.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
-        if not hasattr(ctx, "graph"):  # no part: nothing depended on q, k or v
-            return None, None, None, None, None, None
         plan, group, (q, k, v), parts, sources, merge_inputs, merged = ctx.graph
         del ctx.graph  # the graphs go as soon as this backward is done
         returned = Exchange({}, {dst: (2, *k.shape[:2], len(tokens), k.shape[3])
                                  for dst, tokens in plan.send_tokens.items()},
                             like=k, group=group, phase="backward")
         flat = [t for part in merge_inputs for t in part]
-        part_grads = torch.autograd.grad(merged, flat, grad_out, allow_unused=True)
+        part_grads = torch.autograd.grad(merged, flat, grad_out, allow_unused=True) if flat else ()
         grad_q = torch.zeros_like(q)
         grad_kv = torch.zeros((2, *k.shape), dtype=k.dtype, device=k.device)
         sent = []

@@ -97,12 +97,14 @@ class _ShardedDispatch:
         self.inner, self.parallel = dispatch, parallel
 
     def __call__(self, q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0,
-                 scale=None, layout=None):
+                 scale=None, layout=None, **kwargs):
         if not self.parallel._active:
             return self.inner(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                              dropout_p=dropout_p, scale=scale, layout=layout)
-        if key_padding_mask is not None or dropout_p > 0:
-            raise ValueError("context_parallel: no key padding or attention dropout across shards")
+                              dropout_p=dropout_p, scale=scale, layout=layout, **kwargs)
+        if key_padding_mask is not None or dropout_p > 0 or any(
+                value is not None for value in kwargs.values()):
+            raise ValueError("context_parallel: no key padding, attention dropout or packed "
+                             "documents across shards")
         return context_parallel_attention(q, k, v, self.inner.pattern if layout is None else layout,
                                           group=self.parallel.group, causal=causal, scale=scale,
                                           sharding=SHARDING)
@@ -118,9 +120,11 @@ class _ShardedRotary(nn.Module):
         super().__init__()
         self.inner, self.parallel = rotary, parallel
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, *args, **kwargs) -> torch.Tensor:
         if not self.parallel._active:
-            return self.inner(x, offset)
+            return self.inner(x, offset, *args, **kwargs)
+        if offset or any(value is not None for value in (*args, *kwargs.values())):
+            raise ValueError("context_parallel: shards take no cache offset or own positions")
         sharding, length = self.parallel.sharding, self.parallel.sharding.chunk_len
         pieces = x.split(length, dim=-2)  # one per chunk, each at its place in the sequence
         return torch.cat([self.inner(piece, chunk * length) for piece, chunk in
