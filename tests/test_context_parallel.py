@@ -5,6 +5,8 @@ seconds); every launch is bounded by a timeout."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from sparse_attention.distributed import (
 )
 from sparse_attention import cli
 from sparse_attention.distributed.local_processes import free_port, run_on_gloo
+from sparse_attention.distributed.on_paper import kv_bytes_per_token, traffic_on_paper
 from test_training import weights, write_corpus
 
 BLOCK = 16
@@ -41,7 +44,17 @@ def _layout(name: str, seq_len: int, heads: int):
                                       num_random_blocks=2, block_size=BLOCK),
         "dense": lambda: sa.Dense(block_size=BLOCK),
         "tensor": lambda: _random_tensor_layout(seq_len, heads),
+        "first_half_rows": lambda: _first_half_rows(seq_len),
     }[name]()
+
+
+def _first_half_rows(seq_len: int) -> sa.BlockLayout:
+    """Only the first half of the queries see keys (all of them): under contiguous sharding
+    some ranks compute nothing, yet send their keys and get dK/dV back."""
+    blocks = seq_len // BLOCK
+    mask = torch.zeros(blocks, blocks, dtype=torch.bool)
+    mask[:blocks // 2] = True
+    return sa.BlockLayout(mask, BLOCK)
 
 
 # (layout, causal, sharding, dtype, kv heads); 4 query heads, batch 2, head dim 16.
@@ -50,7 +63,7 @@ CASES = [
     for name in ("local", "fixed", "strided", "bigbird", "dense", "tensor")
     for causal in (False, True)
     for sharding, dtype, kv_heads in (("contiguous", torch.float64, 4), ("zigzag", torch.float32, 2))
-]
+] + [("first_half_rows", causal, "contiguous", torch.float64, 2) for causal in (False, True)]
 
 
 def _inputs(seq_len: int, kv_heads: int, dtype):
@@ -134,6 +147,13 @@ def test_a_local_pattern_sends_what_its_rows_need_only():
         # What a rank received goes back as dK/dV: the totals over the ranks agree.
         forward, backward = (sum(sent["local", causal][i] for sent in per_rank) for i in (0, 1))
         assert 0 < forward == backward
+    # The plan on paper counts the same bytes.
+    for causal in (False, True):
+        layout = sa.Local(2 * BLOCK, block_size=BLOCK).layout(seq_len, seq_len, causal=causal)
+        paper = traffic_on_paper(layout, world, causal=causal,
+                                 bytes_per_token=kv_bytes_per_token(2, 16, 4, batch=2))
+        total = sum(sent["local", causal][0] for sent in per_rank)
+        assert paper.mean_tokens_received * world * paper.bytes_per_token == total
     # So does a dense pattern here, and under causal half of that over the ranks.
     assert all(sent["dense", False][0] == ring_bytes for sent in per_rank)
     assert sum(sent["dense", True][0] for sent in per_rank) == world * ring_bytes // 2
@@ -247,3 +267,16 @@ def test_context_parallel_settings_are_checked():
         split_world(0, 4, 3)
     place = split_world(5, 8, 2)
     assert (place.rank, place.data_rank, place.data_world) == (1, 2, 4)
+
+
+def test_the_benchmark_writes_its_tables_on_paper(tmp_path):
+    from sparse_attention.benchmark import context_parallel as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    text = bench.run(parser.parse_args(["--no-measured", "--paper-seq-lens", "8192",
+                                        "--paper-worlds", "4", "--out", str(tmp_path)]))
+    rows = json.loads((tmp_path / "results.json").read_text())["on_paper"]
+    assert [row["layout"] for row in rows] == ["local", "fixed", "bigbird"]
+    assert all(0 < row["received_bytes"] < row["ring_bytes"] for row in rows)
+    assert "| local | 8k | 4 |" in text and (tmp_path / "results.md").is_file()
