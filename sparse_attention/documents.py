@@ -1,11 +1,13 @@
-"""Documents of packed rows in the op's terms: cu_seqlens from per-token document ids or from
-document starts, and every token's position inside its document (positions restart per
-document, as if each document were run alone)."""
+"""Documents packed in rows, in the op's terms: cu_seqlens from per-token document ids or from
+document starts, every token's position inside its document (positions restart per document,
+as if each document were run alone), and the op over the documents of a batch's rows."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from sparse_attention.attention import sparse_attention
 
 
 def cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor:
@@ -48,3 +50,19 @@ def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor
     cu = cu_seqlens.to(torch.int64)
     document_start = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=total)
     return torch.arange(total, device=cu.device) - document_start
+
+
+def one_row(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] as the op's packed row [1, H, B * N, D] (a view when B is 1)."""
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
+
+
+def attention_over_rows(q, k, v, layout, cu_seqlens, cu_seqlens_k=None, **op_arguments):
+    """sparse_attention over documents packed in the rows of a batch: q [B, H, Nq, D], k, v
+    [B, Hkv, Nk, D], cu_seqlens over the B * Nq tokens taken row after row (FlashAttention's
+    varlen over a flattened batch; a document may not start in one row and end in the next
+    unless the rows are one sequence). Returns [B, H, Nq, Dv]."""
+    batch, heads, q_len, _ = q.shape
+    out = sparse_attention(one_row(q), one_row(k), one_row(v), layout, cu_seqlens=cu_seqlens,
+                           cu_seqlens_k=cu_seqlens_k, **op_arguments)
+    return out[0].view(heads, batch, q_len, v.shape[3]).transpose(0, 1)

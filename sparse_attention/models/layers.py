@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_attention.models.config import SparseTransformerConfig
+from sparse_attention.models.documents import Documents
 from sparse_attention.models.kv_cache import KVCache
 from sparse_attention.nn.dispatch import AttentionDispatch
 from sparse_attention.patterns.base import Pattern
@@ -24,10 +25,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x's tokens are at positions offset, offset + 1, ..."""
-        n = x.shape[-2]
-        cos, sin = (t[offset:offset + n].to(x.dtype) for t in (self.cos, self.sin))
+    def forward(self, x: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x's tokens are at positions offset, offset + 1, ..., or at `positions` [B, N]
+        (packed documents: each counts from its own start)."""
+        if positions is not None:
+            cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in (self.cos, self.sin))
+        else:
+            n = x.shape[-2]
+            cos, sin = (t[offset:offset + n].to(x.dtype) for t in (self.cos, self.sin))
         first, second = x.chunk(2, dim=-1)
         return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
@@ -50,19 +56,23 @@ class Attention(nn.Module):
                                           owner=f"layer {index}")
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layout=None) -> torch.Tensor:
+                cache: KVCache | None = None, layout=None, documents: Documents | None = None
+                ) -> torch.Tensor:
         """x [B, N, d_model]; with a cache, x holds the tokens that follow the cached ones.
-        layout: this call's layout instead of the pattern's (see AttentionDispatch)."""
+        layout: this call's layout instead of the pattern's (see AttentionDispatch).
+        documents: packed documents, each attended alone with its own positions."""
         batch, n, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = 0 if cache is None else cache.length(self.index)
+        positions = None if documents is None else documents.positions
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         if cache is not None:
             k, v = cache.append(self.index, k, v)
         out = self.dispatch(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                             dropout_p=self.attention_dropout if self.training else 0.0,
-                            layout=layout)
+                            layout=layout,
+                            cu_seqlens=None if documents is None else documents.cu_seqlens)
         return self.out(out.transpose(1, 2).reshape(batch, n, d_model))
 
 
@@ -84,6 +94,8 @@ class Block(nn.Module):
         return self.attn.out, self.mlp_out
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layout=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), key_padding_mask, cache, layout))
+                cache: KVCache | None = None, layout=None, documents: Documents | None = None
+                ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), key_padding_mask, cache, layout,
+                                       documents))
         return x + self.dropout(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_attention.models.config import SparseTransformerConfig
+from sparse_attention.models.documents import document_starts
 from sparse_attention.models.kv_cache import KVCache
 from sparse_attention.models.output import ModelOutput
 from sparse_attention.models.pretrained import PretrainedMixin
@@ -24,7 +25,10 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
     - labels: [B, N] the input's own tokens (Hugging Face convention): position t is scored on
       labels[t + 1];
     - targets: [B, N] already shifted (position t is scored on targets[t]).
-    Entries equal to -100 are ignored in the loss. With cache=KVCache(), input_ids are the
+    Entries equal to -100 are ignored in the loss. cu_seqlens: packed documents (offsets over
+    the B * N tokens taken row after row), each attended alone with positions from 0; with
+    labels, no document's last token is scored on the next document's first. With
+    cache=KVCache(), input_ids are the
     tokens that follow those already run through the cache (incremental decoding); their
     logits are those the whole sequence gives them.
     """
@@ -43,12 +47,15 @@ class SparseTransformerLM(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                layout=None) -> ModelOutput:
+                layout=None, cu_seqlens: torch.Tensor | None = None) -> ModelOutput:
         if labels is not None and targets is not None:
             raise ValueError("labels, targets: pass one (labels are shifted here, targets already are)")
-        logits = self.head(self.transformer(input_ids, cache=cache, layout=layout))
+        logits = self.head(self.transformer(input_ids, cache=cache, layout=layout,
+                                            cu_seqlens=cu_seqlens))
         if labels is not None:
             _check_same_shape("labels", labels, input_ids)
+            if cu_seqlens is not None:
+                labels = labels.masked_fill(document_starts(cu_seqlens, labels), IGNORE_INDEX)
             logits_for_loss, targets = logits[:, :-1], labels[:, 1:]
         elif targets is not None:
             _check_same_shape("targets", targets, input_ids)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sparse_attention.models.config import SparseTransformerConfig
+from sparse_attention.models.documents import documents_of
 from sparse_attention.models.kv_cache import KVCache
 from sparse_attention.models.layers import Block, Rotary
 
@@ -62,27 +63,41 @@ class SparseTransformer(nn.Module):
             )
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layout=None) -> torch.Tensor:
+                cache: KVCache | None = None, layout=None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of input_ids; with a cache, of the tokens that follow the cached ones
         (which it then holds too). layout: a layout for this call instead of the patterns'
-        (a TensorLayout made per input, or a BlockLayout), or a list of one per layer."""
+        (a TensorLayout made per input, or a BlockLayout), or a list of one per layer.
+        cu_seqlens: packed documents, int32/int64 [documents + 1] offsets over the B * N
+        tokens taken row after row (FlashAttention's varlen); every document is attended
+        alone and its positions start at 0, as if it were run on its own."""
         offset = 0 if cache is None else cache.length()
-        self.check_input_ids(input_ids, cached=offset)
+        # Packed documents: max_seq_len bounds every document (its positions), not the row.
+        self.check_input_ids(input_ids, cached=offset, any_length=cu_seqlens is not None)
         if cache is not None:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask: not supported with a cache")
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens: not supported with a cache (decode each document "
+                                 "in a row of its own)")
+        documents = None
+        if cu_seqlens is not None:
+            documents = documents_of(cu_seqlens, input_ids, self.config.max_seq_len)
         x = self.embed(input_ids)
         if self.positions is not None:
-            x = x + self.positions(torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device))
+            positions = (documents.positions if documents is not None else
+                         torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device))
+            x = x + self.positions(positions)
         x = self.dropout(x)
         # Checkpointing would run a block twice, and append to the cache twice.
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         layouts = _per_layer("layout", layout, len(self.blocks))
         for block, block_layout in zip(self.blocks, layouts):
             if checkpointed:
-                x = checkpoint(block, x, key_padding_mask, None, block_layout, use_reentrant=False)
+                x = checkpoint(block, x, key_padding_mask, None, block_layout, documents,
+                               use_reentrant=False)
             else:
-                x = block(x, key_padding_mask, cache, block_layout)
+                x = block(x, key_padding_mask, cache, block_layout, documents)
         return self.norm(x)
 
 

@@ -15,6 +15,9 @@ the pattern's layout once and picks:
   kernels cannot run the case on this device (`sa.supported()`: a dtype, head dim or block
   size the device's kernels are not compiled for), instead of failing at the first long call.
 
+Packed documents (cu_seqlens) always run on the kernels, every document attended alone: SDPA
+would need a block-diagonal O(N^2) mask for them.
+
 The choice is made outside any compiled graph (it becomes a constant of the graph), logged
 once per path at DEBUG level on the "sparse_attention.nn" logger, and readable afterwards as
 `last_path`.
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 from sparse_attention.attention import call_pieces, sparse_attention
 from sparse_attention.compile_constants import KnownById, eager_constant
+from sparse_attention.documents import attention_over_rows
 from sparse_attention.patterns.arguments import check_int
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.patterns.base import Pattern
@@ -151,11 +155,20 @@ class AttentionDispatch(KnownById):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                  key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                 scale: float | None = None, layout=None) -> torch.Tensor:
+                 scale: float | None = None, layout=None, cu_seqlens: torch.Tensor | None = None,
+                 cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of q [B, H, Nq, D] over k, v [B, Hkv, Nk, D]; key_padding_mask bool
         [B, Nk], True = ignore. dropout_p: attention dropout (pass 0 outside training).
         layout: a layout for this call (a TensorLayout made per input, e.g. by
-        sa.select_blocks, or a BlockLayout) instead of the pattern's; it runs on the kernels."""
+        sa.select_blocks, or a BlockLayout) instead of the pattern's; it runs on the kernels.
+        cu_seqlens (cu_seqlens_k): packed documents, the op's offsets over the B * Nq queries
+        (B * Nk keys) taken row after row; each document is attended alone, on the kernels."""
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            self.last_path = "sparse"
+            self._check_no_dropout(dropout_p, k.shape[2])
+            return attention_over_rows(q, k, v, self.pattern if layout is None else layout,
+                                       cu_seqlens, cu_seqlens_k, causal=causal, scale=scale,
+                                       key_padding_mask=key_padding_mask)
         if layout is not None:
             self.last_path = "sparse"
             self._check_no_dropout(dropout_p, k.shape[2])

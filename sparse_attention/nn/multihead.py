@@ -66,9 +66,13 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         return self.dispatch.last_path
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                average_attn_weights=True, is_causal=False, *, layout=None):
+                average_attn_weights=True, is_causal=False, *, layout=None, cu_seqlens=None,
+                cu_seqlens_k=None):
         """As nn.MultiheadAttention.forward; returns (attn_output, None). layout: a layout for
-        this call (a TensorLayout made per input, or a BlockLayout) instead of the pattern's."""
+        this call (a TensorLayout made per input, or a BlockLayout) instead of the pattern's.
+        cu_seqlens (cu_seqlens_k for keys laid out otherwise): packed documents, int32/int64
+        offsets over the batch's queries (keys) taken one batch entry after another, as
+        FlashAttention's varlen; every document is attended alone (see sparse_attention)."""
         if need_weights:
             raise ValueError(
                 "need_weights: the sparse kernels never form the attention weights; pass "
@@ -81,12 +85,13 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, layout)  # [L, B, E]
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, layout,
+                           (cu_seqlens, cu_seqlens_k))  # [L, B, E]
         if self.batch_first:
             out = out.transpose(0, 1)
         return (out if batched else out.squeeze(1)), None
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, layout):
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, layout, documents):
         """Sequence-first [L, B, E] in and out."""
         q_len, batch, _ = query.shape
         k_len = key.shape[0]
@@ -105,6 +110,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             check_causal_mask("attn_mask", attn_mask, "bool", q_len, k_len)
             causal = True
         out = self.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                            dropout_p=self.dropout if self.training else 0.0, layout=layout)
+                            dropout_p=self.dropout if self.training else 0.0, layout=layout,
+                            cu_seqlens=documents[0], cu_seqlens_k=documents[1])
         out = out.permute(2, 0, 1, 3).reshape(q_len, batch, self.embed_dim)
         return self.out_proj(out)

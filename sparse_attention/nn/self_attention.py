@@ -53,9 +53,10 @@ class SparseSelfAttention(nn.Module):
         return self.dispatch.last_path
 
     def forward(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None, *,
-                layout=None):
+                layout=None, cu_seqlens=None, cu_seqlens_k=None):
         """DeepSpeed's forward. layout: a layout for this call (a TensorLayout made per input,
-        or a BlockLayout) instead of the config's."""
+        or a BlockLayout) instead of the config's. cu_seqlens (cu_seqlens_k): packed
+        documents over the batch's rows taken one after another (see AttentionDispatch)."""
         if rpe is not None:
             raise ValueError("rpe: relative position embeddings are not supported by the sparse kernels")
         if (key.dim() == 4 and value.dim() == 4 and key.shape[-2] != value.shape[-2]
@@ -74,4 +75,4 @@ class SparseSelfAttention(nn.Module):
             check_causal_mask("attn_mask", attn_mask, self.attn_mask_mode, q_len, k_len)
             causal = True
         return self.dispatch(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
-                             layout=layout)
+                             layout=layout, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)

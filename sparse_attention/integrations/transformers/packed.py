@@ -16,15 +16,14 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
-from sparse_attention.attention import sparse_attention
-from sparse_attention.documents import cu_seqlens_from_ids
+from sparse_attention.documents import attention_over_rows, cu_seqlens_from_ids
 from sparse_attention.integrations.transformers.masks import TokenRules
 
 
 def _offsets(name: str, cu) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor):
         raise ValueError(f"{name}: expected an int tensor [documents + 1], got {type(cu).__name__}")
-    return cu.to(torch.int32)
+    return cu
 
 
 def call_documents(rules: TokenRules, query: torch.Tensor, key: torch.Tensor,
@@ -50,15 +49,8 @@ def call_documents(rules: TokenRules, query: torch.Tensor, key: torch.Tensor,
     return cu, cu
 
 
-def _one_row(t: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] as the op's packed row [1, H, B * N, D]."""
-    return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
-
-
 def packed_attention(query, key, value, pattern, rules: TokenRules, documents, scaling):
     """The op over the batch's documents; returns transformers' [B, Nq, H, D]."""
-    batch, heads, q_len, _ = query.shape
-    out = sparse_attention(_one_row(query), _one_row(key), _one_row(value), pattern,
-                           cu_seqlens=documents[0], cu_seqlens_k=documents[1],
-                           causal=rules.causal, scale=scaling, window=rules.window)
-    return out[0].transpose(0, 1).reshape(batch, q_len, heads, value.shape[3])
+    out = attention_over_rows(query, key, value, pattern, *documents, causal=rules.causal,
+                              scale=scaling, window=rules.window)
+    return out.transpose(1, 2).contiguous()
