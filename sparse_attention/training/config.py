@@ -18,7 +18,7 @@ from sparse_attention.models.config import ALTERNATING, POSITIONS
 from sparse_attention.nn.dispatch import SDPA_MAX_LEN, check_dropout
 from sparse_attention.optional import require
 from sparse_attention.patterns.arguments import check_bool, check_int
-from sparse_attention.training.data.prepare import TASKS
+from sparse_attention.training.data.prepare import PACKINGS, TASKS
 from sparse_attention.patterns import PATTERN_NAMES
 from sparse_attention.support import block_sizes
 
@@ -48,6 +48,7 @@ class TrainConfig:
     tokenizer: str = "bytes"  # "bytes", "bpe" (trained on the training data) or a folder
     vocab_size: int = 4096  # of a trained BPE
     validation_fraction: float = 0.05
+    packing: str = "none"  # "documents": every document attended alone (see data.prepare)
     # The model
     seq_len: int = 1024
     d_model: int = 256
@@ -98,6 +99,7 @@ class TrainConfig:
         """Raises ValueError (TypeError for a value of the wrong kind) naming the first setting
         that is out of range."""
         _one_of("task", self.task, TASKS)
+        _one_of("packing", self.packing, PACKINGS)
         _one_of("device", self.device, DEVICES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("distributed", self.distributed, STRATEGIES)
@@ -123,6 +125,9 @@ class TrainConfig:
         check_dropout("dropout", self.dropout)
         for name in ("gradient_checkpointing", "compile", "tensorboard", "progress"):
             check_bool(name, getattr(self, name))
+        if self.packing == "documents" and self.context_parallel > 1:
+            raise ValueError("packing: 'documents' does not combine with context_parallel > 1 "
+                             "(shards hold pieces of documents); use packing 'none'")
         if not isinstance(self.pattern_params, dict):
             raise ValueError(f"pattern_params: expected a mapping, got {self.pattern_params!r}")
 
@@ -158,7 +163,7 @@ class TrainConfig:
 FIXED_ON_RESUME = ("seed", "task", "data", "glob", "text_field", "label_field", "max_data_bytes",
                    "tokenizer", "vocab_size", "validation_fraction", "seq_len", "d_model",
                    "num_layers", "num_heads", "d_ff", "block_size", "pattern", "pattern_params",
-                   "positions", "batch_size", "grad_accum", "context_parallel")
+                   "positions", "batch_size", "grad_accum", "context_parallel", "packing")
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TrainConfig))
 
 

@@ -18,18 +18,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
+def _inputs(batch: dict) -> dict:
+    """The model's keyword inputs besides input_ids: padding, or packed documents."""
+    inputs = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+    if "key_padding_mask" in batch:
+        inputs["key_padding_mask"] = batch["key_padding_mask"]
+    return inputs
+
+
 def forward(model: nn.Module, batch: dict) -> ModelOutput:
     """The model's output and mean loss on a batch of either task."""
     if "targets" in batch:
-        return model(batch["input_ids"], targets=batch["targets"])
-    return model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"], labels=batch["labels"])
+        return model(batch["input_ids"], targets=batch["targets"], **_inputs(batch))
+    return model(batch["input_ids"], labels=batch["labels"], **_inputs(batch))
 
 
 def logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """The model's logits on a batch of either task."""
-    if "targets" in batch:
-        return model(batch["input_ids"]).logits
-    return model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"]).logits
+    return model(batch["input_ids"], **_inputs(batch)).logits
 
 
 @torch.no_grad()

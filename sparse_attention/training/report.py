@@ -20,6 +20,17 @@ REPORT_FILE = "report.md"
 UNTIMED_STEPS = 2
 # The final eval values shown, in this order, with their column titles.
 FINAL_COLUMNS = {"bits_per_byte": "bits/byte", "accuracy": "accuracy", "loss": "eval loss"}
+# What the attention saw of the documents, by (task, packing).
+PACKING_NOTES = {
+    ("lm", "none"): "Documents: sequences are windows of the token stream, whose documents "
+                    "attend to each other across the separator (packing none).",
+    ("lm", "documents"): "Documents: every document in a sequence is attended alone, no token "
+                         "sees another document's (packing documents).",
+    ("classify", "none"): "Documents: each one is classified in a padded row of its own "
+                          "(packing none).",
+    ("classify", "documents"): "Documents: a batch's documents share one row without padding, "
+                               "each attended alone (packing documents).",
+}
 
 
 @dataclasses.dataclass
@@ -84,7 +95,7 @@ def write_report(folder: Path, runs: list[RunSummary], *, title: str, machine: s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", *([machine, ""] if machine else []), "## Settings", "", *_settings_table(runs), "",
-             "## Results", "", *_results_table(runs), "", *_scored_on(runs)]
+             "## Results", "", *_results_table(runs), "", *_scored_on(runs), *_packing(runs)]
     if len(runs) == 2:
         lines += ["## Ratios", "", *_ratios(runs), ""]
     images = _draw_plots(folder, runs)
@@ -133,6 +144,16 @@ def _scored_on(runs: list[RunSummary]) -> list[str]:
     if len(where) == 1:
         return [f"Final scores on {where[0]}.", ""]
     return [f"Final scores of {run.name} on {run.scored_on}." for run in runs if run.scored_on] + [""]
+
+
+def packing_note(settings: dict) -> str | None:
+    """How a run's attention saw the documents, from its settings (None when not known)."""
+    return PACKING_NOTES.get((settings.get("task"), settings.get("packing", "none")))
+
+
+def _packing(runs: list[RunSummary]) -> list[str]:
+    notes = list(dict.fromkeys(packing_note(run.settings) for run in runs))
+    return [note for note in notes if note] + ([""] if any(notes) else [])
 
 
 def _ratios(runs: list[RunSummary]) -> list[str]:

@@ -17,4 +17,5 @@ def prepare_run_data(config: TrainConfig, *, tokenizer_folder: Path | None = Non
         tokenizer=config.tokenizer, vocab_size=config.vocab_size,
         validation_fraction=config.validation_fraction, seed=config.seed, glob=config.glob,
         text_field=config.text_field, label_field=config.label_field,
-        max_bytes=config.max_data_bytes, tokenizer_folder=tokenizer_folder, label_names=label_names)
+        max_bytes=config.max_data_bytes, tokenizer_folder=tokenizer_folder, label_names=label_names,
+        packing=config.packing)

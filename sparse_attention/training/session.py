@@ -13,7 +13,7 @@ from sparse_attention import measure
 from sparse_attention.training import distributed, runtime
 from sparse_attention.training.config import TrainConfig
 from sparse_attention.training.metrics_log import read_metrics
-from sparse_attention.training.report import RunSummary, write_report
+from sparse_attention.training.report import RunSummary, packing_note, write_report
 from sparse_attention.training.checkpoint import CHECKPOINTS_FOLDER
 from sparse_attention.training.trainer import RunResult, train
 from sparse_attention.benchmark.machine import cpu_features, cpu_name
@@ -94,4 +94,7 @@ def print_headline(runs: list[RunSummary], report: Path) -> None:
     precisions = list(dict.fromkeys(run.settings.get("precision") for run in runs))
     print("precision " + "; ".join(f"{run.name} {run.settings.get('precision')}" for run in runs)
           if len(precisions) > 1 else f"precision {precisions[0]}")
+    note = packing_note(runs[0].settings)  # the same data settings for every run
+    if note:
+        print(note)
     print(f"report: {report}", file=sys.stdout)

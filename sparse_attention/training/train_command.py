@@ -27,8 +27,8 @@ from pathlib import Path
 from sparse_attention.models.config import ALTERNATING, POOLINGS, POSITIONS
 from sparse_attention.patterns import PATTERN_NAMES
 from sparse_attention.training.config import (
-    COMPARISONS, CONFIG_FILE, DEVICES, PRECISIONS, STRATEGIES, TASKS, TrainConfig, block_sizes_help,
-    check_resumable, read_config_file, resolve,
+    COMPARISONS, CONFIG_FILE, DEVICES, PACKINGS, PRECISIONS, STRATEGIES, TASKS, TrainConfig,
+    block_sizes_help, check_resumable, read_config_file, resolve,
 )
 from sparse_attention.training.session import run_session
 
@@ -47,6 +47,9 @@ HELP = {
     "tokenizer": "bytes, bpe (trained on the training data and saved with the run) or a tokenizer folder",
     "vocab_size": "vocabulary of a trained BPE",
     "validation_fraction": "share of the documents held out for evaluation",
+    "packing": "documents: every document attended alone (lm: none across a separator; classify: "
+               "a batch's documents in one row, no padding); none: lm windows attend across "
+               "separators, classify pads a row per document",
     "seq_len": "context length in tokens",
     "d_model": "model width",
     "num_layers": "transformer blocks",
@@ -89,7 +92,7 @@ HELP = {
 }
 CHOICES = {"device": DEVICES, "task": TASKS, "precision": PRECISIONS, "distributed": STRATEGIES,
            "compare": COMPARISONS, "pattern": PATTERN_NAMES + (ALTERNATING,), "positions": POSITIONS,
-           "pooling": POOLINGS}
+           "pooling": POOLINGS, "packing": PACKINGS}
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:

@@ -1,5 +1,6 @@
 """Datasets over tokenized documents: the train/validation split, packing, language-modeling
-windows and classification batches."""
+windows and classification batches (with packed documents, each attended alone: the op's
+cu_seqlens in the batch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import torch
+
+from sparse_attention.documents import cu_seqlens_from_starts
 
 Item = TypeVar("Item")
 
@@ -38,9 +41,15 @@ def pack_documents(encoded: Iterable[Sequence[int] | torch.Tensor], separator_id
 
 class LanguageModelingData(torch.utils.data.Dataset):
     """Non-overlapping windows of a token stream; item i is (input_ids, targets), the targets
-    being the inputs shifted by one token."""
+    being the inputs shifted by one token.
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, *, name: str = "data"):
+    separator_id: with it, batches hold cu_seqlens (over their rows taken one after another)
+    that start a document at every separator (and every row): a document's last token
+    predicts the separator (its end), the separator alone predicts the next document's first
+    token, and no token sees another document's."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, *, name: str = "data",
+                 separator_id: int | None = None):
         if tokens.dim() != 1:
             raise ValueError(f"data: {name} tokens must be a 1-D stream, got shape {tuple(tokens.shape)}")
         if seq_len < 1:
@@ -50,6 +59,7 @@ class LanguageModelingData(torch.utils.data.Dataset):
                              f"({seq_len + 1}): give more text or a shorter seq_len")
         self.tokens = tokens.long()
         self.seq_len = seq_len
+        self.separator_id = separator_id
 
     def __len__(self) -> int:
         return (self.tokens.numel() - 1) // self.seq_len
@@ -64,15 +74,21 @@ class LanguageModelingData(torch.utils.data.Dataset):
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         starts = torch.as_tensor(indices, dtype=torch.int64) * self.seq_len
         positions = starts[:, None] + torch.arange(self.seq_len)
-        return {"input_ids": self.tokens[positions], "targets": self.tokens[positions + 1]}
+        batch = {"input_ids": self.tokens[positions], "targets": self.tokens[positions + 1]}
+        if self.separator_id is not None:
+            starts = batch["input_ids"] == self.separator_id
+            starts[:, 0] = True
+            batch["cu_seqlens"] = cu_seqlens_from_starts(starts.flatten())
+        return batch
 
 
 class ClassificationData(torch.utils.data.Dataset):
     """Documents with integer labels; longer than seq_len ones are truncated (counted in
-    `truncated`). Batches are padded to a multiple of block_size, the attention's block."""
+    `truncated`). Batches are padded to a multiple of block_size, the attention's block, or
+    with packed=True laid side by side in one row without padding, with their cu_seqlens."""
 
     def __init__(self, encoded: Sequence[Sequence[int] | torch.Tensor], labels: Sequence[int],
-                 seq_len: int, block_size: int, pad_id: int):
+                 seq_len: int, block_size: int, pad_id: int, *, packed: bool = False):
         if len(encoded) != len(labels):
             raise ValueError(f"data: {len(encoded)} documents but {len(labels)} labels")
         if seq_len < 1 or block_size < 1:
@@ -86,6 +102,7 @@ class ClassificationData(torch.utils.data.Dataset):
         self.seq_len = seq_len
         self.block_size = block_size
         self.pad_id = pad_id
+        self.packed = packed
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -95,11 +112,16 @@ class ClassificationData(torch.utils.data.Dataset):
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         documents = [self.documents[i] for i in indices]
+        labels = self.labels[torch.as_tensor(list(indices), dtype=torch.int64)]
+        if self.packed:
+            lengths = torch.tensor([ids.numel() for ids in documents])
+            cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            return {"input_ids": torch.cat(documents)[None], "cu_seqlens": cu_seqlens,
+                    "labels": labels}
         length = math.ceil(max(ids.numel() for ids in documents) / self.block_size) * self.block_size
         input_ids = torch.full((len(documents), length), self.pad_id, dtype=torch.int64)
         padding = torch.ones(len(documents), length, dtype=torch.bool)
         for row, ids in enumerate(documents):
             input_ids[row, :ids.numel()] = ids
             padding[row, :ids.numel()] = False
-        return {"input_ids": input_ids, "key_padding_mask": padding,
-                "labels": self.labels[torch.as_tensor(list(indices), dtype=torch.int64)]}
+        return {"input_ids": input_ids, "key_padding_mask": padding, "labels": labels}

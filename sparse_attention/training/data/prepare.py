@@ -14,6 +14,10 @@ from sparse_attention.training.data.sources import Document, read_documents
 from sparse_attention.training.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TASKS = ("lm", "classify")
+# none: language-modelling windows attend across the documents' separators, and each
+# classified document has a padded row of its own; documents: every document is attended
+# alone (the op's cu_seqlens), classified documents share one row without padding.
+PACKINGS = ("none", "documents")
 
 
 @dataclass
@@ -31,11 +35,15 @@ def prepare_data(data: str | None, *, task: str = "lm", seq_len: int, block_size
                  tokenizer: str = "bytes", vocab_size: int = 4096, validation_fraction: float = 0.05,
                  seed: int = 0, glob: str = "**/*", text_field: str = "text",
                  label_field: str | None = "label", max_bytes: int | None = None,
-                 tokenizer_folder: Path | None = None, label_names: list[str] | None = None) -> PreparedData:
+                 tokenizer_folder: Path | None = None, label_names: list[str] | None = None,
+                 packing: str = "none") -> PreparedData:
     """The datasets for a run. The tokenizer is trained on the train split only; with
-    tokenizer_folder (a run's saved tokenizer) and label_names it is reproduced exactly."""
+    tokenizer_folder (a run's saved tokenizer) and label_names it is reproduced exactly.
+    packing: one of PACKINGS."""
     if task not in TASKS:
         raise ValueError(f"data: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if packing not in PACKINGS:
+        raise ValueError(f"data: packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
     if seq_len < 1 or block_size < 1:
         raise ValueError(f"data: seq_len and block_size must be positive, got {seq_len} and {block_size}")
     if task == "classify" and not label_field:
@@ -49,17 +57,18 @@ def prepare_data(data: str | None, *, task: str = "lm", seq_len: int, block_size
         chosen = build_tokenizer(tokenizer, (doc.text for doc in train_docs), vocab_size)
     stats = {"documents": len(documents), "bytes": sum(len(doc.text.encode("utf-8")) for doc in documents)}
     if task == "lm":
-        prepared = _language_modeling(chosen, train_docs, validation_docs, seq_len, validation_fraction)
+        prepared = _language_modeling(chosen, train_docs, validation_docs, seq_len, validation_fraction,
+                                      packed=packing == "documents")
     else:
         prepared = _classification(chosen, train_docs, validation_docs, seq_len, block_size, label_field,
-                                   label_names)
+                                   label_names, packed=packing == "documents")
     prepared.stats = {**stats, **prepared.stats, "train_sequences": len(prepared.train),
                       "validation_sequences": len(prepared.validation)}
     return prepared
 
 
 def _language_modeling(tokenizer: Tokenizer, train_docs: list[Document], validation_docs: list[Document],
-                       seq_len: int, validation_fraction: float) -> PreparedData:
+                       seq_len: int, validation_fraction: float, packed: bool) -> PreparedData:
     def stream(docs: list[Document]) -> torch.Tensor:
         return pack_documents(tokenizer.encode_tensors([doc.text for doc in docs]), tokenizer.separator_id)
 
@@ -73,9 +82,12 @@ def _language_modeling(tokenizer: Tokenizer, train_docs: list[Document], validat
                              f"2 * (seq_len + 1) ({2 * (seq_len + 1)}) to split into train and validation")
         validation_tokens = train_tokens[-num_validation:]
         train_tokens = train_tokens[:-num_validation]
+    separator = tokenizer.separator_id if packed else None
     return PreparedData(task="lm", tokenizer=tokenizer,
-                        train=LanguageModelingData(train_tokens, seq_len, name="the train split"),
-                        validation=LanguageModelingData(validation_tokens, seq_len, name="the validation split"),
+                        train=LanguageModelingData(train_tokens, seq_len, name="the train split",
+                                                   separator_id=separator),
+                        validation=LanguageModelingData(validation_tokens, seq_len, name="the validation split",
+                                                        separator_id=separator),
                         stats={"tokens": train_tokens.numel() + validation_tokens.numel(),
                                "train_tokens": train_tokens.numel(),
                                "validation_tokens": validation_tokens.numel(), "truncated": 0})
@@ -83,7 +95,7 @@ def _language_modeling(tokenizer: Tokenizer, train_docs: list[Document], validat
 
 def _classification(tokenizer: Tokenizer, train_docs: list[Document], validation_docs: list[Document],
                     seq_len: int, block_size: int, label_field: str,
-                    label_names: list[str] | None) -> PreparedData:
+                    label_names: list[str] | None, packed: bool) -> PreparedData:
     found = {doc.label for doc in train_docs + validation_docs}
     if label_names is None:
         label_names = sorted(found, key=_label_order(found))
@@ -100,7 +112,7 @@ def _classification(tokenizer: Tokenizer, train_docs: list[Document], validation
     def dataset(docs: list[Document]) -> ClassificationData:
         encoded = tokenizer.encode_tensors([doc.text for doc in docs])
         return ClassificationData(encoded, [index[doc.label] for doc in docs], seq_len, block_size,
-                                  tokenizer.separator_id)
+                                  tokenizer.separator_id, packed=packed)
 
     train, validation = dataset(train_docs), dataset(validation_docs)
     train_tokens = sum(ids.numel() for ids in train.documents)
