@@ -52,8 +52,12 @@ def one_by_one(model, docs, **kwargs):
     return torch.cat([model(d[None], **kwargs).logits for d in docs], dim=1)
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
-def test_causal_lm_packed_by_position_ids_matches_each_document_alone(family):
+def test_causal_lm_packed_by_position_ids_matches_each_document_alone(family, use_cache):
+    """Without a cache transformers' own mask separates the documents; with a fresh one
+    (use_cache defaults to True) it does not, and they are found in the position_ids, as
+    its FlashAttention path finds them."""
     expected_model = build(family, "sdpa").eval()
     model = build(family, DENSE, like=expected_model).eval()
     docs = documents(LENGTHS + ([60] if family == "mistral" else []))  # past its window of 48
@@ -61,7 +65,7 @@ def test_causal_lm_packed_by_position_ids_matches_each_document_alone(family):
     with torch.no_grad():
         expected = one_by_one(expected_model, docs, use_cache=False)
         actual = model(batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).logits
+                       use_cache=use_cache).logits
         assert_close(actual, expected, 1e-4)
         # Documents do see each other without the position_ids.
         crossed = model(batch["input_ids"], use_cache=False).logits

@@ -93,10 +93,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             f"{type(attention_mask).__name__}"
         )
     _check_pattern_fits(pattern, rules, module)
+    key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
     documents = call_documents(rules, query, key, kwargs)
     if documents is not None:
         return packed_attention(query, key, value, pattern, rules, documents, scaling), None
-    key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
     if rules.key_offset and not isinstance(pattern, Dense):
         # The pattern's blocks start at position 0: they do not line up with keys that start
         # mid-sequence. Such a cache holds about a window of keys, so this is cheap.

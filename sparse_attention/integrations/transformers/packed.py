@@ -6,9 +6,10 @@ transformers marks them in three ways, taken in this order (FlashAttention's):
   return_flash_attn_kwargs=True), offsets over the batch flattened into one row;
 - the packed sequence mask that its causal mask functions build when position_ids restart
   inside a row without a padding mask or cache (TokenRules.documents);
-- position_ids that restart, for bidirectional attention (encoders), whose masks
-  transformers builds without looking at them: as its FlashAttention path does, the
-  documents are found with its own `find_packed_sequence_indices`.
+- position_ids that restart, in a call without a padding mask whose queries are all its keys:
+  encoders' masks never look at them, nor do causal masks over a fresh cache (use_cache
+  defaults to True), but transformers' FlashAttention path does, so they are found as it
+  finds them, with its own `find_packed_sequence_indices`.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def call_documents(rules: TokenRules, query: torch.Tensor, key: torch.Tensor,
         return cu_q, _offsets("cu_seq_lens_k", cu_k) if cu_k is not None else cu_q
     documents = rules.documents
     position_ids = kwargs.get("position_ids")
-    if (documents is None and not rules.causal and rules.key_padding_mask is None
-            and position_ids is not None and position_ids.shape[-1] == query.shape[2]
-            and query.shape[2] == key.shape[2]):
+    if (documents is None and rules.key_padding_mask is None and rules.key_offset == 0
+            and position_ids is not None and position_ids.dim() == 2
+            and position_ids.shape[-1] == query.shape[2] == key.shape[2]):
         documents = find_packed_sequence_indices(position_ids.expand(query.shape[0], -1))
     if documents is None:
         return None
