@@ -4,7 +4,8 @@
 # budget of 8 minutes:
 #   1. build the CUDA extension in place for this GPU's architecture only, with all cores;
 #   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference) and
-#      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU);
+#      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU)
+#      and tests/test_cuda_packing.py (packed documents, both CUDA paths);
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
 #   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
 #      against SDPA), then benchmarks/bench_cuda.py: forward and backward against SDPA (flash,
@@ -73,7 +74,7 @@ if (( FAILED )); then  # nothing later can run without the extension
   SUMMARY+=("later stages: SKIPPED (no CUDA build to run)")
   finish
 fi
-stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_models.py
+stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_models.py tests/test_cuda_packing.py
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 # No caching allocator under memcheck, so that reads past a tensor's end are caught.

@@ -147,8 +147,9 @@ void check_block_lists(const char* name, const at::Tensor& offsets, const at::Te
     const int64_t along = list % blocks_along;
     // Packed lists are per document (list batch = documents); a batch's lengths are shared.
     const Sequence seq = p.sequence(p.packed() ? list / blocks_along / p.layout_heads : 0);
-    const int64_t seq_across = rows ? seq.k_blocks : seq.q_blocks;
-    TORCH_CHECK_VALUE(along < (rows ? seq.q_blocks : seq.k_blocks) || begin == end, name,
+    const int64_t seq_q_blocks = seq.q_blocks(p.block_size), seq_k_blocks = seq.k_blocks(p.block_size);
+    const int64_t seq_across = rows ? seq_k_blocks : seq_q_blocks;
+    TORCH_CHECK_VALUE(along < (rows ? seq_q_blocks : seq_k_blocks) || begin == end, name,
                       " block lists: list ", list, " lies past its document's blocks but is not empty");
     for (int64_t e = begin; e < end; ++e) {
       TORCH_CHECK_VALUE(idx[e] >= 0 && idx[e] < seq_across, name, " block lists: index ",

@@ -60,6 +60,43 @@ SA_HOST_DEVICE int64_t list_index(int64_t list_batch, int64_t layout_heads, int6
   return (b * layout_heads + head / (heads / layout_heads)) * blocks + block;
 }
 
+// One sequence of a call: a batch entry, or one document of a packed row. Lengths and block
+// indices are the sequence's own; *_begin place its first token in the tensors.
+struct Sequence {
+  int64_t batch = 0;  // the tensors' batch entry
+  int64_t q_begin = 0, k_begin = 0;
+  int64_t q_len = 0, k_len = 0;
+  Window window;  // the call's bounds, aligned bottom-right within the sequence
+
+  SA_HOST_DEVICE int64_t q_blocks(int64_t block_size) const {
+    return (q_len + block_size - 1) / block_size;
+  }
+  SA_HOST_DEVICE int64_t k_blocks(int64_t block_size) const {
+    return (k_len + block_size - 1) / block_size;
+  }
+};
+
+// Sequence s of a call over tensors of q_len and k_len tokens with bounds `window`: batch
+// entry s, or with packed document starts (q_starts, k_starts: [documents + 1]) document s
+// of batch entry 0.
+SA_HOST_DEVICE Sequence sequence_at(int64_t s, const int64_t* q_starts, const int64_t* k_starts,
+                                    int64_t q_len, int64_t k_len, const Window& window) {
+  Sequence seq;
+  seq.window = window;
+  if (q_starts == nullptr) {
+    seq.batch = s;
+    seq.q_len = q_len;
+    seq.k_len = k_len;
+    return seq;
+  }
+  seq.q_begin = q_starts[s];
+  seq.k_begin = k_starts[s];
+  seq.q_len = q_starts[s + 1] - seq.q_begin;
+  seq.k_len = k_starts[s + 1] - seq.k_begin;
+  seq.window.offset = seq.k_len - seq.q_len;
+  return seq;
+}
+
 // Per (batch, key block) summary of a key padding mask.
 enum class KeyBlockState : uint8_t {
   kAllValid = 0,

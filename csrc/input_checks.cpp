@@ -87,8 +87,8 @@ void set_list_shape(Problem* p, const at::Tensor& row_num_full, const at::Tensor
     // The lists' grid is padded to a common width; every document must fit in it.
     int64_t q_blocks = 0, k_blocks = 0;
     for (int64_t s = 0; s < p->documents; ++s) {
-      q_blocks = std::max(q_blocks, p->sequence(s).q_blocks);
-      k_blocks = std::max(k_blocks, p->sequence(s).k_blocks);
+      q_blocks = std::max(q_blocks, p->sequence(s).q_blocks(p->block_size));
+      k_blocks = std::max(k_blocks, p->sequence(s).k_blocks(p->block_size));
     }
     TORCH_CHECK_VALUE(row_num_full.size(2) >= q_blocks, "row_num_full: expected at least ",
                       q_blocks, " query blocks (the longest document's), got shape ",

@@ -10,15 +10,6 @@
 
 namespace sparse_attention {
 
-// One sequence of a call: a batch entry, or one document of a packed row. Lengths and block
-// indices are the sequence's own; *_begin place its first token in the tensors.
-struct Sequence {
-  int64_t batch = 0;  // the tensors' batch entry
-  int64_t q_begin = 0, k_begin = 0;
-  int64_t q_len = 0, k_len = 0, q_blocks = 0, k_blocks = 0;
-  Window window;  // the call's bounds, aligned bottom-right within the sequence
-};
-
 struct Problem {
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t batch = 0, heads = 0, kv_heads = 0;
@@ -52,24 +43,7 @@ struct Problem {
   }
 
   Sequence sequence(int64_t s) const {
-    Sequence seq;
-    seq.window = window;
-    if (!packed()) {
-      seq.batch = s;
-      seq.q_len = q_len;
-      seq.k_len = k_len;
-      seq.q_blocks = q_blocks;
-      seq.k_blocks = k_blocks;
-      return seq;
-    }
-    seq.q_begin = q_starts[s];
-    seq.k_begin = k_starts[s];
-    seq.q_len = q_starts[s + 1] - seq.q_begin;
-    seq.k_len = k_starts[s + 1] - seq.k_begin;
-    seq.q_blocks = q_block_starts[s + 1] - q_block_starts[s];
-    seq.k_blocks = k_block_starts[s + 1] - k_block_starts[s];
-    seq.window.offset = seq.k_len - seq.q_len;
-    return seq;
+    return sequence_at(s, q_starts, k_starts, q_len, k_len, window);
   }
 
   // Query blocks (or key blocks) of all sequences together: what tasks are numbered over.

@@ -10,7 +10,7 @@ import torch
 from sparse_attention import ops, packing
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.kernel_table import CPU_DTYPES
-from sparse_attention.layout import BlockLayout
+from sparse_attention.layout import BlockLayout, BlockLists
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
 from sparse_attention.support import supported
@@ -261,8 +261,9 @@ def sparse_attention(
 
 def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask, *, causal,
                       scale, window, return_lse, deterministic):
-    """sparse_attention over packed documents: the CPU kernels walk per-document lists in one
-    call; on other devices each document runs as a call of its own (views, no copies)."""
+    """sparse_attention over packed documents: the kernels walk per-document lists in one call
+    (on CUDA when enabled, packing.CUDA_PACKED_KERNELS); otherwise each document runs as a call
+    of its own (views, no copies)."""
     if cu_seqlens is None:
         raise ValueError("cu_seqlens_k: given without cu_seqlens (the documents' starts in q)")
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
@@ -284,14 +285,17 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         raise ValueError(f"cu_seqlens_k: expected as many documents as cu_seqlens "
                          f"({cu_seqlens.shape[0] - 1}), got {cu_k.shape[0] - 1}")
     _check_inputs(q, k, v, layout, None, documents=cu_seqlens.shape[0] - 1)
-    if q.device.type != "cpu":
+    if not packing.packed_kernels(q.device):
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,
                                        deterministic=deterministic)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     window = _static_window(window)
     num_heads = operator.index(q.shape[1])
-    lists = packing.packed_lists(layout, cu_seqlens, cu_k, window, num_heads, causal)
+    _check_device_kernels(q, layout.block_size)
+    lists = packing.packed_lists(layout, cu_seqlens.cpu(), cu_k.cpu(), window, num_heads, causal)
+    if q.device.type != "cpu":
+        lists = BlockLists(*(t.to(q.device) for t in lists))
     out, lse = ops.forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
                            scale=scale, window=window, deterministic=deterministic,
                            cu_seqlens=(cu_seqlens, cu_k))

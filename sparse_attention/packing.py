@@ -10,6 +10,7 @@ asks for the same ones), for a TensorLayout from its per-document masks.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -22,6 +23,15 @@ from sparse_attention.patterns.base import Pattern
 from sparse_attention.window import Window
 
 _OFFSET_DTYPES = (torch.int32, torch.int64)
+
+# The CUDA kernels walk packed lists too, but have not yet run on a GPU: until they have
+# passed there, CUDA runs packed documents one call each unless this is set to 1.
+CUDA_PACKED_KERNELS = "SPARSE_ATTENTION_CUDA_PACKED_KERNELS"
+
+
+def packed_kernels(device: torch.device) -> bool:
+    """Whether the device's kernels take packed lists in one call."""
+    return device.type == "cpu" or os.environ.get(CUDA_PACKED_KERNELS) == "1"
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
@@ -264,7 +274,7 @@ def packed_lists(layout, cu_q: torch.Tensor, cu_k: torch.Tensor, window: Window,
             return BlockLists(*_packed_pattern_lists(cu_q, cu_k, id(layout), left, right,
                                                      num_heads, causal, heads))
         return pattern_lists(layout, cu_q, cu_k, window, num_heads, causal, pattern_cache(layout))
+    mask = layout.mask.cpu()  # a sync where the mask lives on a GPU: the lists are built here
     if torch.compiler.is_compiling():
-        return BlockLists(*_packed_mask_lists(layout.mask, cu_q, cu_k, layout.block_size, left,
-                                              right))
-    return mask_lists(layout.mask, layout.block_size, cu_q, cu_k, window)
+        return BlockLists(*_packed_mask_lists(mask, cu_q, cu_k, layout.block_size, left, right))
+    return mask_lists(mask, layout.block_size, cu_q, cu_k, window)

@@ -21,22 +21,22 @@ def offsets(lengths, dtype=torch.int32) -> torch.Tensor:
 
 
 def packed_inputs(q_lengths, k_lengths=None, *, heads=4, kv_heads=2, dim=32,
-                  dtype=torch.float32, seed=0):
+                  dtype=torch.float32, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     k_lengths = q_lengths if k_lengths is None else k_lengths
 
     def make(h, n):
-        return torch.randn(1, h, n, dim, generator=generator, dtype=torch.float64).to(dtype) \
-            .requires_grad_()
+        return torch.randn(1, h, n, dim, generator=generator, dtype=torch.float64) \
+            .to(device=device, dtype=dtype).requires_grad_()
     return (make(heads, sum(q_lengths)), make(kv_heads, sum(k_lengths)),
             make(kv_heads, sum(k_lengths)))
 
 
-def check_packed(q, k, v, layout, cu, cu_k=None, **kwargs):
+def check_packed(q, k, v, layout, cu, cu_k=None, deterministic=False, **kwargs):
     """out, lse and dq, dk, dv of the packed call against the per-document reference, under
     the precision rule of the other correctness tests."""
     out, lse = sa.sparse_attention(q, k, v, layout, cu_seqlens=cu, cu_seqlens_k=cu_k,
-                                   return_lse=True, **kwargs)
+                                   return_lse=True, deterministic=deterministic, **kwargs)
     exact, exact_lse = reference.attention(q, k, v, layout, cu_seqlens=cu, cu_seqlens_k=cu_k,
                                            return_lse=True, **kwargs)
     low = reference.attention(q, k, v, layout, cu_seqlens=cu, cu_seqlens_k=cu_k,

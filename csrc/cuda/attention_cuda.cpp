@@ -19,6 +19,7 @@
 #include <optional>
 
 #include "../input_checks.h"
+#include "../packed_sequences.h"
 #include "params.h"
 #include "supported_cases.h"
 
@@ -103,6 +104,7 @@ int compute_capability_major(const at::Device& device) {
 struct Prepared {
   Problem problem;
   Params params;
+  PackedSequences packed;  // the problem points into it
   std::vector<at::Tensor> keep;
 };
 
@@ -120,14 +122,31 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
                     "q, k, v: expected one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   check_cuda_limits(p);
-  // sa.sparse_attention runs packed documents on CUDA one document at a time.
-  TORCH_CHECK_VALUE(!cu_seqlens_q && !cu_seqlens_k, "cu_seqlens_q, cu_seqlens_k: the CUDA ",
-                    "kernels do not take packed documents yet (sa.sparse_attention runs them)");
+  // Packed documents: their tables are checked on the host (a small copy when cu_seqlens
+  // live on the device) and the starts copied to the device for the kernels.
+  auto on_host = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t) return std::nullopt;
+    return t->cpu();
+  };
+  attach_packed_sequences(&p, on_host(cu_seqlens_q), on_host(cu_seqlens_k),
+                          key_padding_mask.has_value(), &r.packed);
+  TORCH_CHECK_VALUE(p.sequences() <= kMaxGridYZ, "cu_seqlens: at most ", kMaxGridYZ,
+                    " documents on CUDA, got ", p.sequences());
   set_list_shape(&p, row_num_full, col_num_full);
   Params& c = r.params;
   c.rows = device_lists("row", row_offsets, row_indices, row_num_full, p.num_lists() * p.q_blocks,
                         q.device());
   c.batch = p.batch;
+  c.sequences = static_cast<int>(p.sequences());
+  if (p.packed()) {
+    const auto starts = [&](const std::vector<int64_t>& values) {
+      at::Tensor t = at::tensor(values, at::kLong).to(q.device());
+      r.keep.push_back(t);
+      return t.data_ptr<int64_t>();
+    };
+    c.q_starts = starts(r.packed.q_starts);
+    c.k_starts = starts(r.packed.k_starts);
+  }
   c.heads = p.heads;
   c.kv_heads = p.kv_heads;
   c.q_len = p.q_len;

@@ -1,6 +1,6 @@
 // Block-sparse attention backward, FlashAttention-2 style, P recomputed from the saved lse:
 //   1. delta_kernel:    delta = rowsum(dO * O) - dlse, fp32.
-//   2. grad_kv_kernel:  a thread block per (64-key tile, kv head, batch) walks the column lists
+//   2. grad_kv_kernel:  a thread block per (64-key tile, kv head, sequence) walks the column lists
 //      of every query head of the kv head's group: dV += P^T dO, dK += dS^T Q, and (without
 //      the dQ pass) dQ += dS K by fp32 atomics into an accumulator.
 //   3. grad_q_kernel:   the dQ pass (deterministic mode; Hopper at head dim 128): a thread
@@ -56,30 +56,33 @@ __global__ void __launch_bounds__(Traits::kColThreads)
 
   const int kb = blockIdx.x / Traits::kSubTiles;
   const int k0 = blockIdx.x * kKeyTile;  // == kb * block_size + sub * kKeyTile
-  const int kv_head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = blockIdx.y, s_index = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  if (k0 >= p.k_len) return;  // a sub-tile wholly past the end: nothing to write
+  const Sequence seq = sequence_of(p, s_index);
+  const int q_len = static_cast<int>(seq.q_len), k_len = static_cast<int>(seq.k_len);
+  if (k0 >= k_len) return;  // a sub-tile wholly past the end: nothing to write
 
-  load_tile_async<kKeyTile, D, kThreads>(s_k, operand_head<Element>(p.k, batch, kv_head),
-                                         p.k.row_stride, k0, p.k_len);
-  load_tile_async<kKeyTile, D, kThreads>(s_v, operand_head<Element>(p.v, batch, kv_head),
-                                         p.v.row_stride, k0, p.k_len);
+  load_tile_async<kKeyTile, D, kThreads>(s_k, sequence_rows<Element>(p.k, seq, kv_head, seq.k_begin),
+                                         p.k.row_stride, k0, k_len);
+  load_tile_async<kKeyTile, D, kThreads>(s_v, sequence_rows<Element>(p.v, seq, kv_head, seq.k_begin),
+                                         p.v.row_stride, k0, k_len);
   cp_async_commit();
 
-  BlockWalk<false, Traits::kSubTiles, kQueryTile> walk(p, batch, kv_head, kb);
-  if (key_block_state(p, batch, kb) == KeyBlockState::kAllPadded) walk.done = true;  // all P = 0
+  BlockWalk<false, Traits::kSubTiles, kQueryTile> walk(p, seq, s_index, kv_head, kb);
+  if (key_block_state(p, seq.batch, kb) == KeyBlockState::kAllPadded) walk.done = true;  // all P = 0
   auto load = [&](int buffer) {
     const int head = walk.query_head(), q0 = walk.tile_start();
-    load_tile_async<kQueryTile, D, kThreads>(s_q + buffer * kQTile, operand_head<Element>(p.q, batch, head),
-                                             p.q.row_stride, q0, p.q_len);
+    load_tile_async<kQueryTile, D, kThreads>(s_q + buffer * kQTile,
+                                             sequence_rows<Element>(p.q, seq, head, seq.q_begin),
+                                             p.q.row_stride, q0, q_len);
     load_tile_async<kQueryTile, D, kThreads>(s_do + buffer * kQTile,
-                                             operand_head<Element>(p.grad_out, batch, head),
-                                             p.grad_out.row_stride, q0, p.q_len);
+                                             sequence_rows<Element>(p.grad_out, seq, head, seq.q_begin),
+                                             p.grad_out.row_stride, q0, q_len);
     for (int i = threadIdx.x; i < kQueryTile; i += kThreads) {
       const int q = q0 + i;
-      const int64_t row = (static_cast<int64_t>(batch) * p.heads + head) * p.q_len + q;
-      s_lse[buffer * kQueryTile + i] = lse_base2(p, row, q < p.q_len);
-      s_delta[buffer * kQueryTile + i] = q < p.q_len ? p.delta[row] : 0.f;
+      const int64_t row = flat_row(seq, p.heads, head, p.q_len, seq.q_begin, q);
+      s_lse[buffer * kQueryTile + i] = lse_base2(p, row, q < q_len);
+      s_delta[buffer * kQueryTile + i] = q < q_len ? p.delta[row] : 0.f;
     }
   };
 
@@ -96,7 +99,7 @@ __global__ void __launch_bounds__(Traits::kColThreads)
     float pt[kQueryTile / 8][4];
     zero(pt);
     gemm_a_smem_b_nk<D, kQueryTile, D, D>(pt, s_k, key_row0, q_tile, 0);
-    scale_and_mask<true, kQueryTile>(pt, p, batch, block_needs_mask(p, batch, step.block, kb),
+    scale_and_mask<true, kQueryTile>(pt, p, seq, block_needs_mask(p, seq, step.block, kb),
                                      k0 + key_row0, q0);
 #pragma unroll
     for (int j = 0; j < kQueryTile / 8; ++j) {
@@ -143,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kColThreads)
       for (int kk = 0; kk < kKeyTile / 16; ++kk) {
         load_a_transposed<kQueryTile>(a[kk], s_ds, warp * kRowsPerWarp, kk * 16);
       }
-      float* dq_head = p.grad_q_accum + (static_cast<int64_t>(batch) * p.heads + head) * p.q_len * D;
+      float* dq_head = p.grad_q_accum + flat_row(seq, p.heads, head, p.q_len, seq.q_begin, 0) * D;
 #pragma unroll
       for (int n = 0; n < D / 16; ++n) {
         float acc[2][4];
@@ -158,7 +161,7 @@ __global__ void __launch_bounds__(Traits::kColThreads)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int q = q0 + warp * kRowsPerWarp + g + 8 * r;
-          if (q >= p.q_len) continue;
+          if (q >= q_len) continue;
 #pragma unroll
           for (int t = 0; t < 2; ++t) {
             float* dst_row = dq_head + static_cast<int64_t>(q) * D + n * 16 + t * 8 + 2 * c;
@@ -176,8 +179,8 @@ __global__ void __launch_bounds__(Traits::kColThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = k0 + key_row0 + g + 8 * r;
-    if (key >= p.k_len) continue;
-    const int64_t row = (static_cast<int64_t>(batch) * p.kv_heads + kv_head) * p.k_len + key;
+    if (key >= k_len) continue;
+    const int64_t row = flat_row(seq, p.kv_heads, kv_head, p.k_len, seq.k_begin, key);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       *reinterpret_cast<uint32_t*>(grad_k + row * D + j * 8 + 2 * c) =
@@ -197,34 +200,38 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
   Element* s_q = reinterpret_cast<Element*>(shared_bytes);
   Element* s_do = s_q + Traits::kQTileElems;  // then the K/V tiles
 
-  const int qb = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int qb = blockIdx.x, head = blockIdx.y, s_index = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int q0 = qb * Traits::kBlockSize;
-  const KeyValueTiles<Traits> kv(s_do + Traits::kQTileElems, p, batch, head / (p.heads / p.kv_heads));
+  const Sequence seq = sequence_of(p, s_index);
+  if (q0 >= seq.q_len) return;  // past a packed document's blocks (the grid fits the longest)
+  const int q_len = static_cast<int>(seq.q_len);
+  const KeyValueTiles<Traits> kv(s_do + Traits::kQTileElems, p, seq, head / (p.heads / p.kv_heads));
 
-  load_tile_async<Traits::kBlockSize, D, kThreads>(s_q, operand_head<Element>(p.q, batch, head),
-                                                   p.q.row_stride, q0, p.q_len);
-  load_tile_async<Traits::kBlockSize, D, kThreads>(s_do, operand_head<Element>(p.grad_out, batch, head),
-                                                   p.grad_out.row_stride, q0, p.q_len);
+  load_tile_async<Traits::kBlockSize, D, kThreads>(
+      s_q, sequence_rows<Element>(p.q, seq, head, seq.q_begin), p.q.row_stride, q0, q_len);
+  load_tile_async<Traits::kBlockSize, D, kThreads>(
+      s_do, sequence_rows<Element>(p.grad_out, seq, head, seq.q_begin), p.grad_out.row_stride, q0,
+      q_len);
   cp_async_commit();
 
   float lse2[2], delta[2];
-  const int64_t row_base = (static_cast<int64_t>(batch) * p.heads + head) * p.q_len;
+  const int64_t row_base = flat_row(seq, p.heads, head, p.q_len, seq.q_begin, 0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int q = q0 + warp * kRowsPerWarp + g + 8 * r;
-    lse2[r] = lse_base2(p, row_base + q, q < p.q_len);
-    delta[r] = q < p.q_len ? p.delta[row_base + q] : 0.f;
+    lse2[r] = lse_base2(p, row_base + q, q < q_len);
+    delta[r] = q < q_len ? p.delta[row_base + q] : 0.f;
   }
 
   float dq[D / 8][4];
   zero(dq);
-  BlockWalk<true, Traits::kSubTiles, kKeyTile> walk(p, batch, head, qb);
+  BlockWalk<true, Traits::kSubTiles, kKeyTile> walk(p, seq, s_index, head, qb);
   auto load = [&](int buffer) { kv.load(buffer, walk.tile_start()); };
   for_each_step_pipelined(walk, load, [&](int buffer, const Step& step, int k0, int) {
     // P = exp2(S - lse2); dP = dO V^T; dS = P (dP - delta); dQ += dS K.
     float s[kKeyTile / 8][4];
-    masked_row_scores<Traits>(s, p, batch, s_q, kv.k_tile(buffer), qb, step.block, k0);
+    masked_row_scores<Traits>(s, p, seq, s_q, kv.k_tile(buffer), qb, step.block, k0);
     float dp[kKeyTile / 8][4];
     zero(dp);
     gemm_a_smem_b_nk<D, kKeyTile, D, D>(dp, s_do, warp * kRowsPerWarp, kv.v_tile(buffer), 0);
@@ -242,7 +249,7 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int q = q0 + warp * kRowsPerWarp + g + 8 * r;
-    if (q >= p.q_len) continue;
+    if (q >= q_len) continue;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       *reinterpret_cast<uint32_t*>(grad_q + (row_base + q) * D + j * 8 + 2 * c) =

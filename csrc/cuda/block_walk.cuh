@@ -11,6 +11,18 @@
 
 namespace sparse_attention::cuda {
 
+// Sequence s (grid z) of the call: a batch entry or a packed document.
+__device__ __forceinline__ Sequence sequence_of(const Params& p, int s) {
+  return sequence_at(s, p.q_starts, p.k_starts, p.q_len, p.k_len, p.window);
+}
+
+// Row `row` of a sequence's head `head` in a [batch, heads, rows] array of the tensors'
+// rows (lse, delta, out and gradients flattened per row).
+__device__ __forceinline__ int64_t flat_row(const Sequence& seq, int heads, int head, int64_t rows,
+                                            int64_t begin, int row) {
+  return (seq.batch * heads + head) * rows + begin + row;
+}
+
 __device__ __forceinline__ KeyBlockState key_block_state(const Params& p, int batch, int kb) {
   return p.key_block_state ? static_cast<KeyBlockState>(p.key_block_state[batch * p.k_blocks + kb])
                            : KeyBlockState::kAllValid;
@@ -18,15 +30,15 @@ __device__ __forceinline__ KeyBlockState key_block_state(const Params& p, int ba
 
 // Whether pair (qb, kb) must apply the element rules: a partial block under the layout rules
 // (recomputed here rather than trusted from the lists' full counts), or mixed key padding.
-__device__ __forceinline__ bool block_needs_mask(const Params& p, int batch, int qb, int kb) {
-  return classify_block(qb, kb, p.q_len, p.k_len, p.block_size, p.window) != BlockKind::kFull ||
-         key_block_state(p, batch, kb) == KeyBlockState::kMixed;
+__device__ __forceinline__ bool block_needs_mask(const Params& p, const Sequence& seq, int qb, int kb) {
+  return classify_block(qb, kb, seq.q_len, seq.k_len, p.block_size, seq.window) != BlockKind::kFull ||
+         key_block_state(p, seq.batch, kb) == KeyBlockState::kMixed;
 }
 
-// Whether key `key` is visible to query `query` (both inside their sequences' tiles).
-__device__ __forceinline__ bool element_visible(const Params& p, int batch, int query, int key) {
-  return key < p.k_len && p.window.visible(query, key) &&
-         !(p.key_padding && p.key_padding[static_cast<int64_t>(batch) * p.k_len + key]);
+// Whether key `key` is visible to query `query` (positions within the sequence).
+__device__ __forceinline__ bool element_visible(const Params& p, const Sequence& seq, int query, int key) {
+  return key < seq.k_len && seq.window.visible(query, key) &&
+         !(p.key_padding && p.key_padding[seq.batch * p.k_len + seq.k_begin + key]);
 }
 
 // Entry range [begin, end) of list `list`, clamped to the index array.
@@ -43,17 +55,18 @@ struct Step {
 };
 
 // Walks a row list (the key tiles of query block `fixed`, kRows) or the column lists of
-// every query head sharing a kv head (the query tiles of key block `fixed`), skipping
-// entries outside the grid, tiles past the sequence end and key blocks padding hides.
+// every query head sharing a kv head (the query tiles of key block `fixed`) of sequence `s`,
+// skipping entries outside the grid, tiles past the sequence end and key blocks padding hides.
 template <bool kRows, int kSubTiles, int kTile>
 struct BlockWalk {
   const Params& p;
-  int batch, head, fixed, group;
+  const Sequence& seq;
+  int s, head, fixed, group;
   Step step;
   bool done = false;
 
-  __device__ BlockWalk(const Params& params, int batch_, int head_, int fixed_)
-      : p(params), batch(batch_), head(head_), fixed(fixed_),
+  __device__ BlockWalk(const Params& params, const Sequence& seq_, int s_, int head_, int fixed_)
+      : p(params), seq(seq_), s(s_), head(head_), fixed(fixed_),
         group(kRows ? 1 : params.heads / params.kv_heads) {
     start_list(0);
     settle();
@@ -78,7 +91,7 @@ struct BlockWalk {
       done = true;
       return;
     }
-    const int list = static_cast<int>(list_index(p.list_batch, p.layout_heads, p.heads, batch,
+    const int list = static_cast<int>(list_index(p.list_batch, p.layout_heads, p.heads, s,
                                                  kRows ? head : head * group + group_head, fixed,
                                                  kRows ? p.q_blocks : p.k_blocks));
     list_range(kRows ? p.rows : p.cols, list, &step.entry, &step.end);
@@ -96,8 +109,8 @@ struct BlockWalk {
     const int across = kRows ? p.k_blocks : p.q_blocks;
     if (block < 0 || block >= across) return false;
     step.block = block;
-    if (tile_start() >= (kRows ? p.k_len : p.q_len)) return false;
-    return !kRows || key_block_state(p, batch, block) != KeyBlockState::kAllPadded;
+    if (tile_start() >= (kRows ? seq.k_len : seq.q_len)) return false;
+    return !kRows || key_block_state(p, seq.batch, block) != KeyBlockState::kAllPadded;
   }
 
   // Moves to the first valid step at or after the current one.

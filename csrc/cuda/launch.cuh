@@ -61,7 +61,7 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStre
 template <DType kDType, int kHeadDim, int kBlockSize>
 void launch_forward(const Params& p, cudaStream_t stream) {
   using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
-  launch(forward_kernel<Traits>, dim3(p.q_blocks, p.heads, p.batch), Traits::kRowThreads,
+  launch(forward_kernel<Traits>, dim3(p.q_blocks, p.heads, p.sequences), Traits::kRowThreads,
          Traits::kForwardSmem, stream, p);
 }
 
@@ -71,10 +71,10 @@ void launch_backward(const Params& p, cudaStream_t stream) {
   using Traits = KernelTraits<Element, kHeadDim, kBlockSize>;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
   launch(delta_kernel<Element, kHeadDim>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
-  launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.batch),
+  launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.sequences),
          Traits::kColThreads, Traits::kGradKVSmem, stream, p);
   if (p.grad_q_pass) {
-    launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.batch), Traits::kRowThreads,
+    launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.sequences), Traits::kRowThreads,
            Traits::kGradQSmem, stream, p);
   }
 }

@@ -24,7 +24,12 @@ struct DeviceLists {
 enum class DType { kHalf, kBFloat16 };
 
 struct Params {
-  int batch = 0, heads = 0, kv_heads = 0, q_len = 0, k_len = 0, head_dim = 0;
+  int batch = 0, heads = 0, kv_heads = 0, q_len = 0, k_len = 0, head_dim = 0;  // of the tensors
+  // The grid's z: the batch entries, or packed documents (of batch entry 0) when q_starts and
+  // k_starts ([documents + 1] token starts, on the device) are set; see sequence_at.
+  int sequences = 0;
+  const int64_t* q_starts = nullptr;
+  const int64_t* k_starts = nullptr;
   int block_size = 0, q_blocks = 0, k_blocks = 0;
   int list_batch = 1, layout_heads = 1;  // lists over [list_batch, layout_heads, blocks]
   float scale = 1.f;
