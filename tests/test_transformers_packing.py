@@ -143,14 +143,17 @@ def test_padding_mask_with_cu_seq_lens_is_refused():
         model(ids, attention_mask=torch.ones(1, 40), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
-def test_compiled_model_follows_new_documents():
-    """Under torch.compile the documents are read from the position_ids of every call."""
-    model = build("bert", SPARSE).eval()
-    compiled = torch.compile(model, backend="aot_eager")
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_compiled_model_follows_new_documents_without_recompiling(family):
+    """Under torch.compile the documents are read from the position_ids of every call (the
+    LM with its default fresh cache, whose mask transformers builds without packing)."""
+    model = build(family, SPARSE).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for seed, lengths in enumerate([[100, 50], [30, 1, 119]]):
         docs = documents(lengths, seed=seed)
         batch = flattened(docs)
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("default" if seed == 0 else
+                                                        "fail_on_recompile"):
             actual = compiled(batch["input_ids"], position_ids=batch["position_ids"]).logits
+        with torch.no_grad():
             assert_close(actual, one_by_one(model, docs), 1e-4)
-
