@@ -190,6 +190,8 @@ def test_config_file_and_flags(corpus, tmp_path):
     ("grad_clip: fast\n", "grad_clip: expected a number > 0"),
     ("- steps\n", "must hold a mapping"),
     ("steps: [3\n", "is not valid YAML"),
+    ("packing: rows\n", "packing: expected one of none, documents"),
+    ("packing: documents\ncontext_parallel: 2\n", "packing: 'documents' does not combine"),
 ])
 def test_bad_settings_are_named(tmp_path, setting, message):
     config = tmp_path / "bad.yaml"
