@@ -626,16 +626,22 @@ def run(args: argparse.Namespace) -> dict:
             results["flex"] = measure_flex(args, timer, cache)
         except ImportError as error:
             _progress(f"FlexAttention unavailable: {error}")
-    text = report(args, header, results)
+    return publish(args, header, report(args, header, results), results)
+
+
+def publish(args: argparse.Namespace, header: dict, text: str, results: dict) -> dict:
+    """Prints the report; with args.out writes it there as results.md, and results.json (the
+    machine, the settings but --out, the results); returns them with the report."""
     print(text, end="")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(text)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(text)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        (args.out / "results.json").write_text(json.dumps(
+        (out / "results.json").write_text(json.dumps(
             {"machine": header, "settings": settings, **results}, indent=1,
             default=_json_default) + "\n")
-        _progress(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+        _progress(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return {"machine": header, "settings": vars(args), "report": text, **results}
 
 
