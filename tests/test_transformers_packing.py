@@ -14,9 +14,11 @@ from conftest import require_module
 
 transformers = require_module("transformers")
 
-from transformers import DataCollatorWithFlattening  # noqa: E402
+from transformers import DataCollatorWithFlattening, masking_utils  # noqa: E402
 
-from sparse_attention.integrations.transformers import register  # noqa: E402
+from sparse_attention.integrations.transformers import (  # noqa: E402
+    TokenRules, register, token_rules_mask,
+)
 from test_transformers_integration import (  # noqa: E402
     BLOCK, SPARSE_PATTERN, VOCAB, assert_close, build,
 )
@@ -133,6 +135,22 @@ def test_rows_of_packed_documents():
         actual = model(ids, position_ids=positions, use_cache=False).logits
         for r, row in enumerate(docs):
             assert_close(actual[r:r + 1], one_by_one(expected_model, row, use_cache=False), 1e-4)
+
+
+@pytest.mark.parametrize("within, rule", [
+    (masking_utils.causal_mask_function, (True, None)),
+    (masking_utils.sliding_window_causal_mask_function(8), (True, (7, None))),
+])
+def test_transformers_packed_masks_are_token_rules_with_documents(within, rule):
+    """create_causal_mask's packed form: the mask within each document, and the documents."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
+    documents = masking_utils.find_packed_sequence_indices(positions)
+    packed = masking_utils.and_masks(
+        masking_utils.remap_positions_for_packed_sequence(within, positions),
+        masking_utils.packed_sequence_mask_function(documents))
+    rules = token_rules_mask(batch_size=1, q_length=10, kv_length=10, mask_function=packed)
+    assert isinstance(rules, TokenRules) and (rules.causal, rules.window) == rule
+    assert rules.documents is documents and rules.key_count == 10
 
 
 def test_padding_mask_with_cu_seq_lens_is_refused():

@@ -7,6 +7,9 @@
 
     sparsify(model, sa.Fixed(chunk=256, block_size=64))         # or switch an existing model
 
+Packed batches (position_ids that restart, or the cu_seq_lens_q / cu_seq_lens_k kwargs of
+DataCollatorWithFlattening) run on the op's cu_seqlens, every document attended alone.
+
 Needs transformers >= MINIMUM_VERSION (`pip install sparse_attention[transformers]`).
 """
 
