@@ -73,3 +73,25 @@ def test_skipped_contenders_are_reported_not_measured(tmp_path):
     assert "not measured in this run: flex, sdpa_masked" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="--skip"):
         command.run(parser.parse_args(["--skip", "ours", "--out", str(tmp_path)]))
+
+
+def test_per_block_run_measures_each_build_in_its_own_process(tmp_path):
+    parser = command.argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([
+        "--per-block", "--patterns", "dense,local", "--seq-lens", "256", "--head-dims", "32",
+        "--dtypes", "float32", "--heads", "2", "--block", "32", "--repeats", "1", "--skip", "flex",
+        "--out", str(tmp_path)])
+    cells = command.run(args)
+    assert [(c.build, c.case.pattern) for c in cells] == [
+        ("avx2", "dense"), ("avx2", "local"), ("avx512", "dense"), ("avx512", "local")]
+    for cell in cells:
+        assert all(cell.gflops[name] > 0 for name in ("ours fwd", "ours bwd", "sdpa fwd", "sdpa bwd"))
+        assert "flex fwd" not in cell.gflops
+    # The AVX2 run is limited to AVX2 (or less, on a processor without it).
+    assert cells[0].capability in ("AVX2", "DEFAULT")
+    table = (tmp_path / "per_block.md").read_text()
+    assert table.count("\n| ") == 5 and "Load average" in table
+    data = json.loads((tmp_path / "per_block.json").read_text())
+    assert set(data["machines"]) == {"avx2", "avx512"} and len(data["cells"]) == 4
+    assert not list(tmp_path.glob("per_block_*.json"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_attention.benchmark import flops, machine, report
+from sparse_attention.benchmark import flops, machine, per_block, report
 from sparse_attention.benchmark.cases import FULL_GRID, QUICK_GRID, grid
 from sparse_attention.benchmark.contenders import Settings, measure_case
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls, median reported")
+    parser.add_argument("--repeats", type=int, help="timed calls, median reported (default 3)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed calls per measurement at most (default 20)")
     parser.add_argument("--skip", type=csv_of(str), default=(),
@@ -48,9 +48,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="folder for results.md, results.json, time_vs_n.png")
+    parser.add_argument("--per-block", action="store_true",
+                        help="instead: the CPU kernels' GFLOP/s per computed block against SDPA "
+                             "(forward, backward) and compiled Flex (forward), for each of "
+                             "--builds in a subprocess; writes per_block.md and per_block.json. "
+                             f"Defaults: {per_block.DEFAULTS}, 5 repeats")
+    parser.add_argument("--builds", type=csv_of(str), default=tuple(per_block.BUILDS),
+                        help="with --per-block: instruction sets, avx2 and/or avx512 (default both)")
+
+
+def _command_line() -> str:
+    words = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    return ("sparse-attention bench " + " ".join(words)).strip()
+
+
+def run_per_block(args: argparse.Namespace) -> list[per_block.Cell]:
+    unknown = set(args.builds) - set(per_block.BUILDS)
+    if unknown:
+        raise ValueError(f"--builds: expected {sorted(per_block.BUILDS)}, got {sorted(unknown)}")
+    given = {name: getattr(args, name) for name in per_block.DEFAULTS}
+    settings = argparse.Namespace(
+        **{name: value or per_block.DEFAULTS[name] for name, value in given.items()},
+        builds=args.builds, batch_size=args.batch_size, heads=args.heads, block=args.block,
+        repeats=args.repeats or 5, threads=args.threads,
+        no_flex="flex" in args.skip, out=args.out, command=_command_line())
+    return per_block.run(settings)
 
 
 def run(args: argparse.Namespace) -> list[report.Row]:
+    if getattr(args, "per_block", False):
+        return run_per_block(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = QUICK_GRID if args.quick else FULL_GRID
@@ -60,7 +87,7 @@ def run(args: argparse.Namespace) -> list[report.Row]:
     unknown = set(args.skip) - {"sdpa_masked", "flex"}
     if unknown:
         raise ValueError(f"--skip: expected sdpa_masked and/or flex, got {sorted(unknown)}")
-    settings = Settings(repeats=args.repeats, budget=args.budget, device=args.device,
+    settings = Settings(repeats=args.repeats or 3, budget=args.budget, device=args.device,
                         skip=frozenset(args.skip))
     header = machine.describe()
     print(machine.one_line(header))
@@ -85,10 +112,10 @@ def run(args: argparse.Namespace) -> list[report.Row]:
     # two longest lengths of a smaller grid.
     longest = max(case.seq_len for case in cases)
     growth = report.growth_exponents(rows, min_seq_len=min(4096, longest // 2))
-    command = "sparse-attention bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    command = _command_line()
     text = "\n".join([
         f"Machine: {', '.join(f'{k} {v}' for k, v in header.items())}",
-        f"Command: `{command.strip()}`", "",
+        f"Command: `{command}`", "",
         f"B={args.batch_size}, H={args.heads}, block {args.block}. Times are medians in ms; "
         f"GF/s {flops.PER_BLOCK}, dense SDPA's on N^2 (halved when causal). Speed-ups are SDPA dense / ours (forward+backward) "
         "and Flex / ours (forward). Peak memory is forward+backward above the inputs.", "",
