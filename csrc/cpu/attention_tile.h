@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
+#include "pair_products.h"
 #include "params.h"
 #include "tile_ops.h"
 
@@ -58,6 +60,55 @@ inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& b
   gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
   if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
+
+// The same tiles from bfloat16 pairs (pair_products.h): S = scale (Q K^T), the scale applied
+// in fp32 to the product of the unscaled operands, which both orientations round alike.
+inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
+                          const Pair* k, const Pair* q_t, float* s_t) {
+  gemm_pairs<false>(blk.kn, blk.qn, pairs_of(p.head_dim), k, pairs_of(p.head_dim), q_t, blk.qn, s_t, blk.qn);
+  scale_row(s_t, blk.kn * blk.qn, static_cast<float>(p.scale));
+  if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t, blk.qn);
+}
+
+inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
+                       const Pair* q, const Pair* k_t, float* s) {
+  gemm_pairs<false>(blk.qn, blk.kn, pairs_of(p.head_dim), q, pairs_of(p.head_dim), k_t, blk.kn, s, blk.kn);
+  scale_row(s, blk.qn * blk.kn, static_cast<float>(p.scale));
+  if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
+}
+
+// Scratch and the task's query operand for column tiles, in either form of the products:
+// (scale Q)^T [D x qn] in the accumulation type, or Q^T as pairs.
+template <typename T, bool kPairs>
+struct ColumnScorer {
+  std::vector<T> q_t, k_rows;
+  std::vector<Pair> q_pairs, k_pairs;
+
+  ColumnScorer(int64_t bs, int64_t dim)
+      : q_t(kPairs ? 0 : dim * bs), k_rows(kPairs ? 0 : bs * dim),
+        q_pairs(kPairs ? pairs_of(dim) * bs : 0), k_pairs(kPairs ? bs * pairs_of(dim) : 0) {}
+
+  template <typename scalar_t>
+  void load_queries(const Problem& p, int64_t qn, const scalar_t* q, int64_t stride) {
+    if constexpr (kPairs) {
+      pack_pairs_transposed(qn, p.head_dim, q, stride, q_pairs.data());
+    } else {
+      load_rows_transposed(qn, p.head_dim, q, stride, static_cast<T>(p.scale), q_t.data(), qn);
+    }
+  }
+
+  // S^T [kn x qn] of block pair blk from its key rows in memory.
+  template <typename scalar_t>
+  void scores(const Problem& p, const Sequence& seq, const BlockPair& blk, const scalar_t* k,
+              int64_t stride, T* s_t) {
+    if constexpr (kPairs) {
+      pack_pairs(blk.kn, p.head_dim, k, stride, k_pairs.data());
+      column_scores(p, seq, blk, k_pairs.data(), q_pairs.data(), s_t);
+    } else {
+      column_scores(p, seq, blk, rows_as(k, stride, blk.kn, p.head_dim, k_rows.data()), q_t.data(), s_t);
+    }
+  }
+};
 
 // Whether rows [0, rows) of a tile with leading dimension ld hold only finite values.
 template <typename T>
@@ -121,12 +172,13 @@ inline T visible_pair(T score, T shift, T delta, const T* a, const T* b, int64_t
   return prob;
 }
 
-// dK/dV pass on row tile s[qn x kn] = (scale Q) K^T: grad_v += P^T dO and
-// grad_k += dS^T (scale Q), dS = P (dO V^T - delta); v_t is V^T [D x kn].
+// The backward on row tile s[qn x kn] = (scale Q) K^T pair by pair: grad_v += P^T dO,
+// grad_k += dS^T (scale Q) and grad_q += dS K (unscaled), dS = P (dO V^T - delta); v_t is
+// V^T [D x kn], grad_q the block's rows [qn x D].
 template <typename T>
-inline void grad_key_value_visible(int64_t qn, int64_t kn, int64_t dim, const T* s, const T* lse,
-                                   const T* delta, const RowsView<T>& q, const RowsView<T>& d_o,
-                                   const T* v_t, T* grad_k, T* grad_v) {
+inline void grad_visible(int64_t qn, int64_t kn, int64_t dim, const T* s, const T* lse,
+                         const T* delta, const RowsView<T>& q, const RowsView<T>& d_o,
+                         const RowsView<T>& k, const T* v_t, T* grad_q, T* grad_k, T* grad_v) {
   for (int64_t i = 0; i < qn; ++i) {
     if (std::isinf(lse[i])) continue;  // the row sees no key
     const T* q_i = q.data + i * q.ld;
@@ -135,28 +187,12 @@ inline void grad_key_value_visible(int64_t qn, int64_t kn, int64_t dim, const T*
       if (s[i * kn + j] == -std::numeric_limits<T>::infinity()) continue;
       T ds;
       const T prob = visible_pair(s[i * kn + j], lse[i], delta[i], do_i, v_t + j, kn, dim, &ds);
+      const T* k_j = k.data + j * k.ld;
       for (int64_t d = 0; d < dim; ++d) {
         grad_v[j * dim + d] += prob * do_i[d];
         grad_k[j * dim + d] += ds * q_i[d];
+        grad_q[i * dim + d] += ds * k_j[d];
       }
-    }
-  }
-}
-
-// dQ pass on column tile s_t[kn x qn] = K (scale Q)^T: grad_q += dS K, dS^T = P^T (V dO^T -
-// delta), P^T = exp(S^T - shift); do_t is dO^T [D x qn].
-template <typename T>
-inline void grad_query_visible(int64_t qn, int64_t kn, int64_t dim, const T* s_t, const T* shift,
-                               const T* delta, const RowsView<T>& k, const RowsView<T>& v,
-                               const T* do_t, T* grad_q) {
-  for (int64_t j = 0; j < kn; ++j) {
-    const T* k_j = k.data + j * k.ld;
-    const T* v_j = v.data + j * v.ld;
-    for (int64_t i = 0; i < qn; ++i) {
-      if (s_t[j * qn + i] == -std::numeric_limits<T>::infinity()) continue;
-      T ds;
-      visible_pair(s_t[j * qn + i], shift[i], delta[i], v_j, do_t + i, qn, dim, &ds);
-      for (int64_t d = 0; d < dim; ++d) grad_q[i * dim + d] += ds * k_j[d];
     }
   }
 }
@@ -225,29 +261,13 @@ inline int64_t row_task_cost(const Problem& p, const BlockLists& rows, int64_t t
   return 1 + list_length(rows, row_task(p, task).list(p));
 }
 
-// One key block of one (sequence, kv head): a task of the dK/dV pass, which walks the block's
-// column for every query head of the GQA group. Numbered as row tasks are.
-struct ColumnTask {
-  Sequence seq;
-  int64_t s, kv_head, kb;
-  int64_t list(const Problem& p, int64_t head) const { return p.list(s, head, kb, p.k_blocks); }
-};
-
-inline int64_t num_column_tasks(const Problem& p) { return p.kv_heads * p.total_k_blocks(); }
-
-inline ColumnTask column_task(const Problem& p, int64_t task) {
-  ColumnTask t;
-  t.kv_head = task / p.total_k_blocks();
-  p.locate(task % p.total_k_blocks(), false, &t.s, &t.kb);
-  t.seq = p.sequence(t.s);
-  return t;
-}
-
-inline int64_t column_task_cost(const Problem& p, const BlockLists& cols, int64_t task) {
-  const ColumnTask t = column_task(p, task);
+// Block pairs in key block kb's column of one (sequence s, kv head) over the query heads of
+// its GQA group, plus the fixed cost of loading and storing the key block.
+inline int64_t column_cost(const Problem& p, const BlockLists& cols, int64_t s, int64_t kv_head,
+                           int64_t kb) {
   int64_t cost = 1;
-  for (int64_t head = t.kv_head * p.group(); head < (t.kv_head + 1) * p.group(); ++head) {
-    cost += list_length(cols, t.list(p, head));
+  for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
+    cost += list_length(cols, p.list(s, head, kb, p.k_blocks));
   }
   return cost;
 }

@@ -1,20 +1,25 @@
 // Block-sparse attention backward on the CPU, deterministic and free of atomics:
 //   1. delta = rowsum(dO * O) - dlse;
-//   2. one task per (sequence, kv head, key block) walks its column of the layout (for every
-//      query head of the GQA group) and accumulates dK and dV, with row tiles [qn x kn];
-//   3. one task per (sequence, head, query block) walks its row and accumulates dQ, with column
-//      tiles [kn x qn] (see attention_tile.h).
-// P is recomputed from the saved lse in both passes. Each task transposes only what it
-// keeps for all of its blocks (K and V in pass 2, Q and dO in pass 3).
+//   2. one task per range of key blocks of a (sequence, kv head) walks the columns of its
+//      blocks (for every query head of the GQA group) with row tiles [qn x kn]: it recomputes
+//      P from the saved lse once per block pair and does the five tile products, finishing dK
+//      and dV of its blocks and adding dS K to its own partial sum of dQ;
+//   3. dQ = scale * the partial sums, added in range order.
+// Each task converts or transposes only what it keeps for a whole column (K, K^T and V^T).
+// With kPairs (bfloat16 inputs where the processor multiplies them natively) the five
+// products run on bfloat16 pairs (pair_products.h), P and dS rounded to bfloat16, and the
+// scale goes on dK at the end instead of on Q.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "attention_tile.h"
+#include "pair_products.h"
 #include "parallel.h"
 
 namespace sparse_attention::cpu {
@@ -44,132 +49,198 @@ void compute_delta(const BackwardParams& g) {
   });
 }
 
-template <typename scalar_t>
-void grad_key_value_kernel(const BackwardParams& g) {
+// A task of the gradient pass: key blocks [kb_begin, kb_end) of one (sequence, kv head). Its
+// dQ terms go to partial sum `part` of dQ.
+struct KeyRange {
+  int64_t s, kv_head, kb_begin, kb_end, part, cost;
+};
+
+// Tasks the gradient pass wants at least: the key blocks of each (sequence, kv head) are cut
+// into this many ranges over the (sequence, kv head) pairs, of about equal cost. It is a
+// constant and never the thread count, so that dQ is the same on any number of threads.
+constexpr int64_t kMinGradTasks = 16;
+
+inline int64_t grad_parts(const Problem& p) {
+  const int64_t units = p.sequences() * p.kv_heads;
+  return std::max<int64_t>(1, (kMinGradTasks + units - 1) / units);
+}
+
+// First block of sequence s among the query (rows) or key blocks of all sequences.
+inline int64_t first_block(const Problem& p, int64_t s, bool rows) {
+  if (p.packed()) return (rows ? p.q_block_starts : p.k_block_starts)[s];
+  return s * (rows ? p.q_blocks : p.k_blocks);
+}
+
+inline std::vector<KeyRange> key_ranges(const Problem& p, const BlockLists& cols, int64_t parts) {
+  std::vector<KeyRange> ranges;
+  std::vector<int64_t> cost;
+  for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+    for (int64_t s = 0; s < p.sequences(); ++s) {
+      const int64_t blocks = first_block(p, s + 1, false) - first_block(p, s, false);
+      cost.resize(blocks);
+      int64_t total = 0;
+      for (int64_t kb = 0; kb < blocks; ++kb) total += cost[kb] = column_cost(p, cols, s, kv_head, kb);
+      // Range `part` ends where the running cost reaches (part + 1) / parts of the total.
+      int64_t begin = 0, done = 0, part = 0;
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        const int64_t before = done;
+        done += cost[kb];
+        if (done * parts >= (part + 1) * total || kb + 1 == blocks) {
+          ranges.push_back({s, kv_head, begin, kb + 1, part, done - before});
+          begin = kb + 1;
+          ++part;
+        }
+      }
+    }
+  }
+  return ranges;
+}
+
+template <typename scalar_t, bool kPairs = false>
+void backward_kernel(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
+  compute_delta<scalar_t>(g);
   const Problem& p = g.problem;
   const int64_t bs = p.block_size, dim = p.head_dim;
   const auto* lse = static_cast<const T*>(g.lse);
   const auto* delta = static_cast<const T*>(g.delta);
-  const auto cost = [&](int64_t task) { return column_task_cost(p, g.cols, task); };
-  run_parallel_longest_first(num_column_tasks(p), cost, [&](const NextTask& next) {
-    std::vector<T> k_t(dim * bs), v_t(dim * bs), q_rows(bs * dim), do_rows(bs * dim),
-        s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
+  const int64_t parts = grad_parts(p), row_blocks = num_row_tasks(p);
+  const int64_t dq_size = p.batch * p.heads * p.q_len * dim;
+  // Partial sums of dQ (unscaled), one per range index; written[part * row_blocks + task]
+  // says whether that part of row task `task`'s block holds anything. Only the task that owns
+  // a part of a block writes it, so neither needs zeroing beforehand or a lock.
+  std::unique_ptr<T[]> dq_parts(new T[parts * dq_size]);
+  std::vector<uint8_t> written(parts * row_blocks, 0);
+  const std::vector<KeyRange> ranges = key_ranges(p, g.cols, parts);
+
+  const auto cost = [&](int64_t task) { return ranges[task].cost; };
+  run_parallel_longest_first(static_cast<int64_t>(ranges.size()), cost, [&](const NextTask& next) {
+    std::vector<T> k_t(dim * bs), v_t(dim * bs), k_rows(bs * dim), q_rows(bs * dim),
+        do_rows(bs * dim), s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
+    // With kPairs: K^T, V^T and K once per column; Q and dO (both ways), P and dS per pair.
+    const int64_t d2 = pairs_of(dim), b2 = pairs_of(bs);
+    std::vector<Pair> k_t_pairs(kPairs ? d2 * bs : 0), v_t_pairs(kPairs ? d2 * bs : 0),
+        k_row_pairs(kPairs ? b2 * dim : 0), q_pairs(kPairs ? bs * d2 : 0), q_row_pairs(kPairs ? b2 * dim : 0),
+        do_pairs(kPairs ? bs * d2 : 0), do_row_pairs(kPairs ? b2 * dim : 0), tile_pairs(kPairs ? bs * b2 : 0);
+    // The scale goes on Q in the accumulation type, on dK with the pairs.
+    const T q_scale = kPairs ? T(1) : static_cast<T>(p.scale), k_scale = kPairs ? static_cast<T>(p.scale) : T(1);
     for (int64_t task = next(); task >= 0; task = next()) {
-      const ColumnTask column = column_task(p, task);
-      const Sequence& seq = column.seq;
-      const int64_t batch = seq.batch, kv_head = column.kv_head, kb = column.kb;
-      const int64_t k0 = kb * bs, kn = std::min(bs, seq.k_len - k0);
-      std::fill(grad_k.begin(), grad_k.end(), T(0));
-      std::fill(grad_v.begin(), grad_v.end(), T(0));
-      // K^T and V^T, kept for every query block of the column. The scale goes on Q, as in the
-      // forward pass: S must round exactly as it did there, or exp(S - lse) drifts when logits
-      // are large.
-      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.k, batch, kv_head, seq.k_begin + k0), g.k.row_stride,
-                           T(1), k_t.data(), kn);
-      load_rows_transposed(kn, dim, operand_rows<scalar_t>(g.v, batch, kv_head, seq.k_begin + k0), g.v.row_stride,
-                           T(1), v_t.data(), kn);
-      const bool v_finite = all_finite(v_t.data(), kn, dim, kn);
-      for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
-        for_each_block_pair<false>(p, g.cols, column.list(p, head), seq, kb, [&](const BlockPair& blk) {
-          const int64_t qn = blk.qn, row0 = p.q_row(seq, head, blk.q0);
-          load_rows(qn, dim, operand_rows<scalar_t>(g.q, batch, head, seq.q_begin + blk.q0), g.q.row_stride,
-                    static_cast<T>(p.scale), q_rows.data());
-          const RowsView<T> q{q_rows.data(), dim};  // scale Q
-          const RowsView<T> d_o =
-              operand_block<scalar_t>(g.grad_out, batch, head, seq.q_begin + blk.q0, qn, dim, do_rows.data());
-          // P = exp((scale Q) K^T - lse) per row; rows that saw no key get 0.
-          row_scores(p, seq, blk, q, k_t.data(), s.data());
-          if (blk.masked && !(v_finite && all_finite(q.data, q.ld, qn, dim) &&
-                              all_finite(d_o.data, d_o.ld, qn, dim) &&
-                              row_stats_finite(lse + row0, delta + row0, qn))) {
-            return grad_key_value_visible(qn, kn, dim, s.data(), lse + row0, delta + row0, q, d_o,
-                                          v_t.data(), grad_k.data(), grad_v.data());
-          }
-          for (int64_t i = 0; i < qn; ++i) {
-            T* row = s.data() + i * kn;
-            if (std::isinf(lse[row0 + i])) {
-              std::fill(row, row + kn, T(0));
-            } else {
-              exp_shift_sum(row, kn, lse[row0 + i]);
+      const KeyRange& range = ranges[task];
+      const Sequence seq = p.sequence(range.s);
+      const int64_t batch = seq.batch, kv_head = range.kv_head;
+      T* dq_part = dq_parts.get() + range.part * dq_size;
+      uint8_t* dq_written = written.data() + range.part * row_blocks;
+      for (int64_t kb = range.kb_begin; kb < range.kb_end; ++kb) {
+        const int64_t k0 = kb * bs, kn = std::min(bs, seq.k_len - k0);
+        std::fill(grad_k.begin(), grad_k.end(), T(0));
+        std::fill(grad_v.begin(), grad_v.end(), T(0));
+        // K^T and V^T for the row tiles, K for dS K, kept for every query block of the column.
+        // Without pairs the scale goes on Q, as in the forward pass: S must round exactly as it
+        // did there, or exp(S - lse) drifts when logits are large.
+        const scalar_t* k_src = operand_rows<scalar_t>(g.k, batch, kv_head, seq.k_begin + k0);
+        const scalar_t* v_src = operand_rows<scalar_t>(g.v, batch, kv_head, seq.k_begin + k0);
+        load_rows_transposed(kn, dim, k_src, g.k.row_stride, T(1), k_t.data(), kn);
+        load_rows_transposed(kn, dim, v_src, g.v.row_stride, T(1), v_t.data(), kn);
+        const RowsView<T> k = rows_as(k_src, g.k.row_stride, kn, dim, k_rows.data());
+        const bool kv_finite = all_finite(v_t.data(), kn, dim, kn) && all_finite(k_t.data(), kn, dim, kn);
+        const bool kv_pairs = kPairs && !has_subnormal(kn, dim, k_src, g.k.row_stride) &&
+                              !has_subnormal(kn, dim, v_src, g.v.row_stride);
+        if constexpr (kPairs) {
+          pack_pairs_transposed(kn, dim, k_src, g.k.row_stride, k_t_pairs.data());
+          pack_pairs_transposed(kn, dim, v_src, g.v.row_stride, v_t_pairs.data());
+          pack_row_pairs(kn, dim, k_src, g.k.row_stride, k_row_pairs.data());
+        }
+        for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
+          const int64_t list = p.list(range.s, head, kb, p.k_blocks);
+          for_each_block_pair<false>(p, g.cols, list, seq, kb, [&](const BlockPair& blk) {
+            const int64_t qn = blk.qn, row0 = p.q_row(seq, head, blk.q0);
+            const int64_t row_block = head * p.total_q_blocks() + first_block(p, range.s, true) + blk.q0 / bs;
+            T* grad_q = dq_part + row0 * dim;
+            if (!dq_written[row_block]) std::fill(grad_q, grad_q + qn * dim, T(0));
+            dq_written[row_block] = 1;
+            const scalar_t* q_src = operand_rows<scalar_t>(g.q, batch, head, seq.q_begin + blk.q0);
+            const scalar_t* do_src = operand_rows<scalar_t>(g.grad_out, batch, head, seq.q_begin + blk.q0);
+            // Q and dO in the accumulation type, which the pairs need only for masked tiles.
+            const bool pairs = kv_pairs && !has_subnormal(qn, dim, q_src, g.q.row_stride) &&
+                               !has_subnormal(qn, dim, do_src, g.grad_out.row_stride);
+            RowsView<T> q{q_rows.data(), dim}, d_o{nullptr, 0};
+            if (!pairs || blk.masked) {
+              load_rows(qn, dim, q_src, g.q.row_stride, q_scale, q_rows.data());
+              d_o = rows_as(do_src, g.grad_out.row_stride, qn, dim, do_rows.data());
             }
-          }
-          // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T (scale Q).
-          gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
-          gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
-          for (int64_t i = 0; i < qn; ++i) {
-            softmax_grad_row(s.data() + i * kn, dp.data() + i * kn, kn, delta[row0 + i]);
-          }
-          gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim);
-        });
+            // P = exp(S - lse) per row, S = (scale Q) K^T; rows that saw no key get 0.
+            if constexpr (kPairs) {
+              pack_pairs(qn, dim, q_src, g.q.row_stride, q_pairs.data());
+              row_scores(p, seq, blk, q_pairs.data(), k_t_pairs.data(), s.data());
+            } else {
+              row_scores(p, seq, blk, q, k_t.data(), s.data());
+            }
+            if (blk.masked && !(kv_finite && all_finite(q.data, q.ld, qn, dim) &&
+                                all_finite(d_o.data, d_o.ld, qn, dim) &&
+                                row_stats_finite(lse + row0, delta + row0, qn))) {
+              return grad_visible(qn, kn, dim, s.data(), lse + row0, delta + row0, q, d_o, k,
+                                  v_t.data(), grad_q, grad_k.data(), grad_v.data());
+            }
+            for (int64_t i = 0; i < qn; ++i) {
+              T* row = s.data() + i * kn;
+              if (std::isinf(lse[row0 + i])) {
+                std::fill(row, row + kn, T(0));
+              } else {
+                exp_shift_sum(row, kn, lse[row0 + i]);
+              }
+            }
+            // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q; dQ += dS K.
+            const auto softmax_grad = [&] {
+              for (int64_t i = 0; i < qn; ++i) {
+                softmax_grad_row(s.data() + i * kn, dp.data() + i * kn, kn, delta[row0 + i]);
+              }
+            };
+            if (!pairs) {
+              gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
+              gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
+              softmax_grad();
+              gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim);
+              gemm<true>(qn, dim, kn, dp.data(), kn, k.data, k.ld, grad_q, dim);
+            } else if constexpr (kPairs) {
+              const int64_t q2 = pairs_of(qn), k2 = pairs_of(kn);
+              pack_pairs(qn, dim, do_src, g.grad_out.row_stride, do_pairs.data());
+              pack_row_pairs(qn, dim, do_src, g.grad_out.row_stride, do_row_pairs.data());
+              pack_row_pairs(qn, dim, q_src, g.q.row_stride, q_row_pairs.data());
+              pack_row_pairs(qn, kn, s.data(), kn, tile_pairs.data());
+              gemm_pairs<true, true>(kn, dim, q2, tile_pairs.data(), kn, do_row_pairs.data(), dim, grad_v.data(), dim);
+              gemm_pairs<false>(qn, kn, d2, do_pairs.data(), d2, v_t_pairs.data(), kn, dp.data(), kn);
+              softmax_grad();
+              pack_row_pairs(qn, kn, dp.data(), kn, tile_pairs.data());
+              gemm_pairs<true, true>(kn, dim, q2, tile_pairs.data(), kn, q_row_pairs.data(), dim, grad_k.data(), dim);
+              pack_pairs(qn, kn, dp.data(), kn, tile_pairs.data());
+              gemm_pairs<true>(qn, dim, k2, tile_pairs.data(), k2, k_row_pairs.data(), dim, grad_q, dim);
+            }
+          });
+        }
+        const int64_t out0 = p.k_row(seq, kv_head, k0);
+        store_rows(kn, dim, grad_k.data(), k_scale, static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
+        store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
       }
-      const int64_t out0 = p.k_row(seq, kv_head, k0);
-      store_rows(kn, dim, grad_k.data(), T(1),
-                 static_cast<scalar_t*>(g.grad_k) + out0 * dim, dim);
-      store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
     }
   });
-}
 
-template <typename scalar_t>
-void grad_query_kernel(const BackwardParams& g) {
-  using T = at::opmath_type<scalar_t>;
-  const Problem& p = g.problem;
-  const int64_t bs = p.block_size, dim = p.head_dim;
-  const auto cost = [&](int64_t task) { return row_task_cost(p, g.rows, task); };
-  run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
-    std::vector<T> q_t(dim * bs), do_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim),
-        s_t(bs * bs), dp_t(bs * bs), shift(bs), delta(bs), grad_q(bs * dim);
+  // dQ = scale * (part 0 + part 1 + ...), over the parts that hold anything.
+  run_parallel(row_blocks, [&](const NextTask& next) {
+    std::vector<T> sum(bs * dim);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
-      const Sequence& seq = row.seq;
-      const int64_t batch = seq.batch, head = row.head, qb = row.qb;
-      const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, seq.q_len - q0);
-      const int64_t row0 = p.q_row(seq, head, q0);
-      std::fill(grad_q.begin(), grad_q.end(), T(0));
-      // (scale Q)^T and dO^T, kept for every key block of the row; a query that saw no key
-      // shifts by +inf so that its probabilities are exp(-inf) = 0.
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.q, batch, head, seq.q_begin + q0), g.q.row_stride,
-                           static_cast<T>(p.scale), q_t.data(), qn);
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(g.grad_out, batch, head, seq.q_begin + q0),
-                           g.grad_out.row_stride, T(1), do_t.data(), qn);
-      const bool do_finite = all_finite(do_t.data(), qn, dim, qn);
-      for (int64_t i = 0; i < qn; ++i) {
-        const T lse = static_cast<const T*>(g.lse)[row0 + i];
-        shift[i] = std::isinf(lse) ? std::numeric_limits<T>::infinity() : lse;
-        delta[i] = static_cast<const T*>(g.delta)[row0 + i];
+      const int64_t q0 = row.qb * bs, qn = std::min(bs, row.seq.q_len - q0);
+      const int64_t row0 = p.q_row(row.seq, row.head, q0);
+      std::fill_n(sum.begin(), qn * dim, T(0));
+      for (int64_t part = 0; part < parts; ++part) {
+        if (!written[part * row_blocks + task]) continue;
+        const T* src = dq_parts.get() + part * dq_size + row0 * dim;
+        for (int64_t e = 0; e < qn * dim; ++e) sum[e] += src[e];
       }
-      for_each_block_pair<true>(p, g.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
-        const int64_t kn = blk.kn;
-        const RowsView<T> k = operand_block<scalar_t>(g.k, batch, kv_head, seq.k_begin + blk.k0, kn, dim, k_rows.data());
-        const RowsView<T> v = operand_block<scalar_t>(g.v, batch, kv_head, seq.k_begin + blk.k0, kn, dim, v_rows.data());
-        // P^T = exp(K (scale Q)^T - lse); dS^T = P^T (V dO^T - delta); dQ += dS K.
-        column_scores(p, seq, blk, k, q_t.data(), s_t.data());
-        if (blk.masked && !(do_finite && all_finite(k.data, k.ld, kn, dim) &&
-                            all_finite(v.data, v.ld, kn, dim))) {
-          return grad_query_visible(qn, kn, dim, s_t.data(), shift.data(), delta.data(), k, v,
-                                    do_t.data(), grad_q.data());
-        }
-        for (int64_t j = 0; j < kn; ++j) {
-          exp_shift_columns(s_t.data() + j * qn, shift.data(), static_cast<T*>(nullptr), qn);
-        }
-        gemm<false>(kn, qn, dim, v.data, v.ld, do_t.data(), qn, dp_t.data(), qn);
-        for (int64_t j = 0; j < kn; ++j) {
-          softmax_grad_columns(s_t.data() + j * qn, dp_t.data() + j * qn, delta.data(), qn);
-        }
-        gemm<true, true>(qn, dim, kn, dp_t.data(), qn, k.data, k.ld, grad_q.data(), dim);
-      });
-      store_rows(qn, dim, grad_q.data(), static_cast<T>(p.scale),
+      store_rows(qn, dim, sum.data(), static_cast<T>(p.scale),
                  static_cast<scalar_t*>(g.grad_q) + row0 * dim, dim);
     }
   });
-}
-
-template <typename scalar_t>
-void backward_kernel(const BackwardParams& g) {
-  compute_delta<scalar_t>(g);
-  grad_key_value_kernel<scalar_t>(g);
-  grad_query_kernel<scalar_t>(g);
 }
 
 }  // namespace CPU_CAPABILITY

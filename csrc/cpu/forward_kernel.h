@@ -1,6 +1,8 @@
 // Block-sparse attention forward on the CPU, FlashAttention-2 style: one task per
 // (sequence, head, query block) walks its row of the layout with an online softmax, keeping
-// the output accumulator in the accumulation type and writing out and lse once.
+// the output accumulator in the accumulation type and writing out and lse once. With kPairs
+// (bfloat16 inputs where the processor multiplies them natively) the two tile products run on
+// bfloat16 pairs (pair_products.h), P rounded to bfloat16 as the second one reads it.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -10,12 +12,13 @@
 #include <vector>
 
 #include "attention_tile.h"
+#include "pair_products.h"
 #include "parallel.h"
 
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPairs = false>
 void forward_kernel(const ForwardParams& f) {
   using T = at::opmath_type<scalar_t>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -28,25 +31,25 @@ void forward_kernel(const ForwardParams& f) {
   run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
     // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
     // block_sum are per query.
-    std::vector<T> q_t(dim * bs), k_rows(bs * dim), v_rows(bs * dim), s_t(bs * bs), acc(bs * dim),
-        m(bs), l(bs), new_max(bs), shift(bs), block_sum(bs);
+    ColumnScorer<T, kPairs> scorer(bs, dim);
+    std::vector<T> v_rows(bs * dim), s_t(bs * bs), acc(bs * dim), m(bs), l(bs), new_max(bs),
+        shift(bs), block_sum(bs);
+    std::vector<Pair> v_pairs(kPairs ? pairs_of(bs) * dim : 0), p_pairs(kPairs ? pairs_of(bs) * bs : 0);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
       const Sequence& seq = row.seq;
       const int64_t batch = seq.batch, head = row.head, qb = row.qb;
       const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, seq.q_len - q0);
-      load_rows_transposed(qn, dim, operand_rows<scalar_t>(f.q, batch, head, seq.q_begin + q0), f.q.row_stride,
-                           static_cast<T>(p.scale), q_t.data(), qn);
+      scorer.load_queries(p, qn, operand_rows<scalar_t>(f.q, batch, head, seq.q_begin + q0), f.q.row_stride);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
 
       for_each_block_pair<true>(p, f.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
-        const RowsView<T> k = operand_block<scalar_t>(f.k, batch, kv_head, seq.k_begin + blk.k0, kn, dim, k_rows.data());
-        const RowsView<T> v = operand_block<scalar_t>(f.v, batch, kv_head, seq.k_begin + blk.k0, kn, dim, v_rows.data());
-        column_scores(p, seq, blk, k, q_t.data(), s_t.data());
-
+        scorer.scores(p, seq, blk, operand_rows<scalar_t>(f.k, batch, kv_head, seq.k_begin + blk.k0),
+                      f.k.row_stride, s_t.data());
+        const scalar_t* v_src = operand_rows<scalar_t>(f.v, batch, kv_head, seq.k_begin + blk.k0);
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
         // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
         // rescaling of what was accumulated under the old maximum.
@@ -63,11 +66,19 @@ void forward_kernel(const ForwardParams& f) {
           l[i] = l[i] * correction + block_sum[i];
           m[i] = new_max[i];
         }
-        // O += P V, with P read from its transposed tile.
+        // O += P V, with P read from its transposed tile. A masked tile whose V holds inf or NaN
+        // takes its products pair by pair, with V in the accumulation type.
+        const bool pairs = kPairs && !has_subnormal(kn, dim, v_src, f.v.row_stride);
+        const RowsView<T> v = pairs && !blk.masked ? RowsView<T>{nullptr, 0}
+                                                   : rows_as(v_src, f.v.row_stride, kn, dim, v_rows.data());
         if (blk.masked && !all_finite(v.data, v.ld, kn, dim)) {
           add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc.data());
-        } else {
+        } else if (!pairs) {
           gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+        } else if constexpr (kPairs) {
+          pack_row_pairs(kn, dim, v_src, f.v.row_stride, v_pairs.data());
+          pack_row_pairs(kn, qn, s_t.data(), qn, p_pairs.data());
+          gemm_pairs<true, true>(qn, dim, pairs_of(kn), p_pairs.data(), qn, v_pairs.data(), dim, acc.data(), dim);
         }
       });
 

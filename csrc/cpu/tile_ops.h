@@ -25,46 +25,48 @@ inline T a_at(const T* a, int64_t lda, int64_t r, int64_t p) {
 }
 
 // C[R x n] = (kAccumulate ? C : 0) + A[R x k] * B[k x n], R rows held in registers.
-template <typename T, int R, bool kAccumulate, bool kTransA>
-inline void gemm_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                      T* c, int64_t ldc) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kV = Vec::size();
-  int64_t j = 0;
-  for (; j + 2 * kV <= n; j += 2 * kV) {
-    Vec acc[R][2];
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = kAccumulate ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
-      acc[r][1] = kAccumulate ? Vec::loadu(c + r * ldc + j + kV) : Vec(T(0));
-    }
-    for (int64_t p = 0; p < k; ++p) {
-      const Vec b0 = Vec::loadu(b + p * ldb + j), b1 = Vec::loadu(b + p * ldb + j + kV);
+struct VecRows {
+  template <int R, bool kAccumulate, bool kTransA, typename T>
+  static void rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                   T* c, int64_t ldc) {
+    using Vec = Vectorized<T>;
+    constexpr int64_t kV = Vec::size();
+    int64_t j = 0;
+    for (; j + 2 * kV <= n; j += 2 * kV) {
+      Vec acc[R][2];
       for (int r = 0; r < R; ++r) {
-        const Vec ar(a_at<kTransA>(a, lda, r, p));
-        acc[r][0] = at::vec::fmadd(ar, b0, acc[r][0]);
-        acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
+        acc[r][0] = kAccumulate ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
+        acc[r][1] = kAccumulate ? Vec::loadu(c + r * ldc + j + kV) : Vec(T(0));
+      }
+      for (int64_t p = 0; p < k; ++p) {
+        const Vec b0 = Vec::loadu(b + p * ldb + j), b1 = Vec::loadu(b + p * ldb + j + kV);
+        for (int r = 0; r < R; ++r) {
+          const Vec ar(a_at<kTransA>(a, lda, r, p));
+          acc[r][0] = at::vec::fmadd(ar, b0, acc[r][0]);
+          acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        acc[r][0].store(c + r * ldc + j);
+        acc[r][1].store(c + r * ldc + j + kV);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      acc[r][0].store(c + r * ldc + j);
-      acc[r][1].store(c + r * ldc + j + kV);
-    }
-  }
-  for (; j < n; j += kV) {
-    const int64_t cols = std::min<int64_t>(kV, n - j);
-    Vec acc[R];
-    for (int r = 0; r < R; ++r) {
-      acc[r] = kAccumulate ? Vec::loadu(c + r * ldc + j, cols) : Vec(T(0));
-    }
-    for (int64_t p = 0; p < k; ++p) {
-      const Vec b0 = Vec::loadu(b + p * ldb + j, cols);
+    for (; j < n; j += kV) {
+      const int64_t cols = std::min<int64_t>(kV, n - j);
+      Vec acc[R];
       for (int r = 0; r < R; ++r) {
-        acc[r] = at::vec::fmadd(Vec(a_at<kTransA>(a, lda, r, p)), b0, acc[r]);
+        acc[r] = kAccumulate ? Vec::loadu(c + r * ldc + j, cols) : Vec(T(0));
       }
+      for (int64_t p = 0; p < k; ++p) {
+        const Vec b0 = Vec::loadu(b + p * ldb + j, cols);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = at::vec::fmadd(Vec(a_at<kTransA>(a, lda, r, p)), b0, acc[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r].store(c + r * ldc + j, cols);
     }
-    for (int r = 0; r < R; ++r) acc[r].store(c + r * ldc + j, cols);
   }
-}
+};
 
 // Rows of C held in registers at once: enough accumulators to hide FMA latency without
 // spilling (32 vector registers with AVX-512, 16 with AVX2).
@@ -77,27 +79,38 @@ constexpr int kGemmRows = 4;
 #endif
 
 // The last m < R rows of a product, one register-blocked height at a time.
-template <typename T, int R, bool kAccumulate, bool kTransA>
-inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                           int64_t ldb, T* c, int64_t ldc) {
+template <typename Kernel, int R, bool kAccumulate, bool kTransA, typename A, typename B, typename C>
+inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const B* b,
+                           int64_t ldb, C* c, int64_t ldc) {
   if constexpr (R > 1) {
-    if (m == R - 1) return gemm_rows<T, R - 1, kAccumulate, kTransA>(n, k, a, lda, b, ldb, c, ldc);
-    gemm_tail_rows<T, R - 1, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc);
+    if (m == R - 1) {
+      return Kernel::template rows<R - 1, kAccumulate, kTransA>(n, k, a, lda, b, ldb, c, ldc);
+    }
+    gemm_tail_rows<Kernel, R - 1, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc);
   }
 }
 
-// C[m x n] (+)= op(A)[m x k] * B[k x n]: B and C row-major, A row-major [m x k] or, when
-// kTransA, stored as A^T [k x m]; lda is the leading dimension of what is stored.
-template <bool kAccumulate, bool kTransA = false, typename T>
-inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc) {
+// C[m x n] (+)= op(A)[m x k] * B[k x n] with Kernel::rows doing R rows of C at a time: B and C
+// row-major, A row-major [m x k] or, when kTransA, stored as A^T [k x m]; lda is the leading
+// dimension of what is stored.
+template <typename Kernel, bool kAccumulate, bool kTransA, typename A, typename B, typename C>
+inline void gemm_with(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const B* b,
+                      int64_t ldb, C* c, int64_t ldc) {
   auto rows_of_a = [&](int64_t i) { return kTransA ? a + i : a + i * lda; };
   int64_t i = 0;
   for (; i + kGemmRows <= m; i += kGemmRows) {
-    gemm_rows<T, kGemmRows, kAccumulate, kTransA>(n, k, rows_of_a(i), lda, b, ldb, c + i * ldc, ldc);
+    Kernel::template rows<kGemmRows, kAccumulate, kTransA>(n, k, rows_of_a(i), lda, b, ldb,
+                                                           c + i * ldc, ldc);
   }
-  gemm_tail_rows<T, kGemmRows, kAccumulate, kTransA>(m - i, n, k, rows_of_a(i), lda, b, ldb,
-                                                     c + i * ldc, ldc);
+  gemm_tail_rows<Kernel, kGemmRows, kAccumulate, kTransA>(m - i, n, k, rows_of_a(i), lda, b, ldb,
+                                                          c + i * ldc, ldc);
+}
+
+// gemm_with in the accumulation type's vectors.
+template <bool kAccumulate, bool kTransA = false, typename T>
+inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T* c, int64_t ldc) {
+  gemm_with<VecRows, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 // dst[r x D] = src rows converted to T and multiplied by `mul`.
