@@ -4,7 +4,9 @@ A CUDAExtension when the installed torch was built with CUDA and nvcc is found (
 needed to build), a CppExtension otherwise. Environment switches:
   SPARSE_ATTENTION_CUDA=0   build the CPU kernels only
   SPARSE_ATTENTION_CUDA=1   require the CUDA build (fail if torch or nvcc lack CUDA)
-  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0"); 9.0 is built as 9.0a (sm_90a:
+                            wgmma, setmaxnreg) when the Hopper kernels are built, which needs the
+                            CuTe/CUTLASS headers of the pip package nvidia-cutlass (CUTLASS_PIN)
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
   SPARSE_ATTENTION_SANITIZE=1  build with AddressSanitizer and UndefinedBehaviorSanitizer
                             (for scripts/sanitize.sh; load with LD_PRELOAD of libasan)
@@ -62,6 +64,35 @@ def want_cuda() -> bool:
     return available
 
 
+CUTLASS_PIN = "4.2.0.0"  # nvidia-cutlass, the headers the Hopper kernels are written against
+
+
+def cutlass_include() -> str | None:
+    """The include folder of the installed nvidia-cutlass (CuTe and CUTLASS headers), or None
+    with a warning when it is missing or not the pinned version: the CUDA build then leaves
+    out the Hopper kernels (csrc/cuda/hopper), which are opt-in at run time anyway."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("nvidia-cutlass")
+        import cutlass_library
+    except (metadata.PackageNotFoundError, ImportError):
+        version = None
+    if version != CUTLASS_PIN:
+        found = f"version {version}" if version else "not installed"
+        print(f"sparse_attention: nvidia-cutlass=={CUTLASS_PIN} is needed for the Hopper kernels "
+              f"({found}); building without them", file=sys.stderr)
+        return None
+    include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return include if os.path.exists(os.path.join(include, "cute", "tensor.hpp")) else None
+
+
+def hopper_arch_list(archs: str) -> str:
+    """TORCH_CUDA_ARCH_LIST with 9.0 as 9.0a: the same GPUs (sm_90a code runs on compute
+    capability 9.0 only, as sm_90 code does in practice), and wgmma/setmaxnreg assemble."""
+    return ";".join("9.0a" if a == "9.0" else a for a in archs.replace(" ", ";").split(";") if a)
+
+
 def default_max_jobs() -> int:
     cores = os.cpu_count() or 1
     try:
@@ -75,7 +106,7 @@ PORTABLE_KERNELS = "csrc/cpu/kernels_default.cpp"
 ISA_KERNELS = ["csrc/cpu/kernels_x86_avx2.cpp", "csrc/cpu/kernels_x86_avx512.cpp"]
 
 
-def sources(with_cuda: bool) -> list[str]:
+def sources(with_cuda: bool, with_hopper: bool = False) -> list[str]:
     files = [PORTABLE_KERNELS, "csrc/cpu/kernels_dispatch.cpp", "csrc/cpu/parallel.cpp",
              "csrc/cpu/attention_cpu.cpp", "csrc/block_lists.cpp", "csrc/input_checks.cpp",
              "csrc/packed_sequences.cpp",
@@ -90,6 +121,8 @@ def sources(with_cuda: bool) -> list[str]:
     if with_cuda:
         for pattern in ("csrc/cuda/**/*.cu", "csrc/cuda/**/*.cpp"):
             files += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+        if not with_hopper:
+            files = [f for f in files if not (f.startswith(os.path.join("csrc", "cuda", "hopper")) and f.endswith(".cu"))]
     return files
 
 
@@ -133,10 +166,20 @@ def extension():
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    macros = [("SPARSE_ATTENTION_WITH_CUDA", None)]
+    include_dirs = []
+    cutlass = cutlass_include()
+    if cutlass:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+        include_dirs.append(cutlass)
+    with_hopper = cutlass is not None and "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].split(";")
+    if with_hopper:
+        macros.append(("SPARSE_ATTENTION_SM90A", None))
     return cpp_extension.CUDAExtension(
         "sparse_attention._C",
-        sources(True),
-        define_macros=[("SPARSE_ATTENTION_WITH_CUDA", None)],
+        sources(True, with_hopper),
+        include_dirs=include_dirs,
+        define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )

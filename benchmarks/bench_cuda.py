@@ -8,13 +8,18 @@ same FLOPs for the same mask, so rates compare time directly. Times are medians 
 after 3 warm-up calls, timed with CUDA events (sparse_attention/benchmark/timing.py). Prints a
 short table and writes every measurement to --out (JSON lines).
 
-    python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200]
+    python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200] [--hopper]
+
+--hopper also times our opt-in Hopper forward (SPARSE_ATTENTION_HOPPER_KERNELS=1; its backward
+is the default one) as "ours_sm90", printed under each row against the default kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -53,7 +58,22 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
-def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> None:
+@contextlib.contextmanager
+def hopper_kernels():
+    """Our Hopper forward for the calls inside (the op reads the variable on every call)."""
+    saved = os.environ.get("SPARSE_ATTENTION_HOPPER_KERNELS")
+    os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"]
+        else:
+            os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"] = saved
+
+
+def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
+               hopper: bool = False) -> None:
     heads = 2048 // head_dim
     batch = max(1, 16384 // n)
     case = Case(layout_name, n, head_dim, "bfloat16", batch, heads, BLOCK)
@@ -71,7 +91,13 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list) -> 
     def ours_det(q, k, v):
         return sa.sparse_attention(q, k, v, layout, causal=causal, deterministic=True)
 
+    def ours_sm90(q, k, v):
+        with hopper_kernels():
+            return sa.sparse_attention(q, k, v, layout, causal=causal)
+
     impls = {"ours": ours}
+    if hopper:
+        impls["ours_sm90"] = ours_sm90
     if head_dim == 128 and n == 16384:
         impls["ours_deterministic"] = ours_det
     if flex is not None:
@@ -126,6 +152,15 @@ def table_row(r: dict, results: list) -> str:
             f"{fmt(r, 'sdpa_flash', 'bwd_tflops'):>6} | {('%.0f' % rel) if rel else '-':>6}")
 
 
+def hopper_row(r: dict) -> str:
+    o, h = r.get("ours", {}), r.get("ours_sm90", {})
+    if "fwd_ms" not in h:
+        return f"{'':>27}   sm90 fwd: {h.get('error', '-')}"
+    x = f"{o['fwd_ms'] / h['fwd_ms']:.2f}" if o.get("fwd_ms") else "-"
+    return (f"{'':>27}   sm90 fwd {fmt(r, 'ours_sm90', 'fwd_ms')} ms, "
+            f"{fmt(r, 'ours_sm90', 'fwd_tflops')} TF/s, {x}x the default forward")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_cuda_results.jsonl")
@@ -136,6 +171,8 @@ def main() -> int:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS),
                         choices=sorted(CAUSAL_BY_PATTERN))
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--hopper", action="store_true",
+                        help="also time the opt-in Hopper forward (ours_sm90)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not sa.built_with_cuda():
         print("bench_cuda: needs a GPU and the CUDA build", file=sys.stderr)
@@ -159,8 +196,10 @@ def main() -> int:
                     skipped.append((head_dim, n, layout_name))
                     continue
                 t0 = time.monotonic()
-                run_config(head_dim, n, layout_name, flex, results)
+                run_config(head_dim, n, layout_name, flex, results, args.hopper)
                 print(table_row(results[-1], results), flush=True)  # a row at a time: a timeout keeps them
+                if args.hopper:
+                    print(hopper_row(results[-1]), flush=True)
                 print(f"  D{head_dim} N{n} {layout_name}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
                 with open(args.out, "w") as f:
                     for r in results:

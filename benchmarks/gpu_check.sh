@@ -6,6 +6,7 @@
 #   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference) and
 #      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU)
 #      and tests/test_cuda_packing.py (packed documents, both CUDA paths);
+#      tests/test_cuda_hopper.py first on an sm_90 GPU (the opt-in Hopper forward);
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
 #   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
 #      against SDPA), then benchmarks/bench_cuda.py: forward and backward against SDPA (flash,
@@ -74,12 +75,24 @@ if (( FAILED )); then  # nothing later can run without the extension
   SUMMARY+=("later stages: SKIPPED (no CUDA build to run)")
   finish
 fi
+# The opt-in Hopper forward first (sm_90 only; it needs nvidia-cutlass at build time, else the
+# build leaves it out and these tests fail): that it runs when asked, then against the fp64
+# reference and the mma.sync kernels. -x: the first failure stops it, a hang hits the limit.
+if [[ "$ARCH" == "9.0" ]]; then
+  "$PY" -c "import cutlass_library" 2>/dev/null || echo "gpu_check: nvidia-cutlass missing: the build has no Hopper kernels"
+  stage hopper 90 "$OUT/hopper.log" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_hopper.py
+fi
 stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_models.py tests/test_cuda_packing.py
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 # No caching allocator under memcheck, so that reads past a tensor's end are caught.
 stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
+if [[ "$ARCH" == "9.0" ]]; then  # the Hopper forward on a padded and a packed case
+  stage hopper-memcheck 90 "$OUT/hopper_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all "$PY" -m pytest -q -x \
+    -p no:cacheprovider tests/test_cuda_hopper.py -k "test_against_reference and padding or test_packed_documents"
+fi
 for tool in racecheck synccheck; do
   stage "$tool" 90 "$OUT/$tool.log" \
     "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py

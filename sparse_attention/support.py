@@ -7,6 +7,7 @@ generated from, so the supported set is written once. Never touches a GPU at imp
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -111,6 +112,9 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
 
     >>> sa.supported("cpu", torch.bfloat16, 64, 64)
     []
+
+    On Hopper GPUs an opt-in forward kernel exists for some of these cases; see
+    sparse_attention.support.hopper_forward.
     """
     device_type = _device_type(device_type)
     dtype = _dtype_name(dtype)
@@ -122,6 +126,32 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
             capability = torch.cuda.get_device_capability()
     return list(_reasons(device_type, dtype, head_dim, block_size,
                          None if capability is None else tuple(capability)))
+
+
+def hopper_forward(dtype, head_dim: int, block_size: int, *,
+                   capability: tuple[int, int] | None = None) -> str:
+    """Whether a CUDA forward can take the Hopper kernel (kernel_table.CUDA_HOPPER_*), which
+    is opt-in: "opt-in" when the case and GPU fit it and the environment variable is not set,
+    "on" when it is, else the reason it does not apply. The mma.sync kernels run otherwise.
+
+    >>> sa.support.hopper_forward(torch.bfloat16, 128, 128, capability=(9, 0))
+    'opt-in: set SPARSE_ATTENTION_HOPPER_KERNELS=1'
+    """
+    dtype = _dtype_name(dtype)
+    head_dim, block_size = _check_int("head_dim", head_dim), _check_int("block_size", block_size)
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    if dtype not in table.CUDA_DTYPES:
+        return f"not for dtype {dtype}"
+    if head_dim not in table.CUDA_HOPPER_HEAD_DIMS or block_size not in table.CUDA_HOPPER_BLOCK_SIZES:
+        return (f"not for head_dim {head_dim}, block_size {block_size} (it takes head dims "
+                f"{', '.join(map(str, table.CUDA_HOPPER_HEAD_DIMS))} at block size "
+                f"{', '.join(map(str, table.CUDA_HOPPER_BLOCK_SIZES))})")
+    if capability is not None and tuple(capability) != table.CUDA_HOPPER_CAPABILITY:
+        return "not for compute capability {}.{} (9.0 only)".format(*capability)
+    if os.environ.get(table.CUDA_HOPPER_ENV) == "1":
+        return "on"
+    return f"opt-in: set {table.CUDA_HOPPER_ENV}=1"
 
 
 @functools.lru_cache(maxsize=256)

@@ -20,6 +20,7 @@
 
 #include "../input_checks.h"
 #include "../packed_sequences.h"
+#include "hopper/forward_sm90.h"
 #include "params.h"
 #include "supported_cases.h"
 
@@ -215,7 +216,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   r.params.out = out.data_ptr();
   r.params.lse = lse.data_ptr<float>();
-  run<true>(r.params, p.dtype);
+  if (hopper::forward_sm90_takes(r.params, q.device().index())) {  // opt-in (forward_sm90.h)
+    hopper::run_forward_sm90(r.params, p.dtype == at::kHalf ? DType::kHalf : DType::kBFloat16,
+                             c10::cuda::getCurrentCUDAStream().stream());
+  } else {
+    run<true>(r.params, p.dtype);
+  }
   return {out, lse};
 }
 

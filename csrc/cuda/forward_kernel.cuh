@@ -12,12 +12,10 @@
 
 #include "block_walk.cuh"
 #include "kernel_traits.h"
+#include "online_softmax.cuh"
 #include "tensor_core.cuh"
 
 namespace sparse_attention::cuda {
-
-constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kLog2e = 1.442695040888963407f;
 
 template <typename Element>
 __device__ __forceinline__ const Element* operand_head(const Operand& op, int batch, int head) {
@@ -125,23 +123,19 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
     float s[kKeyTile / 8][4];
     masked_row_scores<Traits>(s, p, seq, s_q, kv.k_tile(buffer), qb, step.block, k0);
 
-    // Online softmax for rows g (r = 0) and g + 8 (r = 1). A row that has seen no key yet
-    // shifts by 0, so exp2(-inf) = 0 everywhere instead of NaN.
+    // Online softmax for rows g (r = 0) and g + 8 (r = 1).
     float shift[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float m = row_max[r];
+      float m = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kKeyTile / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      m = quad_max(m);
-      shift[r] = m == -INFINITY ? 0.f : m;
-      const float correction = exp2f(row_max[r] - shift[r]);
-      row_max[r] = m;
-      row_sum[r] *= correction;
+      const SoftmaxStep step = online_softmax_step(row_max[r], row_sum[r], quad_max(m));
+      shift[r] = step.shift;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
-        o[j][2 * r] *= correction;
-        o[j][2 * r + 1] *= correction;
+        o[j][2 * r] *= step.correction;
+        o[j][2 * r + 1] *= step.correction;
       }
     }
 #pragma unroll
@@ -164,14 +158,13 @@ __global__ void __launch_bounds__(Traits::kRowThreads)
     const int row = q0 + warp * kRowsPerWarp + g + 8 * r;
     if (row >= q_len) continue;
     const int64_t out_row = flat_row(seq, p.heads, head, p.q_len, seq.q_begin, row);
-    const bool seen = sum > 0.f;  // a row that saw no key returns 0 with lse = -inf
-    const float inv = seen ? 1.f / sum : 0.f;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key returns 0
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       *reinterpret_cast<uint32_t*>(out + out_row * D + j * 8 + 2 * c) =
           ElementOps<Element>::pack(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
     }
-    if (c == 0) p.lse[out_row] = seen ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
+    if (c == 0) p.lse[out_row] = row_lse(row_max[r], sum);
   }
 }
 

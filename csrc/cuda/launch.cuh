@@ -40,9 +40,11 @@ class NvtxRange {
   NvtxRange& operator=(const NvtxRange&) = delete;
 };
 
-template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStream_t stream,
-            const Params& p) {
+// Launches kernel(args) after raising its shared-memory limit where needed (p names the case
+// in errors).
+template <typename Kernel, typename Args>
+void launch_with(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStream_t stream,
+                 const Params& p, const Args& args) {
   if (shared_bytes > 48 * 1024) {
     int device = 0, limit = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -54,8 +56,14 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStre
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));
   }
-  kernel<<<grid, threads, shared_bytes, stream>>>(p);
+  kernel<<<grid, threads, shared_bytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStream_t stream,
+            const Params& p) {
+  launch_with(kernel, grid, threads, shared_bytes, stream, p, p);
 }
 
 template <DType kDType, int kHeadDim, int kBlockSize>
