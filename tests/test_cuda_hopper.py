@@ -73,6 +73,15 @@ def test_the_hopper_kernel_runs_when_asked(head_dim, monkeypatch):
         "the Hopper forward ran without being asked for"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_tile(hopper, head_dim, causal):
+    """One query block against one key block: TMA, both wgmmas and the softmax without the
+    list walk's variety (unmasked, then masked). Runs before the others (gpu_check.sh: -x)."""
+    case = Case(q_len=128, k_len=128, block_size=128, density=1.0, causal=causal, seed=10)
+    run_case(on_gpu(case, head_dim, torch.bfloat16), check_grads=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=str)
