@@ -33,7 +33,7 @@ void forward_kernel(const ForwardParams& f) {
     // block_sum are per query.
     ColumnScorer<T, kPairs> scorer(bs, dim);
     std::vector<T> v_rows(bs * dim), s_t(bs * bs), acc(bs * dim), m(bs), l(bs), new_max(bs),
-        shift(bs), block_sum(bs);
+        shift(bs), block_sum(bs), correction(bs);
     std::vector<Pair> v_pairs(kPairs ? pairs_of(bs) * dim : 0), p_pairs(kPairs ? pairs_of(bs) * bs : 0);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
@@ -60,11 +60,9 @@ void forward_kernel(const ForwardParams& f) {
         for (int64_t j = 0; j < kn; ++j) {
           exp_shift_columns(s_t.data() + j * qn, shift.data(), block_sum.data(), qn);
         }
+        online_softmax_step(m.data(), new_max.data(), l.data(), block_sum.data(), correction.data(), qn);
         for (int64_t i = 0; i < qn; ++i) {
-          const T correction = m[i] == kNegInf ? T(0) : std::exp(m[i] - new_max[i]);
-          if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
-          l[i] = l[i] * correction + block_sum[i];
-          m[i] = new_max[i];
+          if (correction[i] != T(1)) scale_row(acc.data() + i * dim, dim, correction[i]);
         }
         // O += P V, with P read from its transposed tile. A masked tile whose V holds inf or NaN
         // takes its products pair by pair, with V in the accumulation type.

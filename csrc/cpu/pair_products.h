@@ -40,19 +40,8 @@ inline Pair pair_at(const S* row, int64_t n, int64_t t) {
   return lo | (hi << 16);
 }
 
-// Whether rows [0, rows) of src [rows x dim] hold a subnormal bfloat16 value (exponent bits 0,
-// mantissa not).
-inline bool has_subnormal(int64_t rows, int64_t dim, const c10::BFloat16* src, int64_t stride) {
-  bool found = false;
-  for (int64_t i = 0; i < rows; ++i) {
-    const c10::BFloat16* row = src + i * stride;
-    for (int64_t j = 0; j < dim; ++j) {
-      const uint16_t bits = row[j].x;
-      found |= (bits & 0x7F80) == 0 && (bits & 0x7F) != 0;
-    }
-  }
-  return found;
-}
+// Whether rows [0, rows) of src [rows x dim] hold a subnormal bfloat16 value (never, for
+// other types).
 template <typename S>
 inline bool has_subnormal(int64_t, int64_t, const S*, int64_t) { return false; }
 
@@ -70,6 +59,22 @@ inline void pack_pairs_transposed(int64_t rows, int64_t dim, const S* src, int64
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && !defined(__clang__)
 #define SA_PAIR_PRODUCTS 1
 #define SA_PAIRS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline))
+
+// A subnormal bfloat16 has exponent bits 0 and mantissa bits not.
+SA_PAIRS_TARGET inline bool has_subnormal(int64_t rows, int64_t dim, const c10::BFloat16* src,
+                                          int64_t stride) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80), mantissa = _mm512_set1_epi16(0x007F);
+  __mmask32 found = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const c10::BFloat16* row = src + i * stride;
+    for (int64_t j = 0; j < dim; j += 32) {
+      const __mmask32 cols = dim - j >= 32 ? ~__mmask32(0) : __mmask32((1u << (dim - j)) - 1);
+      const __m512i x = _mm512_maskz_loadu_epi16(cols, row + j);
+      found |= _mm512_testn_epi16_mask(x, exponent) & _mm512_test_epi16_mask(x, mantissa);
+    }
+  }
+  return found != 0;
+}
 
 // dst[rows x pairs_of(dim)]: each row's adjacent elements paired (A operands, row-major),
 // which is the row itself in bfloat16.
@@ -126,6 +131,8 @@ SA_PAIRS_TARGET void pack_row_pairs(int64_t rows, int64_t dim, const S* src, int
 
 // C[R x n] = (kAccumulate ? C : 0) + A[R x k2 pairs] B[k2 x n], R rows held in registers.
 struct PairRows {
+  template <typename C>
+  static constexpr int64_t width() { return 32; }
   template <int R, bool kAccumulate, bool kTransA>
   SA_PAIRS_TARGET static void rows(int64_t n, int64_t k2, const Pair* a, int64_t lda,
                                    const Pair* b, int64_t ldb, float* c, int64_t ldc) {

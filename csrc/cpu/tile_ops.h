@@ -24,8 +24,12 @@ inline T a_at(const T* a, int64_t lda, int64_t r, int64_t p) {
   return kTransA ? a[p * lda + r] : a[r * lda + p];
 }
 
-// C[R x n] = (kAccumulate ? C : 0) + A[R x k] * B[k x n], R rows held in registers.
+// C[R x n] = (kAccumulate ? C : 0) + A[R x k] * B[k x n], R rows held in registers, two
+// vectors of columns at a time.
 struct VecRows {
+  template <typename T>
+  static constexpr int64_t width() { return 2 * Vectorized<T>::size(); }
+
   template <int R, bool kAccumulate, bool kTransA, typename T>
   static void rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
                    T* c, int64_t ldc) {
@@ -92,18 +96,22 @@ inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const A* a, int64_t 
 
 // C[m x n] (+)= op(A)[m x k] * B[k x n] with Kernel::rows doing R rows of C at a time: B and C
 // row-major, A row-major [m x k] or, when kTransA, stored as A^T [k x m]; lda is the leading
-// dimension of what is stored.
+// dimension of what is stored. B is walked one panel of Kernel::kWidth columns at a time, for
+// all rows of C: the panel stays in L1 while the rows of A stream past it.
 template <typename Kernel, bool kAccumulate, bool kTransA, typename A, typename B, typename C>
 inline void gemm_with(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const B* b,
                       int64_t ldb, C* c, int64_t ldc) {
   auto rows_of_a = [&](int64_t i) { return kTransA ? a + i : a + i * lda; };
-  int64_t i = 0;
-  for (; i + kGemmRows <= m; i += kGemmRows) {
-    Kernel::template rows<kGemmRows, kAccumulate, kTransA>(n, k, rows_of_a(i), lda, b, ldb,
-                                                           c + i * ldc, ldc);
+  for (int64_t j = 0; j < n; j += Kernel::template width<C>()) {
+    const int64_t panel = std::min<int64_t>(Kernel::template width<C>(), n - j);
+    int64_t i = 0;
+    for (; i + kGemmRows <= m; i += kGemmRows) {
+      Kernel::template rows<kGemmRows, kAccumulate, kTransA>(panel, k, rows_of_a(i), lda, b + j, ldb,
+                                                             c + i * ldc + j, ldc);
+    }
+    gemm_tail_rows<Kernel, kGemmRows, kAccumulate, kTransA>(m - i, panel, k, rows_of_a(i), lda,
+                                                            b + j, ldb, c + i * ldc + j, ldc);
   }
-  gemm_tail_rows<Kernel, kGemmRows, kAccumulate, kTransA>(m - i, n, k, rows_of_a(i), lda, b, ldb,
-                                                          c + i * ldc, ldc);
 }
 
 // gemm_with in the accumulation type's vectors.
@@ -230,6 +238,25 @@ inline void exp_shift_columns(T* x, const T* shift, T* sum, int64_t n) {
     const Vec e = (Vec::loadu(x + i, count) - Vec::loadu(shift + i, count)).exp_u20();
     e.store(x + i, count);
     if (sum) (Vec::loadu(sum + i, count) + e).store(sum + i, count);
+  }
+}
+
+// The online softmax's step for n queries with a block's maximum new_max[i] and sum
+// block_sum[i]: correction[i] = exp(m[i] - new_max[i]) (0 for a query that has seen nothing
+// yet), l[i] = l[i] * correction[i] + block_sum[i], m[i] = new_max[i].
+template <typename T>
+inline void online_softmax_step(T* m, const T* new_max, T* l, const T* block_sum, T* correction,
+                                int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const Vec neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
+  for (int64_t i = 0; i < n; i += kV) {
+    const int64_t count = std::min<int64_t>(kV, n - i);
+    const Vec old_max = Vec::loadu(m + i, count), block_max = Vec::loadu(new_max + i, count);
+    const Vec c = Vec::blendv((old_max - block_max).exp(), zero, old_max == neg_inf);
+    c.store(correction + i, count);
+    at::vec::fmadd(Vec::loadu(l + i, count), c, Vec::loadu(block_sum + i, count)).store(l + i, count);
+    block_max.store(m + i, count);
   }
 }
 
