@@ -4,10 +4,10 @@ GFLOP/s per computed block (flops.py) of our forward and backward against torch 
 flash kernel on the same inputs (credited N^2, halved when causal), and of our forward against
 compiled FlexAttention on the same block mask, for the AVX2 and the AVX-512 build on one
 machine. The command re-runs itself once per instruction set in a subprocess: with
-ATEN_CPU_CAPABILITY=avx2 (our kernels dispatch on ATen's capability) and ONEDNN_MAX_CPU_ISA=AVX2
-(which limits SDPA's oneDNN GEMMs the same way), and with the defaults. In each, the contenders
-are called in turn, round after round, so that a change of load on the machine hits them
-alike; medians are reported.
+ATEN_CPU_CAPABILITY=avx2 (our kernels dispatch on ATen's capability) with ONEDNN_MAX_CPU_ISA=AVX2
+and MKL_ENABLE_INSTRUCTIONS=AVX2 (which limit the GEMMs under SDPA the same way), and with the
+defaults. In each, the contenders are called in turn, round after round, so that a change of
+load on the machine hits them alike; medians are reported.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from sparse_attention.benchmark.cases import Case
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 
 # Instruction set -> environment of its subprocess (on top of this process's).
-BUILDS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+BUILDS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
           "avx512": {}}
 DEFAULTS = {"patterns": ("dense", "fixed"), "seq_lens": (8192,), "head_dims": (64, 128),
             "dtypes": ("float32", "bfloat16")}
