@@ -27,18 +27,32 @@ struct BlockPair {
 };
 
 // Sets to -inf the scores the element rules hide: s is [qn x kn] (kColumns false) or
-// [kn x qn] (kColumns true), with leading dimension ld.
+// [kn x qn] (kColumns true), with leading dimension ld. Along each stored row the window
+// (Window::visible) shows one interval of columns; key padding hides whole keys.
 template <bool kColumns, typename T>
 inline void apply_element_mask(const Problem& p, const Sequence& seq, const BlockPair& blk, T* s,
                                int64_t ld) {
-  const uint8_t* pad =
-      p.key_padding ? p.key_padding + seq.batch * p.k_len + seq.k_begin + blk.k0 : nullptr;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < blk.qn; ++i) {
-    for (int64_t j = 0; j < blk.kn; ++j) {
-      if (!seq.window.visible(blk.q0 + i, blk.k0 + j) || (pad && pad[j])) {
-        (kColumns ? s[j * ld + i] : s[i * ld + j]) = kNegInf;
-      }
+  const Window& w = seq.window;
+  const int64_t rows = kColumns ? blk.kn : blk.qn, cols = kColumns ? blk.qn : blk.kn;
+  for (int64_t r = 0; r < rows; ++r) {
+    // Column `base` is where key - query = offset; the window spans [base - below, base + above].
+    const int64_t base = kColumns ? blk.k0 + r - blk.q0 - w.offset : blk.q0 + r + w.offset - blk.k0;
+    const int64_t below = kColumns ? w.right : w.left, above = kColumns ? w.left : w.right;
+    const int64_t lo = std::clamp<int64_t>(below < 0 ? 0 : base - below, 0, cols);
+    const int64_t hi = std::clamp<int64_t>(above < 0 ? cols : base + above + 1, lo, cols);
+    T* row = s + r * ld;
+    std::fill(row, row + lo, kNegInf);
+    std::fill(row + hi, row + cols, kNegInf);
+  }
+  if (!p.key_padding) return;
+  const uint8_t* pad = p.key_padding + seq.batch * p.k_len + seq.k_begin + blk.k0;
+  for (int64_t j = 0; j < blk.kn; ++j) {
+    if (!pad[j]) continue;
+    if (kColumns) {
+      std::fill(s + j * ld, s + j * ld + blk.qn, kNegInf);
+    } else {
+      for (int64_t i = 0; i < blk.qn; ++i) s[i * ld + j] = kNegInf;
     }
   }
 }
@@ -110,15 +124,18 @@ struct ColumnScorer {
   }
 };
 
-// Whether rows [0, rows) of a tile with leading dimension ld hold only finite values.
+// Whether rows [0, rows) of a tile with leading dimension ld hold only finite values: x * 0
+// is 0 for a finite x and NaN for inf or NaN.
 template <typename T>
 inline bool all_finite(const T* x, int64_t ld, int64_t rows, int64_t dim) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec sum(T(0));
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < dim; ++j) {
-      if (!std::isfinite(x[i * ld + j])) return false;
+    for (int64_t j = 0; j < dim; j += Vec::size()) {
+      sum = sum + Vec::loadu(x + i * ld + j, std::min<int64_t>(Vec::size(), dim - j)) * Vec(T(0));
     }
   }
-  return true;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum) == T(0);
 }
 
 // acc[qn x D] += P V over the nonzero entries of P only, P stored transposed as p_t[kn x qn].
