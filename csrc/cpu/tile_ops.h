@@ -148,9 +148,18 @@ inline void load_rows(int64_t rows, int64_t dim, const scalar_t* src, int64_t ro
 template <typename T, typename scalar_t>
 inline void load_rows_transposed(int64_t rows, int64_t dim, const scalar_t* src,
                                  int64_t row_stride, T mul, T* dst, int64_t ld_dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* s = src + i * row_stride;
-    for (int64_t j = 0; j < dim; ++j) dst[j * ld_dst + i] = static_cast<T>(s[j]) * mul;
+  // Eight rows at a time, so that each column goes out as one contiguous store of eight.
+  constexpr int64_t kRows = 8;
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) {
+    for (int64_t j = 0; j < dim; ++j) {
+      T column[kRows];
+      for (int64_t r = 0; r < kRows; ++r) column[r] = static_cast<T>(src[(i + r) * row_stride + j]) * mul;
+      std::copy_n(column, kRows, dst + j * ld_dst + i);
+    }
+  }
+  for (; i < rows; ++i) {
+    for (int64_t j = 0; j < dim; ++j) dst[j * ld_dst + i] = static_cast<T>(src[i * row_stride + j]) * mul;
   }
 }
 
