@@ -56,13 +56,16 @@ struct KeyRange {
 };
 
 // Tasks the gradient pass wants at least: the key blocks of each (sequence, kv head) are cut
-// into this many ranges over the (sequence, kv head) pairs, of about equal cost. It is a
-// constant and never the thread count, so that dQ is the same on any number of threads.
+// into this many ranges over the (sequence, kv head) pairs, of about equal cost, as far as
+// the partial sums of dQ fit in kMaxPartialBytes (one part always does). Both are constants,
+// never the thread count, so that dQ is the same on any number of threads.
 constexpr int64_t kMinGradTasks = 16;
+constexpr int64_t kMaxPartialBytes = int64_t{512} << 20;
 
-inline int64_t grad_parts(const Problem& p) {
+inline int64_t grad_parts(const Problem& p, int64_t part_bytes) {
   const int64_t units = p.sequences() * p.kv_heads;
-  return std::max<int64_t>(1, (kMinGradTasks + units - 1) / units);
+  const int64_t wanted = (kMinGradTasks + units - 1) / units;
+  return std::max<int64_t>(1, std::min(wanted, kMaxPartialBytes / std::max<int64_t>(part_bytes, 1)));
 }
 
 // First block of sequence s among the query (rows) or key blocks of all sequences.
@@ -104,8 +107,8 @@ void backward_kernel(const BackwardParams& g) {
   const int64_t bs = p.block_size, dim = p.head_dim;
   const auto* lse = static_cast<const T*>(g.lse);
   const auto* delta = static_cast<const T*>(g.delta);
-  const int64_t parts = grad_parts(p), row_blocks = num_row_tasks(p);
   const int64_t dq_size = p.batch * p.heads * p.q_len * dim;
+  const int64_t parts = grad_parts(p, dq_size * static_cast<int64_t>(sizeof(T))), row_blocks = num_row_tasks(p);
   // Partial sums of dQ (unscaled), one per range index; written[part * row_blocks + task]
   // says whether that part of row task `task`'s block holds anything. Only the task that owns
   // a part of a block writes it, so neither needs zeroing beforehand or a lock.
