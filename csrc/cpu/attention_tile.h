@@ -26,24 +26,32 @@ struct BlockPair {
   bool masked;  // element rules must be applied (partial block or mixed padding)
 };
 
+// Columns [lo, hi) of stored row r of a tile of blk that the window shows: along each stored
+// row (a query of a row tile, a key of a column tile: kColumns) Window::visible holds on one
+// interval, and lo and hi never decrease from one row to the next.
+template <bool kColumns>
+inline Span window_columns(const Sequence& seq, const BlockPair& blk, int64_t r) {
+  const Window& w = seq.window;
+  const int64_t cols = kColumns ? blk.qn : blk.kn;
+  // Column `base` is where key - query = offset; the window spans [base - below, base + above].
+  const int64_t base = kColumns ? blk.k0 + r - blk.q0 - w.offset : blk.q0 + r + w.offset - blk.k0;
+  const int64_t below = kColumns ? w.right : w.left, above = kColumns ? w.left : w.right;
+  const int64_t lo = std::clamp<int64_t>(below < 0 ? 0 : base - below, 0, cols);
+  return {lo, std::clamp<int64_t>(above < 0 ? cols : base + above + 1, lo, cols)};
+}
+
 // Sets to -inf the scores the element rules hide: s is [qn x kn] (kColumns false) or
-// [kn x qn] (kColumns true), with leading dimension ld. Along each stored row the window
-// (Window::visible) shows one interval of columns; key padding hides whole keys.
+// [kn x qn] (kColumns true), with leading dimension ld. Key padding hides whole keys.
 template <bool kColumns, typename T>
 inline void apply_element_mask(const Problem& p, const Sequence& seq, const BlockPair& blk, T* s,
                                int64_t ld) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const Window& w = seq.window;
   const int64_t rows = kColumns ? blk.kn : blk.qn, cols = kColumns ? blk.qn : blk.kn;
   for (int64_t r = 0; r < rows; ++r) {
-    // Column `base` is where key - query = offset; the window spans [base - below, base + above].
-    const int64_t base = kColumns ? blk.k0 + r - blk.q0 - w.offset : blk.q0 + r + w.offset - blk.k0;
-    const int64_t below = kColumns ? w.right : w.left, above = kColumns ? w.left : w.right;
-    const int64_t lo = std::clamp<int64_t>(below < 0 ? 0 : base - below, 0, cols);
-    const int64_t hi = std::clamp<int64_t>(above < 0 ? cols : base + above + 1, lo, cols);
+    const Span shown = window_columns<kColumns>(seq, blk, r);
     T* row = s + r * ld;
-    std::fill(row, row + lo, kNegInf);
-    std::fill(row + hi, row + cols, kNegInf);
+    std::fill(row, row + shown.p0, kNegInf);
+    std::fill(row + shown.p1, row + cols, kNegInf);
   }
   if (!p.key_padding) return;
   const uint8_t* pad = p.key_padding + seq.batch * p.k_len + seq.k_begin + blk.k0;
@@ -57,12 +65,45 @@ inline void apply_element_mask(const Problem& p, const Sequence& seq, const Bloc
   }
 }
 
+// Extents (tile_ops.h) that leave out what the window hides (in a partial block; a full one
+// shows everything), for products whose rows of C are the stored rows of a kColumns tile
+// (keys) or of a row tile (queries). The columns those rows see, together:
+template <bool kColumns>
+inline Span window_span(const Sequence& seq, const BlockPair& blk, int64_t i0, int64_t i1) {
+  return {window_columns<kColumns>(seq, blk, i0).p0, window_columns<kColumns>(seq, blk, i1 - 1).p1};
+}
+
+// Scores: a strip whose rows see none of the panel's columns is left out (the element mask
+// then fills it with -inf).
+template <bool kColumns>
+struct HiddenScores {
+  const Sequence& seq;
+  const BlockPair& blk;
+  int64_t k;
+  Span operator()(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    const Span seen = window_span<kColumns>(seq, blk, i0, i1);
+    return {0, j0 < seen.p1 && j1 > seen.p0 ? k : 0};
+  }
+};
+
+// Products summed over a tile's columns (P or dS times a block of rows): only the columns the
+// strip's rows see, P and dS being 0 at the others.
+template <bool kColumns>
+struct SeenColumns {
+  const Sequence& seq;
+  const BlockPair& blk;
+  Span operator()(int64_t i0, int64_t i1, int64_t, int64_t) const {
+    return window_span<kColumns>(seq, blk, i0, i1);
+  }
+};
+
 // Column tile S^T[kn x qn] = K (scale Q)^T from key rows and the task's (scale Q)^T [D x qn],
 // with the element rules applied.
 template <typename T>
 inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
                           const RowsView<T>& k, const T* q_t, T* s_t) {
-  gemm<false>(blk.kn, blk.qn, p.head_dim, k.data, k.ld, q_t, blk.qn, s_t, blk.qn);
+  gemm<false>(blk.kn, blk.qn, p.head_dim, k.data, k.ld, q_t, blk.qn, s_t, blk.qn,
+              HiddenScores<true>{seq, blk, p.head_dim});
   if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t, blk.qn);
 }
 
@@ -71,7 +112,8 @@ inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair
 template <typename T>
 inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
                        const RowsView<T>& q, const T* k_t, T* s) {
-  gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn);
+  gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn,
+              HiddenScores<false>{seq, blk, p.head_dim});
   if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
 

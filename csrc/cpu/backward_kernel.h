@@ -199,11 +199,15 @@ void backward_kernel(const BackwardParams& g) {
               }
             };
             if (!pairs) {
-              gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim);
+              // Sums over what the window hides (P = dS = 0) left out; dP is whole, so that
+              // dS = 0 there.
+              const SeenColumns<true> seen_queries{seq, blk};
+              const SeenColumns<false> seen_keys{seq, blk};
+              gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim, seen_queries);
               gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
               softmax_grad();
-              gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim);
-              gemm<true>(qn, dim, kn, dp.data(), kn, k.data, k.ld, grad_q, dim);
+              gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim, seen_queries);
+              gemm<true>(qn, dim, kn, dp.data(), kn, k.data, k.ld, grad_q, dim, seen_keys);
             } else if constexpr (kPairs) {
               const int64_t q2 = pairs_of(qn), k2 = pairs_of(kn);
               pack_pairs(qn, dim, do_src, g.grad_out.row_stride, do_pairs.data());

@@ -72,7 +72,8 @@ void forward_kernel(const ForwardParams& f) {
         if (blk.masked && !all_finite(v.data, v.ld, kn, dim)) {
           add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc.data());
         } else if (!pairs) {
-          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim);
+          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim,
+                           SeenColumns<false>{seq, blk});
         } else if constexpr (kPairs) {
           pack_row_pairs(kn, dim, v_src, f.v.row_stride, v_pairs.data());
           pack_row_pairs(kn, qn, s_t.data(), qn, p_pairs.data());

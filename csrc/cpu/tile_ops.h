@@ -94,31 +94,49 @@ inline void gemm_tail_rows(int64_t m, int64_t n, int64_t k, const A* a, int64_t 
   }
 }
 
+// The part of a product that rows [i0, i1) of C need in columns [j0, j1): the summed indices
+// [p0, p1), the others being known zeros of A, or none (p1 <= p0: those rows stay as they
+// are). Whole: all of them.
+struct Span {
+  int64_t p0, p1;
+};
+struct Whole {
+  int64_t k;
+  Span operator()(int64_t, int64_t, int64_t, int64_t) const { return {0, k}; }
+};
+
 // C[m x n] (+)= op(A)[m x k] * B[k x n] with Kernel::rows doing R rows of C at a time: B and C
 // row-major, A row-major [m x k] or, when kTransA, stored as A^T [k x m]; lda is the leading
-// dimension of what is stored. B is walked one panel of Kernel::kWidth columns at a time, for
+// dimension of what is stored. B is walked one panel of Kernel::width columns at a time, for
 // all rows of C: the panel stays in L1 while the rows of A stream past it.
-template <typename Kernel, bool kAccumulate, bool kTransA, typename A, typename B, typename C>
+template <typename Kernel, bool kAccumulate, bool kTransA, typename A, typename B, typename C,
+          typename Extent = Whole>
 inline void gemm_with(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const B* b,
-                      int64_t ldb, C* c, int64_t ldc) {
-  auto rows_of_a = [&](int64_t i) { return kTransA ? a + i : a + i * lda; };
+                      int64_t ldb, C* c, int64_t ldc, const Extent& extent = Whole{0}) {
+  const auto strip = [&](int64_t i, int64_t rows, int64_t j, int64_t panel) {
+    const Span e = std::is_same_v<Extent, Whole> ? Span{0, k} : extent(i, i + rows, j, j + panel);
+    if (e.p1 <= e.p0) return;
+    const A* a_strip = kTransA ? a + e.p0 * lda + i : a + i * lda + e.p0;
+    const B* b_strip = b + e.p0 * ldb + j;
+    if (rows == kGemmRows) {
+      Kernel::template rows<kGemmRows, kAccumulate, kTransA>(panel, e.p1 - e.p0, a_strip, lda, b_strip,
+                                                             ldb, c + i * ldc + j, ldc);
+    } else {
+      gemm_tail_rows<Kernel, kGemmRows, kAccumulate, kTransA>(rows, panel, e.p1 - e.p0, a_strip, lda,
+                                                              b_strip, ldb, c + i * ldc + j, ldc);
+    }
+  };
   for (int64_t j = 0; j < n; j += Kernel::template width<C>()) {
     const int64_t panel = std::min<int64_t>(Kernel::template width<C>(), n - j);
-    int64_t i = 0;
-    for (; i + kGemmRows <= m; i += kGemmRows) {
-      Kernel::template rows<kGemmRows, kAccumulate, kTransA>(panel, k, rows_of_a(i), lda, b + j, ldb,
-                                                             c + i * ldc + j, ldc);
-    }
-    gemm_tail_rows<Kernel, kGemmRows, kAccumulate, kTransA>(m - i, panel, k, rows_of_a(i), lda,
-                                                            b + j, ldb, c + i * ldc + j, ldc);
+    for (int64_t i = 0; i < m; i += kGemmRows) strip(i, std::min<int64_t>(kGemmRows, m - i), j, panel);
   }
 }
 
 // gemm_with in the accumulation type's vectors.
-template <bool kAccumulate, bool kTransA = false, typename T>
+template <bool kAccumulate, bool kTransA = false, typename T, typename Extent = Whole>
 inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc) {
-  gemm_with<VecRows, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc);
+                 int64_t ldb, T* c, int64_t ldc, const Extent& extent = Whole{0}) {
+  gemm_with<VecRows, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc, extent);
 }
 
 // dst[r x D] = src rows converted to T and multiplied by `mul`.
