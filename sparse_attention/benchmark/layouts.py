@@ -103,13 +103,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "all of them on CUDA)")
     parser.add_argument("--flex-create", choices=["compiled", "eager"], default="compiled",
                         help="create_block_mask compiled (default) or eager")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls, median reported")
+    add_timing_arguments(parser, repeats=5, budget=30.0, max_call_s=120.0)
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, *, repeats: int, budget: float,
+                         max_call_s: float) -> None:
+    """The timing, seed, thread and output options of the contender benchmarks."""
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help=f"timed calls, median reported (default {repeats})")
     parser.add_argument("--warmup", type=int, default=1,
                         help="warm-up calls (default 1; Flex gets 2 at least, its first compiles)")
-    parser.add_argument("--budget", type=float, default=30.0,
-                        help="seconds of timed calls per measurement at most (default 30)")
-    parser.add_argument("--max-call-s", type=float, default=120.0,
-                        help="skip a call predicted to take longer (default 120)")
+    parser.add_argument("--budget", type=float, default=budget,
+                        help=f"seconds of timed calls per measurement at most (default {budget:g})")
+    parser.add_argument("--max-call-s", type=float, default=max_call_s,
+                        help=f"skip a call predicted to take longer (default {max_call_s:g})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="folder for results.md and results.json")

@@ -38,7 +38,7 @@ from sparse_attention.benchmark.command import csv_of
 from sparse_attention.benchmark.flex import compiled_flex
 from sparse_attention.benchmark.layouts import (Skipped, Timer, _create_block_mask, _free,
                                                 _ms, _num, _progress, _sub, _times, _too_big,
-                                                publish)
+                                                add_timing_arguments, publish)
 
 PASSES = ("fwd", "fwd+bwd")
 OURS_FIELDS = ("ours_s", "ours_new_s", "sdpa_s")
@@ -64,16 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="table 2, FlexAttention (default on; compiles per mask and shape)")
     parser.add_argument("--flex-seq-lens", type=csv_of(int),
                         help="table 2's T (default: the longest of --seq-lens)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls, median reported")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="warm-up calls (default 1; Flex gets 2 at least, its first compiles)")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="seconds of timed calls per measurement at most (default 20)")
-    parser.add_argument("--max-call-s", type=float, default=30.0,
-                        help="skip a call predicted to take longer (default 30)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--out", help="folder for results.md and results.json")
+    add_timing_arguments(parser, repeats=3, budget=20.0, max_call_s=30.0)
 
 
 def _settle(args: argparse.Namespace) -> argparse.Namespace:
