@@ -57,15 +57,24 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable over `repeats` rounds, all of them called in each round
-    (after one warm-up round)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
+def _backward_seconds(forward) -> float:
+    """Seconds of one backward pass alone: the forward runs first, untimed. (A difference of
+    two medians, forward + backward minus forward, can come out negative on a busy machine.)"""
+    out, inputs, grad = forward()
+    start = time.perf_counter()
+    torch.autograd.grad(out, inputs, grad)
+    return time.perf_counter() - start
+
+
+def _interleaved_medians(timers: dict, repeats: int) -> dict:
+    """Median seconds of each timer (a callable that returns the seconds it measured) over
+    `repeats` rounds, all of them called in each round (after one warm-up round)."""
+    for timer in timers.values():
+        timer()
+    times = {name: [] for name in timers}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_seconds(fn))
+        for name, timer in timers.items():
+            times[name].append(timer())
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -87,19 +96,19 @@ def measure(case: Case, repeats: int, flex: bool = True) -> dict:
         def call():
             with torch.no_grad():
                 return fn()
-        return call
+        return lambda: _seconds(call)
 
-    def step(fn):
-        return lambda: torch.autograd.grad(fn(), (q, k, v), grad)
+    def backward(fn):
+        return lambda: _backward_seconds(lambda: (fn(), (q, k, v), grad))
 
-    fns = {"ours fwd": forward(ours), "ours step": step(ours),
-           "sdpa fwd": forward(sdpa), "sdpa step": step(sdpa)}
+    timers = {"ours fwd": forward(ours), "ours bwd": backward(ours),
+              "sdpa fwd": forward(sdpa), "sdpa bwd": backward(sdpa)}
     if flex:
         block_mask = flex_block_mask(layout, case.seq_len, case.seq_len, causal, "cpu")
         compiled = compiled_flex()
         fq, fk, fv = (t.detach() for t in (q, k, v))
-        fns["flex fwd"] = lambda: compiled(fq, fk, fv, block_mask=block_mask)
-    t = _interleaved_medians(fns, repeats)
+        timers["flex fwd"] = lambda: _seconds(lambda: compiled(fq, fk, fv, block_mask=block_mask))
+    t = _interleaved_medians(timers, repeats)
     ours_work = layout.flops(case.head_dim, case.batch, case.heads)
     dense_work = flops.dense_flops(case.seq_len, case.head_dim, case.batch, case.heads, causal)
 
@@ -109,9 +118,9 @@ def measure(case: Case, repeats: int, flex: bool = True) -> dict:
 
     rates = {
         "ours fwd": gf(ours_work, t["ours fwd"]),
-        "ours bwd": gf(flops.backward_flops(ours_work), t["ours step"] - t["ours fwd"]),
+        "ours bwd": gf(flops.backward_flops(ours_work), t["ours bwd"]),
         "sdpa fwd": gf(dense_work, t["sdpa fwd"]),
-        "sdpa bwd": gf(flops.backward_flops(dense_work), t["sdpa step"] - t["sdpa fwd"]),
+        "sdpa bwd": gf(flops.backward_flops(dense_work), t["sdpa bwd"]),
     }
     if flex:
         rates["flex fwd"] = gf(ours_work, t["flex fwd"])
