@@ -203,7 +203,15 @@ def mask_lists(mask: torch.Tensor, block_size: int, cu_q: torch.Tensor, cu_k: to
 
 # Under torch.compile the lists come from these ops: opaque to the compiler, so new document
 # lengths (new cu_seqlens values of the same shape) never recompile; the lists' sizes depend
-# on the values and are left symbolic.
+# on the values and are left symbolic. Dynamo traces such ops by default from torch 2.13;
+# before (2.7 checked), only with torch._dynamo.config.capture_dynamic_output_shape_ops set,
+# and otherwise the lists are built in a graph break (correct, but new list sizes recompile
+# the graph after it).
+_TRACES_DYNAMIC_SHAPE_OPS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def _dynamic_shape_ops_traced() -> bool:
+    return _TRACES_DYNAMIC_SHAPE_OPS or torch._dynamo.config.capture_dynamic_output_shape_ops
 _PATTERN_CACHES: dict[int, PackedListCache] = {}
 
 
@@ -268,13 +276,24 @@ def packed_lists(layout, cu_q: torch.Tensor, cu_k: torch.Tensor, window: Window,
                  num_heads: int, causal: bool) -> BlockLists:
     """The kernels' per-document lists of a pattern or a TensorLayout's mask (CPU tensors)."""
     left, right = window.kernel_bounds()
+    traced = torch.compiler.is_compiling() and _dynamic_shape_ops_traced()
     if isinstance(layout, Pattern):
-        if torch.compiler.is_compiling():
+        if traced:
             heads = _layout_heads(layout, num_heads, causal)
             return BlockLists(*_packed_pattern_lists(cu_q, cu_k, id(layout), left, right,
                                                      num_heads, causal, heads))
-        return pattern_lists(layout, cu_q, cu_k, window, num_heads, causal, pattern_cache(layout))
+        return _eager_pattern_lists(layout, cu_q, cu_k, window, num_heads, causal)
     mask = layout.mask.cpu()  # a sync where the mask lives on a GPU: the lists are built here
-    if torch.compiler.is_compiling():
+    if traced:
         return BlockLists(*_packed_mask_lists(mask, cu_q, cu_k, layout.block_size, left, right))
-    return mask_lists(mask, layout.block_size, cu_q, cu_k, window)
+    return _eager_mask_lists(mask, layout.block_size, cu_q, cu_k, window)
+
+
+@torch.compiler.disable
+def _eager_pattern_lists(pattern, cu_q, cu_k, window, num_heads, causal) -> BlockLists:
+    return pattern_lists(pattern, cu_q, cu_k, window, num_heads, causal, pattern_cache(pattern))
+
+
+@torch.compiler.disable
+def _eager_mask_lists(mask, block_size, cu_q, cu_k, window) -> BlockLists:
+    return mask_lists(mask, block_size, cu_q, cu_k, window)
