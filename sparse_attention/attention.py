@@ -274,17 +274,17 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         raise TypeError("layout: a BlockLayout has one fixed grid; packed documents take a "
                         "pattern (built per document length) or a TensorLayout (one grid per "
                         "document, sa.TensorLayout.from_mask)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-        if t.shape[0] != 1:
-            raise ValueError(f"{name}: packed documents (cu_seqlens) take one row [1, heads, "
-                             f"total tokens, head_dim], got shape {tuple(t.shape)}")
+    _check_tensor("q", q)
+    _check_tensor("k", k)
     packing.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[2], q.device)
     packing.check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[2], q.device)
     if cu_k.shape != cu_seqlens.shape:
         raise ValueError(f"cu_seqlens_k: expected as many documents as cu_seqlens "
                          f"({cu_seqlens.shape[0] - 1}), got {cu_k.shape[0] - 1}")
     _check_inputs(q, k, v, layout, None, documents=cu_seqlens.shape[0] - 1)
+    if q.shape[0] != 1:  # k and v have q's batch (_check_inputs)
+        raise ValueError(f"q: packed documents (cu_seqlens) take one row [1, heads, total "
+                         f"tokens, head_dim], got shape {tuple(q.shape)}")
     if not packing.packed_kernels(q.device):
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,

@@ -36,8 +36,8 @@ def packed_kernels(device: torch.device) -> bool:
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
     """ValueError naming `name` unless cu is an int32/int64 [documents + 1] tensor on `device`
-    (q's) or the CPU that starts at 0, never decreases and ends at `total` (the values are checked in eager mode;
-    in compiled graphs the op checks them)."""
+    (q's) or the CPU that starts at 0, never decreases and ends at `total` (the values are
+    checked in eager mode; in compiled graphs the op checks them)."""
     if not isinstance(cu, torch.Tensor):
         raise ValueError(f"{name}: expected an int32 or int64 tensor [documents + 1], got "
                          f"{type(cu).__name__}")
@@ -133,20 +133,11 @@ def assemble(per_doc: list[BlockLists], widths: tuple[int, int] | None = None) -
     return BlockLists(*rows, *cols)
 
 
-class PackedListCache:
-    """Assembled per-document lists of one layout, by (document lengths, window, heads,
-    causal): every layer of a model makes the same call."""
-
-    def __init__(self):
-        self._lists = BoundedCache(size=16)
-
-    def get(self, key, build) -> BlockLists:
-        return self._lists.get(key, build)
-
-
 def pattern_lists(pattern, cu_q: torch.Tensor, cu_k: torch.Tensor, window: Window,
-                  num_heads: int, causal: bool, cache: PackedListCache) -> BlockLists:
-    """Per-document lists of a pattern: its layout for every document's lengths."""
+                  num_heads: int, causal: bool, cache: BoundedCache) -> BlockLists:
+    """Per-document lists of a pattern: its layout for every document's lengths, kept in
+    `cache` by (document lengths, window, heads, causal), since every layer of a model makes
+    the same call."""
     from sparse_attention.attention import call_pieces  # attention imports this module
 
     lengths = tuple(zip(document_lengths(cu_q), document_lengths(cu_k)))
@@ -212,20 +203,18 @@ _TRACES_DYNAMIC_SHAPE_OPS = tuple(int(x) for x in torch.__version__.split(".")[:
 
 def _dynamic_shape_ops_traced() -> bool:
     return _TRACES_DYNAMIC_SHAPE_OPS or torch._dynamo.config.capture_dynamic_output_shape_ops
-_PATTERN_CACHES: dict[int, PackedListCache] = {}
 
 
-def pattern_cache(pattern) -> PackedListCache:
+_PATTERN_CACHES: dict[int, BoundedCache] = {}
+
+
+def pattern_cache(pattern) -> BoundedCache:
     """The packed-list cache of a live pattern (dropped with it)."""
     key = id(pattern)
     if key not in _PATTERN_CACHES:
-        _PATTERN_CACHES[key] = PackedListCache()
+        _PATTERN_CACHES[key] = BoundedCache(size=16)
         weakref.finalize(pattern, _PATTERN_CACHES.pop, key, None)
     return _PATTERN_CACHES[key]
-
-
-def _window(left: int, right: int) -> Window:
-    return Window(None if left < 0 else left, None if right < 0 else right)
 
 
 @eager_constant
@@ -238,8 +227,8 @@ def _packed_pattern_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, pattern_id: in
                           window_left: int, window_right: int, num_heads: int, causal: bool,
                           layout_heads: int) -> list[torch.Tensor]:
     pattern = live_object(pattern_id)
-    lists = pattern_lists(pattern, cu_q, cu_k, _window(window_left, window_right), num_heads,
-                          causal, pattern_cache(pattern))
+    window = Window.from_kernel_bounds(window_left, window_right)
+    lists = pattern_lists(pattern, cu_q, cu_k, window, num_heads, causal, pattern_cache(pattern))
     return [t.clone() for t in lists]
 
 
@@ -252,7 +241,8 @@ def _packed_pattern_lists_fake(cu_q, cu_k, pattern_id, window_left, window_right
 @torch.library.custom_op("sparse_attention::packed_mask_lists", mutates_args=())
 def _packed_mask_lists(mask: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                        block_size: int, window_left: int, window_right: int) -> list[torch.Tensor]:
-    lists = mask_lists(mask, block_size, cu_q, cu_k, _window(window_left, window_right))
+    lists = mask_lists(mask, block_size, cu_q, cu_k,
+                       Window.from_kernel_bounds(window_left, window_right))
     return list(lists)
 
 

@@ -41,3 +41,8 @@ class Window(NamedTuple):
     def kernel_bounds(self) -> tuple[int, int]:
         """(left, right) as the kernels take them: -1 = unbounded."""
         return (-1 if self.left is None else self.left, -1 if self.right is None else self.right)
+
+    @classmethod
+    def from_kernel_bounds(cls, left: int, right: int) -> "Window":
+        """The Window of the kernels' (left, right), -1 = unbounded (the ops' int arguments)."""
+        return cls(None if left < 0 else left, None if right < 0 else right)
