@@ -73,18 +73,29 @@ void launch_forward(const Params& p, cudaStream_t stream) {
          Traits::kForwardSmem, stream, p);
 }
 
+// delta = rowsum(dO * O) - dlse, the first kernel of every backward (the Hopper one's too).
+template <DType kDType, int kHeadDim>
+void launch_delta(const Params& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  launch(delta_kernel<typename ElementOf<kDType>::type, kHeadDim>,
+         dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+}
+
+// The deterministic dQ pass over the rows, after a dK/dV kernel that left dQ out.
+template <DType kDType, int kHeadDim, int kBlockSize>
+void launch_grad_q_pass(const Params& p, cudaStream_t stream) {
+  using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
+  launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.sequences), Traits::kRowThreads,
+         Traits::kGradQSmem, stream, p);
+}
+
 template <DType kDType, int kHeadDim, int kBlockSize>
 void launch_backward(const Params& p, cudaStream_t stream) {
-  using Element = typename ElementOf<kDType>::type;
-  using Traits = KernelTraits<Element, kHeadDim, kBlockSize>;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
-  launch(delta_kernel<Element, kHeadDim>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
+  launch_delta<kDType, kHeadDim>(p, stream);
   launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.sequences),
          Traits::kColThreads, Traits::kGradKVSmem, stream, p);
-  if (p.grad_q_pass) {
-    launch(grad_q_kernel<Traits>, dim3(p.q_blocks, p.heads, p.sequences), Traits::kRowThreads,
-           Traits::kGradQSmem, stream, p);
-  }
+  if (p.grad_q_pass) launch_grad_q_pass<kDType, kHeadDim, kBlockSize>(p, stream);
 }
 
 inline std::string range_name(const char* op, const char* dtype, int head_dim, int block_size) {
