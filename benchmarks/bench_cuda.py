@@ -10,16 +10,14 @@ short table and writes every measurement to --out (JSON lines).
 
     python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200] [--hopper]
 
---hopper also times our opt-in Hopper forward (SPARSE_ATTENTION_HOPPER_KERNELS=1; its backward
-is the default one) as "ours_sm90", printed under each row against the default kernels.
+--hopper also times our opt-in Hopper kernels (cuda_kernels="hopper": forward and backward) as
+"ours_sm90", printed under each row against the default kernels and Flex.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
 
@@ -58,20 +56,6 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
-@contextlib.contextmanager
-def hopper_kernels():
-    """Our Hopper forward for the calls inside (the op reads the variable on every call)."""
-    saved = os.environ.get("SPARSE_ATTENTION_HOPPER_KERNELS")
-    os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"]
-        else:
-            os.environ["SPARSE_ATTENTION_HOPPER_KERNELS"] = saved
-
-
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
                hopper: bool = False) -> None:
     heads = 2048 // head_dim
@@ -85,19 +69,17 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
     row = {"head_dim": head_dim, "n": n, "batch": batch, "heads": heads, "layout": layout_name,
            "causal": causal, "density": layout.density, "blocks": layout.nnz,
            "gflop_fwd": flops_fwd / 1e9}
-    def ours(q, k, v):
-        return sa.sparse_attention(q, k, v, layout, causal=causal)
+
+    def ours(q, k, v, cuda_kernels="mma", **kwargs):
+        return sa.sparse_attention(q, k, v, layout, causal=causal, cuda_kernels=cuda_kernels, **kwargs)
 
     def ours_det(q, k, v):
-        return sa.sparse_attention(q, k, v, layout, causal=causal, deterministic=True)
-
-    def ours_sm90(q, k, v):
-        with hopper_kernels():
-            return sa.sparse_attention(q, k, v, layout, causal=causal)
+        return ours(q, k, v, deterministic=True)
 
     impls = {"ours": ours}
     if hopper:
-        impls["ours_sm90"] = ours_sm90
+        impls["ours_sm90"] = lambda q, k, v: ours(q, k, v, cuda_kernels="hopper")
+
     if head_dim == 128 and n == 16384:
         impls["ours_deterministic"] = ours_det
     if flex is not None:
@@ -153,12 +135,17 @@ def table_row(r: dict, results: list) -> str:
 
 
 def hopper_row(r: dict) -> str:
-    o, h = r.get("ours", {}), r.get("ours_sm90", {})
+    o, h, f = r.get("ours", {}), r.get("ours_sm90", {}), r.get("flex", {})
     if "fwd_ms" not in h:
-        return f"{'':>27}   sm90 fwd: {h.get('error', '-')}"
-    x = f"{o['fwd_ms'] / h['fwd_ms']:.2f}" if o.get("fwd_ms") else "-"
-    return (f"{'':>27}   sm90 fwd {fmt(r, 'ours_sm90', 'fwd_ms')} ms, "
-            f"{fmt(r, 'ours_sm90', 'fwd_tflops')} TF/s, {x}x the default forward")
+        return f"{'':>27}   sm90: {h.get('error', '-')}"
+
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}" if a.get(key) and b.get(key) else "-"
+
+    return (f"{'':>27}   sm90 fwd {fmt(r, 'ours_sm90', 'fwd_ms')} ms {fmt(r, 'ours_sm90', 'fwd_tflops')} "
+            f"TF/s ({ratio(o, h, 'fwd_ms')}x mma.sync, {ratio(f, h, 'fwd_ms')}x flex), "
+            f"bwd {fmt(r, 'ours_sm90', 'bwd_ms')} ms {fmt(r, 'ours_sm90', 'bwd_tflops')} TF/s "
+            f"({ratio(o, h, 'bwd_ms')}x mma.sync, {ratio(f, h, 'bwd_ms')}x flex)")
 
 
 def main() -> int:
@@ -172,7 +159,7 @@ def main() -> int:
                         choices=sorted(CAUSAL_BY_PATTERN))
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--hopper", action="store_true",
-                        help="also time the opt-in Hopper forward (ours_sm90)")
+                        help="also time the opt-in Hopper kernels (ours_sm90)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not sa.built_with_cuda():
         print("bench_cuda: needs a GPU and the CUDA build", file=sys.stderr)

@@ -3,11 +3,16 @@
 # nvcc, ninja and pytest installed; no network needed). Stages, each with a time limit, in a
 # budget of 8 minutes:
 #   1. build the CUDA extension in place for this GPU's architecture only, with all cores;
-#   2. tests/test_cuda.py (the CPU suite's cases on the GPU, against the fp64 reference) and
-#      tests/test_cuda_models.py (the modules, models and transformers integration on the GPU)
-#      and tests/test_cuda_packing.py (packed documents, both CUDA paths);
-#      tests/test_cuda_hopper.py first on an sm_90 GPU (the opt-in Hopper forward);
-#   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward;
+#   2. on an sm_90 GPU first tests/test_cuda_hopper.py (the opt-in Hopper kernels: that they
+#      run when asked, single tiles forward then backward, then against the fp64 reference and
+#      the mma.sync kernels; -x stops at the first failure); then tests/test_cuda.py (the CPU
+#      suite's cases on the GPU, against the fp64 reference), tests/test_cuda_models.py (the
+#      modules, models and transformers integration on the GPU) and tests/test_cuda_packing.py
+#      (packed documents, both CUDA paths); then tests/test_cuda.py again on the Hopper kernels
+#      (SPARSE_ATTENTION_HOPPER_KERNELS=1). Every test stage runs under its own time limit with
+#      -v, so a hang is reported as a time-out and the log's last line names the case;
+#   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward,
+#      and memcheck and racecheck on the Hopper kernels;
 #   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
 #      against SDPA), then benchmarks/bench_cuda.py: forward and backward against SDPA (flash,
 #      dense causal) and compiled FlexAttention on the same block masks, as the budget allows.
@@ -75,23 +80,35 @@ if (( FAILED )); then  # nothing later can run without the extension
   SUMMARY+=("later stages: SKIPPED (no CUDA build to run)")
   finish
 fi
-# The opt-in Hopper forward first (sm_90 only; it needs nvidia-cutlass at build time, else the
-# build leaves it out and these tests fail): that it runs when asked, then against the fp64
-# reference and the mma.sync kernels. -x: the first failure stops it, a hang hits the limit.
+PYTEST=("$PY" -m pytest -v -p no:cacheprovider)
+HOPPER_OK=0
+# The opt-in Hopper kernels first (sm_90 only; they need nvidia-cutlass at build time, else the
+# build leaves them out and these tests fail). -x: the first failure stops it.
 if [[ "$ARCH" == "9.0" ]]; then
   "$PY" -c "import cutlass_library" 2>/dev/null || echo "gpu_check: nvidia-cutlass missing: the build has no Hopper kernels"
-  stage hopper 90 "$OUT/hopper.log" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_hopper.py
+  stage hopper 150 "$OUT/hopper.log" "${PYTEST[@]}" -x tests/test_cuda_hopper.py
+  # The later Hopper stages only after this one passed: a kernel that fails a single tile
+  # may hang on the rest.
+  [[ "${SUMMARY[-1]}" == "hopper: ok"* ]] && HOPPER_OK=1
 fi
-stage tests 150 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_models.py tests/test_cuda_packing.py
+stage tests 150 "$OUT/tests.log" "${PYTEST[@]}" tests/test_cuda.py tests/test_cuda_models.py tests/test_cuda_packing.py
+if (( HOPPER_OK )); then
+  stage tests-on-hopper-kernels 120 "$OUT/tests_hopper.log" env SPARSE_ATTENTION_HOPPER_KERNELS=1 \
+    "${PYTEST[@]}" tests/test_cuda.py
+fi
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 # No caching allocator under memcheck, so that reads past a tensor's end are caught.
 stage memcheck 90 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all "$PY" benchmarks/sanitizer_case.py
-if [[ "$ARCH" == "9.0" ]]; then  # the Hopper forward on a padded and a packed case
+if (( HOPPER_OK )); then  # the Hopper kernels, forward and backward: single tiles, padding, packing
+  HOPPER_CASES="test_one_tile or (test_against_reference and padding) or test_packed_documents"
   stage hopper-memcheck 90 "$OUT/hopper_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all "$PY" -m pytest -q -x \
-    -p no:cacheprovider tests/test_cuda_hopper.py -k "test_against_reference and padding or test_packed_documents"
+    -p no:cacheprovider tests/test_cuda_hopper.py -k "$HOPPER_CASES"
+  stage hopper-racecheck 90 "$OUT/hopper_racecheck.log" \
+    "$SANITIZER" --tool racecheck --error-exitcode 1 --target-processes all "$PY" -m pytest -q -x \
+    -p no:cacheprovider tests/test_cuda_hopper.py -k "test_one_tile"
 fi
 for tool in racecheck synccheck; do
   stage "$tool" 90 "$OUT/$tool.log" \
@@ -105,8 +122,9 @@ stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device c
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
+BENCH_HOPPER=(); (( HOPPER_OK )) && BENCH_HOPPER=(--hopper)
 stage benchmark "$BENCH_LIMIT" "$OUT/bench_table.txt" "$PY" benchmarks/bench_cuda.py \
   --out "$OUT/bench_results.jsonl" --budget-s $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15 )) \
-  ${GPU_CHECK_BENCH_ARGS:-}
+  "${BENCH_HOPPER[@]}" ${GPU_CHECK_BENCH_ARGS:-}
 
 finish

@@ -10,6 +10,13 @@
 
 namespace sparse_attention {
 
+CudaKernels parse_cuda_kernels(c10::string_view name) {
+  if (name == "auto") return CudaKernels::kAuto;
+  if (name == "hopper") return CudaKernels::kHopper;
+  if (name == "mma") return CudaKernels::kMma;
+  TORCH_CHECK_VALUE(false, "cuda_kernels: expected 'auto', 'hopper' or 'mma', got '", std::string(name), "'");
+}
+
 void check_operand(const char* name, const at::Tensor& t, c10::DeviceType device) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, ": expected a 4-d tensor [batch, heads, seq_len, head_dim], got ",
                     t.dim(), " dims");

@@ -7,11 +7,17 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
 
+#include "kernel_choice.h"
 #include "problem.h"
 
 namespace sparse_attention {
+
+// The ops' cuda_kernels argument ('auto', 'hopper' or 'mma'); a ValueError names it otherwise.
+CudaKernels parse_cuda_kernels(c10::string_view name);
 
 // q, k, v: 4-d, on `device`, a floating dtype.
 void check_operand(const char* name, const at::Tensor& t, c10::DeviceType device);

@@ -23,6 +23,8 @@ TORCH_LIBRARY(sparse_attention, m) {
   // the backward op. deterministic: the backward pass must give bit-identical gradients run
   // to run (CUDA then computes dQ in a pass over the rows instead of with atomics); forward
   // takes it so autograd can hand it on. The CPU kernels are always deterministic.
+  // cuda_kernels: 'auto', 'hopper' or 'mma', which CUDA kernels run the call (CudaKernels in
+  // input_checks.h); checked everywhere, used on CUDA only.
   // cu_seqlens_q, cu_seqlens_k: packed documents (both or neither), int32/int64 [documents + 1]
   // token starts in q and in k, as FlashAttention's varlen; q, k, v then hold one batch entry,
   // every document is attended alone with its own block grid, and the lists hold one list set
@@ -31,8 +33,8 @@ TORCH_LIBRARY(sparse_attention, m) {
       "forward(Tensor q, Tensor k, Tensor v, Tensor row_offsets, Tensor row_indices, "
       "Tensor row_num_full, Tensor col_offsets, Tensor col_indices, Tensor col_num_full, "
       "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int block_size, "
-      "float scale, int window_left, int window_right, bool deterministic=False) "
-      "-> (Tensor, Tensor)");
+      "float scale, int window_left, int window_right, bool deterministic=False, "
+      "str cuda_kernels='auto') -> (Tensor, Tensor)");
   // Attention probability mass of every computed block pair, float32 [B, H, q_blocks,
   // k_blocks]: the sum over the block of exp(q k^T * scale - lse), with the forward's lse and
   // the element rules; 0 where the row lists have no block. Not differentiable.
@@ -46,7 +48,8 @@ TORCH_LIBRARY(sparse_attention, m) {
       "Tensor lse, Tensor row_offsets, Tensor row_indices, Tensor row_num_full, "
       "Tensor col_offsets, Tensor col_indices, Tensor col_num_full, Tensor? key_padding_mask, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int block_size, float scale, "
-      "int window_left, int window_right, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+      "int window_left, int window_right, bool deterministic=False, str cuda_kernels='auto') "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // forward's autograd lives in Python (sparse_attention/ops.py); the backward op itself is not

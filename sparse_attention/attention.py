@@ -9,7 +9,7 @@ import torch
 
 from sparse_attention import ops, packing
 from sparse_attention.compile_constants import eager_constant
-from sparse_attention.kernel_table import CPU_DTYPES
+from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES
 from sparse_attention.layout import BlockLayout, BlockLists
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
@@ -186,6 +186,7 @@ def sparse_attention(
     deterministic: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    cuda_kernels: str = "auto",
 ):
     """Block-sparse scaled dot-product attention.
 
@@ -217,15 +218,26 @@ def sparse_attention(
             Documents may be of any length, empty too.
         cu_seqlens_k: the documents' starts in k and v when they differ from those in q
             (default cu_seqlens).
+        cuda_kernels: which CUDA kernels run the call, forward and backward: "auto" (the
+            default: the mma.sync kernels, or the Hopper kernels where the environment sets
+            SPARSE_ATTENTION_HOPPER_KERNELS=1 and they cover the call), "hopper" (the Hopper
+            kernels: TMA, wgmma, warp-specialized; compute capability 9.0, block size 128,
+            head dim 64 or 128; a ValueError names the reason where they cannot run the call)
+            or "mma" (never the Hopper kernels). The Hopper kernels are opt-in until they have
+            passed on a GPU. Ignored on the CPU.
 
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
     """
     q, k, v = _autocast(q, k, v)
+    if cuda_kernels not in CUDA_KERNEL_CHOICES:
+        raise ValueError(f"cuda_kernels: expected one of {', '.join(map(repr, CUDA_KERNEL_CHOICES))}, "
+                         f"got {cuda_kernels!r}")
     if cu_seqlens is not None or cu_seqlens_k is not None:
         return _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask,
                                  causal=causal, scale=scale, window=window,
-                                 return_lse=return_lse, deterministic=deterministic)
+                                 return_lse=return_lse, deterministic=deterministic,
+                                 cuda_kernels=cuda_kernels)
     _check_inputs(q, k, v, layout, key_padding_mask)
     _check_device_kernels(q, layout.block_size)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
@@ -238,7 +250,7 @@ def sparse_attention(
         lists = layout.block_lists(q_len, k_len, window)
         out, lse = ops.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
                                block_size=layout.block_size, scale=scale, window=window,
-                               deterministic=deterministic)
+                               deterministic=deterministic, cuda_kernels=cuda_kernels)
         return (out, lse) if return_lse else out
     # A pattern's layout may depend on the head count: graphs specialise on it then only.
     num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
@@ -253,14 +265,14 @@ def sparse_attention(
                                     causal)
         results.append(ops.forward(*part[:3], lists, key_padding_mask=part[3],
                                    block_size=layout.block_size, scale=scale, window=window,
-                                   deterministic=deterministic))
+                                   deterministic=deterministic, cuda_kernels=cuda_kernels))
     out, lse = results[0] if len(results) == 1 else (
         torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2))
     return (out, lse) if return_lse else out
 
 
 def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask, *, causal,
-                      scale, window, return_lse, deterministic):
+                      scale, window, return_lse, deterministic, cuda_kernels):
     """sparse_attention over packed documents: the kernels walk per-document lists in one call
     (on CUDA when enabled, packing.CUDA_PACKED_KERNELS); otherwise each document runs as a call
     of its own (views, no copies)."""
@@ -288,7 +300,7 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if not packing.packed_kernels(q.device):
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, cuda_kernels=cuda_kernels)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     window = _static_window(window)
     num_heads = operator.index(q.shape[1])
@@ -298,7 +310,7 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         lists = BlockLists(*(t.to(q.device) for t in lists))
     out, lse = ops.forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
                            scale=scale, window=window, deterministic=deterministic,
-                           cu_seqlens=(cu_seqlens, cu_k))
+                           cuda_kernels=cuda_kernels, cu_seqlens=(cu_seqlens, cu_k))
     return (out, lse) if return_lse else out
 
 

@@ -21,13 +21,15 @@ CUDA_BLOCK_SIZES = (64, 128)
 CUDA_PASSES = ("forward", "backward")
 CUDA_MIN_CAPABILITY = (8, 0)  # mma.sync on bf16 and cp.async
 
-# --- CUDA on Hopper (csrc/cuda/hopper): a forward with TMA loads, wgmma and warp
+# --- CUDA on Hopper (csrc/cuda/hopper): forward and backward with TMA loads, wgmma and warp
 # specialization, built as sm_90a code (with the nvidia-cutlass headers; setup.py). Opt-in
-# until it has passed on a GPU: it runs only where CUDA_HOPPER_ENV is "1", on compute capability
-# 9.0, for these cases; every other call, and every backward, runs on the kernels above.
+# until they have passed on a GPU: they run only where CUDA_HOPPER_ENV is "1" or the call says
+# cuda_kernels="hopper", on compute capability 9.0, for these cases; every other call runs on
+# the kernels above.
 CUDA_HOPPER_ENV = "SPARSE_ATTENTION_HOPPER_KERNELS"
+CUDA_KERNEL_CHOICES = ("auto", "hopper", "mma")  # the ops' cuda_kernels (csrc/input_checks.h)
 CUDA_HOPPER_CAPABILITY = (9, 0)
-CUDA_HOPPER_PASSES = ("forward",)
+CUDA_HOPPER_PASSES = ("forward", "backward")
 CUDA_HOPPER_HEAD_DIMS = (64, 128)
 CUDA_HOPPER_BLOCK_SIZES = (128,)
 CUDA_HOPPER_DEFAULT = False  # not yet run on a GPU

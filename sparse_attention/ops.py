@@ -22,32 +22,35 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _kernel_args(lists, key_padding_mask, cu_seqlens, block_size: int, scale: float,
-                 window: Window, deterministic: bool) -> dict:
+                 window: Window, deterministic: bool, cuda_kernels: str) -> dict:
     left, right = Window.of(window).kernel_bounds()
     cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
     return dict(zip(LIST_NAMES, lists), key_padding_mask=key_padding_mask, cu_seqlens_q=cu_q,
                 cu_seqlens_k=cu_k, block_size=int(block_size), scale=float(scale),
-                window_left=left, window_right=right, deterministic=bool(deterministic))
+                window_left=left, window_right=right, deterministic=bool(deterministic),
+                cuda_kernels=str(cuda_kernels))
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *,
             key_padding_mask: torch.Tensor | None, block_size: int, scale: float,
             window: Window = Window(), deterministic: bool = False,
             cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            cuda_kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the block-sparse op over the six block lists (a BlockLists).
     cu_seqlens: (query starts, key starts) of packed documents, with lists per document."""
     return _ops.forward(q=q, k=k, v=v, **_kernel_args(lists, key_padding_mask, cu_seqlens,
-                                                      block_size, scale, window, deterministic))
+                                                      block_size, scale, window, deterministic,
+                                                      cuda_kernels))
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, lists, *, key_padding_mask, block_size: int,
              scale: float, window: Window = Window(), deterministic: bool = False,
-             cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None):
+             cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
+             cuda_kernels: str = "auto"):
     """(grad_q, grad_k, grad_v) of `forward`."""
     return _ops.backward(grad_out=grad_out, grad_lse=grad_lse, q=q, k=k, v=v, out=out, lse=lse,
                          **_kernel_args(lists, key_padding_mask, cu_seqlens, block_size, scale,
-                                        window, deterministic))
+                                        window, deterministic, cuda_kernels))
 
 
 def block_mass(q, k, lse, lists, *, key_padding_mask, block_size: int, scale: float,

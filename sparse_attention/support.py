@@ -113,8 +113,8 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
     >>> sa.supported("cpu", torch.bfloat16, 64, 64)
     []
 
-    On Hopper GPUs an opt-in forward kernel exists for some of these cases; see
-    sparse_attention.support.hopper_forward.
+    On Hopper GPUs opt-in kernels exist for some of these cases; see
+    sparse_attention.support.hopper_kernels.
     """
     device_type = _device_type(device_type)
     dtype = _dtype_name(dtype)
@@ -128,14 +128,15 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
                          None if capability is None else tuple(capability)))
 
 
-def hopper_forward(dtype, head_dim: int, block_size: int, *,
+def hopper_kernels(dtype, head_dim: int, block_size: int, *,
                    capability: tuple[int, int] | None = None) -> str:
-    """Whether a CUDA forward can take the Hopper kernel (kernel_table.CUDA_HOPPER_*), which
-    is opt-in: "opt-in" when the case and GPU fit it and the environment variable is not set,
-    "on" when it is, else the reason it does not apply. The mma.sync kernels run otherwise.
+    """Whether a CUDA call (forward and backward) can take the Hopper kernels
+    (kernel_table.CUDA_HOPPER_*), which are opt-in: "opt-in" when the case and GPU fit them and
+    the environment variable is not set, "on" when it is, else the reason they do not apply.
+    The mma.sync kernels run otherwise (and where a call passes cuda_kernels="mma").
 
-    >>> sa.support.hopper_forward(torch.bfloat16, 128, 128, capability=(9, 0))
-    'opt-in: set SPARSE_ATTENTION_HOPPER_KERNELS=1'
+    >>> sa.support.hopper_kernels(torch.bfloat16, 128, 128, capability=(9, 0))
+    "opt-in: set SPARSE_ATTENTION_HOPPER_KERNELS=1 or pass cuda_kernels='hopper'"
     """
     dtype = _dtype_name(dtype)
     head_dim, block_size = _check_int("head_dim", head_dim), _check_int("block_size", block_size)
@@ -151,7 +152,7 @@ def hopper_forward(dtype, head_dim: int, block_size: int, *,
         return "not for compute capability {}.{} (9.0 only)".format(*capability)
     if os.environ.get(table.CUDA_HOPPER_ENV) == "1":
         return "on"
-    return f"opt-in: set {table.CUDA_HOPPER_ENV}=1"
+    return f"opt-in: set {table.CUDA_HOPPER_ENV}=1 or pass cuda_kernels='hopper'"
 
 
 @functools.lru_cache(maxsize=256)

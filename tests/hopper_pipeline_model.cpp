@@ -1,9 +1,11 @@
-// A CPU model of the Hopper forward's K/V pipeline (csrc/cuda/hopper/pipeline.h): the kernel's
-// own produce/consume loops and list walk, run on threads (one producer, two consumer
-// warpgroups) against modelled mbarriers, on random block lists. Checks that every walk ends
+// A CPU model of the Hopper kernels' pipelines (csrc/cuda/hopper/pipeline.h): the kernels' own
+// produce/consume loops and list walks, run on threads (one producer, two consumer
+// warpgroups) against modelled mbarriers, on random block lists: the forward's (a row list,
+// K and V per key block, K released early) and the backward's (the column lists of a kv head's
+// group, Q and dO per 64-row query tile, released together). Checks that every walk ends
 // (a hang is reported after a time-out), that each consumer reads every stage only after the
 // producer filled it and the producer refills it only after every consumer released it, and
-// that the tile counts match a plain count of the list. Run by tests/test_hopper_pipeline.py.
+// that the tile counts match a plain count of the lists. Run by tests/test_hopper_pipeline.py.
 //
 //   hopper_pipeline_model [cases] [seed]      exit 0 when every check passed
 #include <chrono>
@@ -27,7 +29,9 @@ namespace {
 constexpr int kBlock = 128;
 constexpr int kStages = 2;
 constexpr int kConsumers = 2;
-using Walk = hopper::RowTileWalk<kBlock>;
+constexpr int kQueryTile = 64;  // the backward's query rows per step
+using RowWalk = hopper::RowTileWalk<kBlock>;
+using ColumnWalk = hopper::ColumnTileWalk<kBlock, kQueryTile>;
 
 int failures = 0;
 bool quiet = false;  // the self-test's expected failures
@@ -101,16 +105,18 @@ class ModelSync {
   bool hung_ = false;
 };
 
-// Runs one thread block's roles; consumer_qb lets the self-test give consumers another list.
-// Returns whether it hung.
-bool run_block(const cuda::Params& p, int s, int head, int qb, int consumer_qb, int expected_tiles,
+// Runs one thread block's roles over the lists of block `fixed` (a query block for row walks, a
+// key block for column walks, with `head` a query or kv head); consumer_fixed lets the
+// self-test give consumers another list. Returns whether it hung.
+template <typename Walk, hopper::Release kRelease>
+bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_fixed, int expected_tiles,
                std::mt19937& rng, std::chrono::milliseconds timeout) {
   const sa::Sequence seq = cuda::sequence_of(p, s);
   ModelSync sync(timeout);
   const unsigned yield_seed = rng();
   std::thread producer([&] {
     std::minstd_rand jitter(yield_seed);
-    Walk walk(p, seq, s, head, qb);
+    Walk walk(p, seq, s, head, fixed);
     long number = 0;
     hopper::produce<kStages>(walk, sync, [&](int channel, int stage, const Walk&) {
       if (jitter() % 3 == 0) std::this_thread::yield();
@@ -122,13 +128,13 @@ bool run_block(const cuda::Params& p, int s, int head, int qb, int consumer_qb, 
   for (int c = 0; c < kConsumers; ++c) {
     consumers.emplace_back([&, c] {
       std::minstd_rand jitter(yield_seed + 1 + c);
-      Walk walk(p, seq, s, head, consumer_qb);
+      Walk walk(p, seq, s, head, consumer_fixed);
       long number = 0;
       auto check = [&](int channel, int stage) {
         if (jitter() % 3 == 0) std::this_thread::yield();
         if (!sync.hung() && sync.read(channel, stage) != number) fail("a consumer read a stage another tile filled");
       };
-      hopper::consume<kStages>(
+      hopper::consume<kStages, kRelease>(
           walk, sync, [&](int stage, const Walk&) { check(hopper::kKeys, stage); },
           [&](int stage, const Walk&) {
             check(hopper::kValues, stage);
@@ -142,27 +148,51 @@ bool run_block(const cuda::Params& p, int s, int head, int qb, int consumer_qb, 
   return sync.hung();
 }
 
+bool all_padded(const cuda::Params& p, const sa::Sequence& seq, int kb) {
+  return p.key_block_state &&
+         p.key_block_state[seq.batch * p.k_blocks + kb] == static_cast<uint8_t>(sa::KeyBlockState::kAllPadded);
+}
+
+// Entries [begin, end) of list `list`, clamped as the kernels clamp them.
+void entries(const cuda::DeviceLists& l, int list, int* begin, int* end) {
+  *begin = std::min(std::max(l.offsets[list], 0), l.nnz);
+  *end = std::min(std::max(l.offsets[list + 1], *begin), l.nnz);
+}
+
 // The tiles of a row list, counted plainly from the rules the walk implements.
-int count_tiles(const cuda::Params& p, const sa::Sequence& seq, int s, int head, int qb) {
-  const int list = static_cast<int>(sa::list_index(p.list_batch, p.layout_heads, p.heads, s, head, qb, p.q_blocks));
-  int begin = std::min(std::max(p.rows.offsets[list], 0), p.rows.nnz);
-  int end = std::min(std::max(p.rows.offsets[list + 1], begin), p.rows.nnz);
-  int tiles = 0;
+int count_row_tiles(const cuda::Params& p, const sa::Sequence& seq, int s, int head, int qb) {
+  int begin, end, tiles = 0;
+  entries(p.rows, static_cast<int>(sa::list_index(p.list_batch, p.layout_heads, p.heads, s, head, qb, p.q_blocks)),
+          &begin, &end);
   for (int e = begin; e < end; ++e) {
     const int kb = p.rows.indices[e];
     if (kb < 0 || kb >= p.k_blocks || int64_t{kb} * kBlock >= seq.k_len) continue;
-    if (p.key_block_state &&
-        p.key_block_state[seq.batch * p.k_blocks + kb] == static_cast<uint8_t>(sa::KeyBlockState::kAllPadded)) {
-      continue;
+    if (!all_padded(p, seq, kb)) ++tiles;
+  }
+  return tiles;
+}
+
+// The query tiles of a key block's column lists over the kv head's group, counted plainly.
+int count_column_tiles(const cuda::Params& p, const sa::Sequence& seq, int s, int kv_head, int kb) {
+  if (all_padded(p, seq, kb)) return 0;
+  const int group = p.heads / p.kv_heads;
+  int tiles = 0;
+  for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+    int begin, end;
+    entries(p.cols, static_cast<int>(sa::list_index(p.list_batch, p.layout_heads, p.heads, s, h, kb, p.k_blocks)),
+            &begin, &end);
+    for (int e = begin; e < end; ++e) {
+      const int qb = p.cols.indices[e];
+      if (qb < 0 || qb >= p.q_blocks) continue;
+      for (int t = 0; t < kBlock / kQueryTile; ++t) tiles += int64_t{qb} * kBlock + t * kQueryTile < seq.q_len;
     }
-    ++tiles;
   }
   return tiles;
 }
 
 struct Case {
   cuda::Params p;
-  std::vector<int32_t> offsets, indices;
+  std::vector<int32_t> offsets, indices, col_offsets, col_indices;
   std::vector<uint8_t> states;
   std::vector<int64_t> q_starts, k_starts;
 };
@@ -201,20 +231,24 @@ Case random_case(std::mt19937& rng) {
     p.q_starts = c.q_starts.data();
     p.k_starts = c.k_starts.data();
   }
-  // Lists: random key blocks (full counts are irrelevant to the walk), now and then an index
-  // outside the grid, an empty row or offsets out of order, which the walk must survive.
-  const int lists = p.list_batch * p.layout_heads * p.q_blocks;
-  c.offsets.push_back(0);
-  for (int l = 0; l < lists; ++l) {
-    const int n = pick(0, 5) == 0 ? 0 : pick(1, p.k_blocks + 1);
-    for (int i = 0; i < n; ++i) {
-      const int junk = pick(0, 19);
-      c.indices.push_back(junk == 0 ? -1 : junk == 1 ? p.k_blocks + pick(0, 3) : pick(0, p.k_blocks - 1));
+  // Lists: random blocks (full counts are irrelevant to the walk), now and then an index
+  // outside the grid, an empty list or offsets out of order, which the walks must survive.
+  auto random_lists = [&](int blocks, int across, std::vector<int32_t>& offsets, std::vector<int32_t>& indices) {
+    const int lists = p.list_batch * p.layout_heads * blocks;
+    offsets.push_back(0);
+    for (int l = 0; l < lists; ++l) {
+      const int n = pick(0, 5) == 0 ? 0 : pick(1, across + 1);
+      for (int i = 0; i < n; ++i) {
+        const int junk = pick(0, 19);
+        indices.push_back(junk == 0 ? -1 : junk == 1 ? across + pick(0, 3) : pick(0, across - 1));
+      }
+      offsets.push_back(static_cast<int32_t>(indices.size()));
     }
-    c.offsets.push_back(static_cast<int32_t>(c.indices.size()));
-  }
-  if (pick(0, 9) == 0 && lists > 1) std::swap(c.offsets[1], c.offsets[lists - 1]);
-  p.rows = cuda::DeviceLists{c.offsets.data(), c.indices.data(), static_cast<int32_t>(c.indices.size())};
+    if (pick(0, 9) == 0 && lists > 1) std::swap(offsets[1], offsets[lists - 1]);
+    return cuda::DeviceLists{offsets.data(), indices.data(), static_cast<int32_t>(indices.size())};
+  };
+  p.rows = random_lists(p.q_blocks, p.k_blocks, c.offsets, c.indices);
+  p.cols = random_lists(p.k_blocks, p.q_blocks, c.col_offsets, c.col_indices);
   if (pick(0, 2) == 0) {
     c.states.resize(static_cast<size_t>(p.batch) * p.k_blocks);
     for (auto& st : c.states) st = static_cast<uint8_t>(pick(0, 2));
@@ -235,10 +269,22 @@ int main(int argc, char** argv) {
     const cuda::Params& p = c.p;
     for (int s = 0; s < p.sequences; ++s) {
       const sa::Sequence seq = cuda::sequence_of(p, s);
-      for (int head = 0; head < p.heads; ++head) {
+      for (int head = 0; head < p.heads; ++head) {  // the forward's thread blocks
         for (int qb = 0; qb < p.q_blocks && int64_t{qb} * kBlock < seq.q_len; ++qb) {
-          const int expected = count_tiles(p, seq, s, head, qb);
-          if (run_block(p, s, head, qb, qb, expected, rng, timeout)) fail("the pipeline hung");
+          const int expected = count_row_tiles(p, seq, s, head, qb);
+          if (run_block<RowWalk, hopper::Release::kFirstEarly>(p, s, head, qb, qb, expected, rng, timeout)) {
+            fail("the forward's pipeline hung");
+          }
+          ++blocks;
+          tiles += expected;
+        }
+      }
+      for (int kv_head = 0; kv_head < p.kv_heads; ++kv_head) {  // the backward's
+        for (int kb = 0; kb < p.k_blocks && int64_t{kb} * kBlock < seq.k_len; ++kb) {
+          const int expected = count_column_tiles(p, seq, s, kv_head, kb);
+          if (run_block<ColumnWalk, hopper::Release::kTogether>(p, s, kv_head, kb, kb, expected, rng, timeout)) {
+            fail("the backward's pipeline hung");
+          }
           ++blocks;
           tiles += expected;
         }
@@ -263,7 +309,8 @@ int main(int argc, char** argv) {
     p.rows = cuda::DeviceLists{c.offsets.data(), c.indices.data(), 8};
     const int saved = failures;
     quiet = true;
-    const bool hung = run_block(p, 0, 0, 0, 1, 8, rng, std::chrono::milliseconds(300));
+    const bool hung =
+        run_block<RowWalk, hopper::Release::kFirstEarly>(p, 0, 0, 0, 1, 8, rng, std::chrono::milliseconds(300));
     failures = saved;  // the count mismatches it reports are expected
     quiet = false;
     if (!hung) fail("self-test: a producer/consumer disagreement was not detected as a hang");

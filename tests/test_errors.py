@@ -42,6 +42,7 @@ CASES = {
     "scale": (dict(scale=float("nan")), ValueError, "scale"),
     "window type": (dict(window=5), TypeError, "window"),
     "window value": (dict(window=(-3, 0)), ValueError, "window: left"),
+    "cuda kernels": (dict(cuda_kernels="sm90"), ValueError, "cuda_kernels: expected one of 'auto'"),
 }
 
 
@@ -98,6 +99,26 @@ def test_ops_check_their_inputs_directly():
         fwd(q, k, v, *lists, None, None, None, 0, 0.25, -1, -1)
     with pytest.raises(ValueError, match="key_padding_mask"):
         fwd(q, k, v, *lists, torch.zeros(2, 40, dtype=torch.bool), None, None, 16, 0.25, -1, -1)
+
+
+def test_the_ops_check_the_kernel_choice_on_every_device():
+    """cuda_kernels is checked on the CPU too (where it changes nothing), so a typo is caught
+    before the code reaches a GPU."""
+    q, k, v = inputs(H=2, Hkv=2)
+    lists = layout().block_lists(40, 40, None, torch.device("cpu"))
+    fwd, bwd = torch.ops.sparse_attention.forward, torch.ops.sparse_attention.backward
+    out, lse = fwd(q, k, v, *lists, None, None, None, 16, 0.25, -1, -1)
+    for choice in ("auto", "hopper", "mma"):
+        again, _ = fwd(q, k, v, *lists, None, None, None, 16, 0.25, -1, -1, cuda_kernels=choice)
+        assert torch.equal(again, out)
+        bwd(out, None, q, k, v, out, lse, *lists, None, None, None, 16, 0.25, -1, -1, cuda_kernels=choice)
+    with pytest.raises(ValueError, match="cuda_kernels: expected 'auto', 'hopper' or 'mma', got 'fast'"):
+        fwd(q, k, v, *lists, None, None, None, 16, 0.25, -1, -1, cuda_kernels="fast")
+    with pytest.raises(ValueError, match="cuda_kernels"):
+        bwd(out, None, q, k, v, out, lse, *lists, None, None, None, 16, 0.25, -1, -1, cuda_kernels="")
+    q, k, v = inputs()  # the CPU kernels either way
+    assert torch.equal(sa.sparse_attention(q, k, v, layout(), cuda_kernels="hopper"),
+                       sa.sparse_attention(q, k, v, layout()))
 
 
 def test_backward_op_checks_lse():

@@ -38,16 +38,17 @@ def test_pipeline_model_on_random_lists(model, seed):
     assert result.stdout.strip().endswith("ok")
 
 
-def test_the_support_table_describes_the_opt_in_hopper_forward(monkeypatch):
+def test_the_support_table_describes_the_opt_in_hopper_kernels(monkeypatch):
     import torch
 
     from sparse_attention import kernel_table, support
 
     monkeypatch.delenv(kernel_table.CUDA_HOPPER_ENV, raising=False)
     assert not kernel_table.CUDA_HOPPER_DEFAULT
-    assert support.hopper_forward(torch.bfloat16, 128, 128, capability=(9, 0)) == \
-        "opt-in: set SPARSE_ATTENTION_HOPPER_KERNELS=1"
-    assert support.hopper_forward(torch.float16, 64, 64, capability=(9, 0)).startswith("not for head_dim")
-    assert support.hopper_forward(torch.float16, 64, 128, capability=(8, 0)).startswith("not for compute")
+    assert kernel_table.CUDA_HOPPER_PASSES == ("forward", "backward")
+    assert support.hopper_kernels(torch.bfloat16, 128, 128, capability=(9, 0)) == \
+        "opt-in: set SPARSE_ATTENTION_HOPPER_KERNELS=1 or pass cuda_kernels='hopper'"
+    assert support.hopper_kernels(torch.float16, 64, 64, capability=(9, 0)).startswith("not for head_dim")
+    assert support.hopper_kernels(torch.float16, 64, 128, capability=(8, 0)).startswith("not for compute")
     monkeypatch.setenv(kernel_table.CUDA_HOPPER_ENV, "1")
-    assert support.hopper_forward(torch.float16, 64, 128, capability=(9, 0)) == "on"
+    assert support.hopper_kernels(torch.float16, 64, 128, capability=(9, 0)) == "on"

@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& col_num_full, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the CPU kernels always are*/) {
+    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels) {
+  parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
                                      cu_seqlens_k, &packed, block_size, scale, window_left,
@@ -116,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the CPU kernels always are*/) {
+    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels) {
+  parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
                                      cu_seqlens_k, &packed, block_size, scale, window_left,

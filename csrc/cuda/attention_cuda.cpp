@@ -20,7 +20,7 @@
 
 #include "../input_checks.h"
 #include "../packed_sequences.h"
-#include "hopper/forward_sm90.h"
+#include "hopper/kernels_sm90.h"
 #include "params.h"
 #include "supported_cases.h"
 
@@ -178,6 +178,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return r;
 }
 
+DType kernel_dtype(at::ScalarType dtype) { return dtype == at::kHalf ? DType::kHalf : DType::kBFloat16; }
+
 template <bool kForward>
 void run(const Params& p, at::ScalarType dtype) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -192,7 +194,7 @@ void run(const Params& p, at::ScalarType dtype) {
                                  p.head_dim);
     }
   };
-  if (dtype == at::kHalf) {
+  if (kernel_dtype(dtype) == DType::kHalf) {
     by_dim(std::integral_constant<DType, DType::kHalf>{});
   } else {
     by_dim(std::integral_constant<DType, DType::kBFloat16>{});
@@ -206,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the forward always is*/) {
+    bool /*deterministic: the forward always is*/, c10::string_view cuda_kernels) {
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
                        window_left, window_right,
@@ -216,9 +218,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   r.params.out = out.data_ptr();
   r.params.lse = lse.data_ptr<float>();
-  if (hopper::forward_sm90_takes(r.params, q.device().index())) {  // opt-in (forward_sm90.h)
-    hopper::run_forward_sm90(r.params, p.dtype == at::kHalf ? DType::kHalf : DType::kBFloat16,
-                             c10::cuda::getCurrentCUDAStream().stream());
+  if (hopper::sm90_takes(r.params, q.device().index(), parse_cuda_kernels(cuda_kernels))) {  // opt-in
+    hopper::run_forward_sm90(r.params, kernel_dtype(p.dtype), c10::cuda::getCurrentCUDAStream().stream());
   } else {
     run<true>(r.params, p.dtype);
   }
@@ -233,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool deterministic) {
+    bool deterministic, c10::string_view cuda_kernels) {
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
                        window_left, window_right,
@@ -261,12 +262,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor grad_k = at::empty(k.sizes(), contiguous);
   at::Tensor grad_v = at::empty(v.sizes(), contiguous);
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
-  // The dQ pass is deterministic, and on Hopper at head dim 128 it also measured faster than
-  // fp32 atomics (the whole backward 1.13-1.24x at N = 16k on an H200, every pattern
-  // measured; benchmarks/cuda_notes.md). Elsewhere the atomics stay unless asked: not
-  // measured, and the pass needs 128 KB of shared memory at block size 128.
+  const bool sm90 = hopper::sm90_takes(c, q.device().index(), parse_cuda_kernels(cuda_kernels));  // opt-in
+  // The dQ pass is deterministic, and with the mma.sync kernels on Hopper at head dim 128 it
+  // also measured faster than their fp32 atomics (the whole backward 1.13-1.24x at N = 16k on
+  // an H200, every pattern measured; benchmarks/cuda_notes.md). Elsewhere the atomics stay
+  // unless asked: not measured, and the pass needs 128 KB of shared memory at block size 128.
   const bool grad_q_pass =
-      deterministic || (p.head_dim == 128 && compute_capability_major(q.device()) == 9);
+      deterministic || (!sm90 && p.head_dim == 128 && compute_capability_major(q.device()) == 9);
   at::Tensor grad_q_accum;
   if (!grad_q_pass) {
     grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
@@ -277,7 +279,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   c.grad_k = grad_k.data_ptr();
   c.grad_v = grad_v.data_ptr();
   c.grad_q_pass = grad_q_pass;
-  run<false>(c, p.dtype);
+  if (sm90) {
+    hopper::run_backward_sm90(c, kernel_dtype(p.dtype), c10::cuda::getCurrentCUDAStream().stream());
+  } else {
+    run<false>(c, p.dtype);
+  }
   if (!grad_q_pass) grad_q.copy_(grad_q_accum.mul_(scale));  // the final conversion
   return {grad_q, grad_k, grad_v};
 }

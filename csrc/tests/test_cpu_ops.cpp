@@ -23,7 +23,7 @@ using ForwardFn = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, double, int64_t, int64_t,
-    bool);
+    bool, c10::string_view);
 
 int checks = 0, failures = 0;
 
@@ -106,7 +106,7 @@ void run_case(const Case& c) {
   const auto [out, lse] =
       forward.call(q, k, v, row_offsets, row_indices, row_num_full, col_offsets, col_indices,
                    col_num_full, pad, std::nullopt, std::nullopt, c.block_size, scale, c.window_left, c.window_right,
-                   /*deterministic=*/false);
+                   /*deterministic=*/false, /*cuda_kernels=*/"auto");
   const auto [ref_out, ref_lse] = dense_attention(q, k, v, element_mask(block_mask, c, pad), scale);
   check(out.sizes() == q.sizes() && out.scalar_type() == c.dtype, name + ": out shape and dtype");
 
@@ -137,7 +137,7 @@ void check_wrong_rank_throws() {
   bool threw_value_error = false;
   try {
     forward.call(q3, kv, kv, ro, ri, rf, co, ci, cf, std::nullopt, std::nullopt, std::nullopt,
-                 block_size, 0.25, -1, 0, false);
+                 block_size, 0.25, -1, 0, false, "auto");
   } catch (const c10::Error& e) {
     threw_value_error = dynamic_cast<const c10::ValueError*>(&e) != nullptr;
   }

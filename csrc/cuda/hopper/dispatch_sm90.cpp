@@ -1,4 +1,4 @@
-// Which calls the Hopper forward takes (forward_sm90.h).
+// Which calls the Hopper kernels take (kernels_sm90.h), and the dispatch on dtype and head dim.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
@@ -6,14 +6,14 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "forward_sm90.h"
+#include "kernels_sm90.h"
 
 namespace sparse_attention::cuda::hopper {
 
-#if defined(SPARSE_ATTENTION_SM90A)
 namespace {
 
-bool requested() {
+#if defined(SPARSE_ATTENTION_SM90A)
+bool requested_by_environment() {
   const char* value = std::getenv("SPARSE_ATTENTION_HOPPER_KERNELS");
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
@@ -22,41 +22,72 @@ bool requested() {
 bool tma_strides(const Operand& op, int heads, int batch) {
   return op.row_stride > 0 && (heads == 1 || op.head_stride > 0) && (batch == 1 || op.batch_stride > 0);
 }
-
-}  // namespace
 #endif
 
-bool forward_sm90_takes(const Params& p, int device) {
+// Why the Hopper kernels cannot run a checked call, or nullptr when they can.
+const char* refusal(const Params& p, int device) {
 #if defined(SPARSE_ATTENTION_SM90A)
-  if (!requested() || p.block_size != 128 || (p.head_dim != 64 && p.head_dim != 128)) return false;
-  if (p.q_len == 0 || p.k_len == 0) return false;  // a TMA descriptor has no empty dimension
+  if (p.block_size != 128) return "they take block_size 128 only";
+  if (p.head_dim != 64 && p.head_dim != 128) return "they take head_dim 64 and 128 only";
+  if (p.q_len == 0 || p.k_len == 0) return "a TMA descriptor has no empty dimension (q or k has no rows)";
   if (!tma_strides(p.q, p.heads, p.batch) || !tma_strides(p.k, p.kv_heads, p.batch) ||
-      !tma_strides(p.v, p.kv_heads, p.batch)) {
-    return false;
+      !tma_strides(p.v, p.kv_heads, p.batch) || (p.grad_out.data && !tma_strides(p.grad_out, p.heads, p.batch))) {
+    return "an operand is broadcast (stride 0) along heads or batch, which TMA descriptors cannot express";
   }
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  return major == 9 && minor == 0 ? nullptr : "they need a compute capability 9.0 GPU (H100, H200)";
 #else
-  (void)p;
-  (void)device;
+  (void)p, (void)device;
+  return "this build has none (they need TORCH_CUDA_ARCH_LIST with 9.0 and nvidia-cutlass at build time)";
+#endif
+}
+
+}  // namespace
+
+bool sm90_takes(const Params& p, int device, CudaKernels choice) {
+  if (choice == CudaKernels::kMma) return false;
+  const char* why_not = refusal(p, device);
+  TORCH_CHECK_VALUE(choice != CudaKernels::kHopper || why_not == nullptr,
+                    "cuda_kernels='hopper': the Hopper kernels cannot run this call: ", why_not);
+#if defined(SPARSE_ATTENTION_SM90A)
+  return why_not == nullptr && (choice == CudaKernels::kHopper || requested_by_environment());
+#else
   return false;
 #endif
 }
 
-void run_forward_sm90(const Params& p, DType dtype, void* stream) {
+namespace {
+
+// Calls run<dtype, head dim>(p, stream) for the instantiated cases.
+template <template <DType, int> class Run>
+void dispatch(const Params& p, DType dtype, void* stream) {
 #if defined(SPARSE_ATTENTION_SM90A)
   const bool half = dtype == DType::kHalf;
   if (p.head_dim == 64) {
-    half ? run_forward_sm90<DType::kHalf, 64>(p, stream) : run_forward_sm90<DType::kBFloat16, 64>(p, stream);
+    half ? Run<DType::kHalf, 64>::run(p, stream) : Run<DType::kBFloat16, 64>::run(p, stream);
   } else {
-    half ? run_forward_sm90<DType::kHalf, 128>(p, stream) : run_forward_sm90<DType::kBFloat16, 128>(p, stream);
+    half ? Run<DType::kHalf, 128>::run(p, stream) : Run<DType::kBFloat16, 128>::run(p, stream);
   }
 #else
   (void)p, (void)dtype, (void)stream;
   TORCH_CHECK(false, "sparse_attention was built without the Hopper kernels");
 #endif
 }
+
+template <DType kDType, int kHeadDim>
+struct Forward {
+  static void run(const Params& p, void* stream) { run_forward_sm90<kDType, kHeadDim>(p, stream); }
+};
+template <DType kDType, int kHeadDim>
+struct Backward {
+  static void run(const Params& p, void* stream) { run_backward_sm90<kDType, kHeadDim>(p, stream); }
+};
+
+}  // namespace
+
+void run_forward_sm90(const Params& p, DType dtype, void* stream) { dispatch<Forward>(p, dtype, stream); }
+void run_backward_sm90(const Params& p, DType dtype, void* stream) { dispatch<Backward>(p, dtype, stream); }
 
 }  // namespace sparse_attention::cuda::hopper

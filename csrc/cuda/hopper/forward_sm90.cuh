@@ -129,8 +129,9 @@ __device__ __forceinline__ auto accumulator_as_a(Layout l) {
 // One warpgroup GEMM, waited for: the fences keep the compiler from moving accumulator (and
 // register A operand) accesses across the asynchronous wgmma.
 template <bool kZeroInit, typename Mma, typename A, typename B, typename C>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, A& a, const B& b, C& c) {
-  constexpr bool kRegisterA = !std::is_same_v<typename A::iterator, GMMA::DescriptorIterator>;
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, A&& a, const B& b, C& c) {
+  constexpr bool kRegisterA =
+      !std::is_same_v<typename std::remove_reference_t<A>::iterator, GMMA::DescriptorIterator>;
   if constexpr (kRegisterA) warpgroup_fence_operand(a);
   warpgroup_fence_operand(c);
   warpgroup_arrive();
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_a(probabilities.layout()));
     warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
   };
-  consume<kStages>(walk, sync, score_tile, value_tile);
+  consume<kStages, Release::kFirstEarly>(walk, sync, score_tile, value_tile);
 
   auto* dst = static_cast<typename Traits::Native*>(p.out);
   CUTLASS_PRAGMA_UNROLL

@@ -1,5 +1,5 @@
-// Host side of the Hopper forward: the TMA descriptors of Q, K and V, and the launch. Included
-// by the per-dtype instantiation files.
+// Host side of the Hopper kernels: the TMA descriptors of the operands, and the launches.
+// Included by the per-dtype instantiation files.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -8,10 +8,14 @@
 #include <type_traits>
 
 #include "../launch.cuh"
+#include "backward_sm90.cuh"
 #include "forward_sm90.cuh"
-#include "forward_sm90.h"
+#include "kernels_sm90.h"
 
 namespace sparse_attention::cuda::hopper {
+
+template <DType kDType>
+using CuteElement = std::conditional_t<kDType == DType::kHalf, cutlass::half_t, cutlass::bfloat16_t>;
 
 // An operand as a (rows, head dim, heads, batch) tensor for TMA. The host check has given every
 // dimension longer than 1 a non-zero stride; a length-1 dimension gets the row stride, so that
@@ -25,30 +29,60 @@ typename Traits::GmemTensor gmem_tensor(const Operand& op, int rows, int heads, 
                                              stride(op.batch_stride, batch))));
 }
 
-template <DType kDType, int kHeadDim>
-void run_forward_sm90(const Params& p, void* stream) {
-  using Native = typename ElementOf<kDType>::type;
-  using Element = std::conditional_t<kDType == DType::kHalf, cutlass::half_t, cutlass::bfloat16_t>;
-  using Traits = ForwardTraits<Element, Native, kHeadDim>;
-  const auto kernel = forward_sm90_kernel<Traits>;
-  // A library built without sm_90a code holds only the empty body for this device.
+// A TMA load of `op`'s tiles of shape `tile` into shared memory laid out as `smem`.
+template <typename Traits, typename SmemLayout, typename Tile>
+auto tma_load(const Operand& op, int rows, int heads, int batch, SmemLayout smem, Tile tile) {
+  return make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Traits>(op, rows, heads, batch), smem, tile, _1{});
+}
+
+// A library built without sm_90a code holds only the empty body for this device.
+template <typename Kernel>
+void check_sm90_code(Kernel kernel, const char* what) {
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  TORCH_CHECK(attributes.binaryVersion == 90, "SPARSE_ATTENTION_HOPPER_KERNELS=1: this build of ",
-              "sparse_attention has no sm_90a code for the Hopper forward (device code version ",
-              attributes.binaryVersion, "); rebuild with TORCH_CUDA_ARCH_LIST including 9.0");
-  const int kv_rows = p.k_len;
+  TORCH_CHECK(attributes.binaryVersion == 90, "the Hopper kernels were asked for, but this build of ",
+              "sparse_attention has no sm_90a code for the Hopper ", what, " (device code version ",
+              attributes.binaryVersion, "); rebuild with TORCH_CUDA_ARCH_LIST including 9.0 and ",
+              "nvidia-cutlass installed");
+}
+
+template <DType kDType, int kHeadDim>
+void run_forward_sm90(const Params& p, void* stream) {
+  using Traits = ForwardTraits<CuteElement<kDType>, typename ElementOf<kDType>::type, kHeadDim>;
+  const auto kernel = forward_sm90_kernel<Traits>;
+  check_sm90_code(kernel, "forward");
+  const auto tile_q = select<0, 2>(typename Traits::TileShape{});
+  const auto tile_kv = select<1, 2>(typename Traits::TileShape{});
+  const auto smem_kv = take<0, 2>(typename Traits::SmemLayoutKV{});
   const ForwardArgs<Traits> args{
-      p,
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Traits>(p.q, p.q_len, p.heads, p.batch),
-                    typename Traits::SmemLayoutQ{}, select<0, 2>(typename Traits::TileShape{}), _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Traits>(p.k, kv_rows, p.kv_heads, p.batch),
-                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileShape{}), _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Traits>(p.v, kv_rows, p.kv_heads, p.batch),
-                    take<0, 2>(typename Traits::SmemLayoutKV{}), select<1, 2>(typename Traits::TileShape{}), _1{})};
+      p, tma_load<Traits>(p.q, p.q_len, p.heads, p.batch, typename Traits::SmemLayoutQ{}, tile_q),
+      tma_load<Traits>(p.k, p.k_len, p.kv_heads, p.batch, smem_kv, tile_kv),
+      tma_load<Traits>(p.v, p.k_len, p.kv_heads, p.batch, smem_kv, tile_kv)};
   const NvtxRange range(range_name("forward(sm90)", ElementOf<kDType>::name, kHeadDim, p.block_size));
   launch_with(kernel, dim3(p.q_blocks, p.heads, p.sequences), Traits::kThreads, Traits::kSharedBytes,
               static_cast<cudaStream_t>(stream), p, args);
+}
+
+template <DType kDType, int kHeadDim>
+void run_backward_sm90(const Params& p, void* stream) {
+  using Traits = BackwardTraits<CuteElement<kDType>, typename ElementOf<kDType>::type, kHeadDim>;
+  const auto kernel = backward_sm90_kernel<Traits>;
+  check_sm90_code(kernel, "backward");
+  using KV = Shape<typename Traits::N, typename Traits::D>;
+  using Q = Shape<typename Traits::M, typename Traits::D>;
+  const auto smem_q = take<0, 2>(typename Traits::SmemLayoutQ{});
+  const BackwardArgs<Traits> args{
+      p, tma_load<Traits>(p.k, p.k_len, p.kv_heads, p.batch, typename Traits::SmemLayoutKV{}, KV{}),
+      tma_load<Traits>(p.v, p.k_len, p.kv_heads, p.batch, typename Traits::SmemLayoutKV{}, KV{}),
+      tma_load<Traits>(p.q, p.q_len, p.heads, p.batch, smem_q, Q{}),
+      tma_load<Traits>(p.grad_out, p.q_len, p.heads, p.batch, smem_q, Q{})};
+  const NvtxRange range(range_name(p.grad_q_pass ? "backward(sm90, dq pass)" : "backward(sm90, atomic dq)",
+                                   ElementOf<kDType>::name, kHeadDim, p.block_size));
+  const auto s = static_cast<cudaStream_t>(stream);
+  launch_delta<kDType, kHeadDim>(p, s);
+  launch_with(kernel, dim3(p.k_blocks, p.kv_heads, p.sequences), Traits::kThreads, Traits::kSharedBytes, s,
+              p, args);
+  if (p.grad_q_pass) launch_grad_q_pass<kDType, kHeadDim, 128>(p, s);  // the deterministic dQ
 }
 
 }  // namespace sparse_attention::cuda::hopper

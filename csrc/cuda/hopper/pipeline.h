@@ -1,9 +1,10 @@
-// The bookkeeping of the Hopper forward's K/V pipeline, host and device code: the kernel's
+// The bookkeeping of the Hopper kernels' pipelines, host and device code: the kernels'
 // producer and consumers run these loops with mbarrier waits, and the CPU tests run the same
 // loops on threads with a model of the barriers (tests/hopper_pipeline_model.cpp), so stage
 // indices, phase bits and tile counts are checked without a GPU.
 //
-// Each of kStages stages holds a K tile and a V tile, each with a "full" barrier (completes when
+// Each of kStages stages holds two tiles (the forward: K and V of a key block; the backward:
+// Q and dO of a query tile), each with a "full" barrier (completes when
 // the tile has landed) and an "empty" one (completes when every consumer has released it). An
 // mbarrier's wait(parity) returns once the phase of that parity has completed; a fresh barrier
 // counts as having completed a phase of parity 1, so the producer's first pass over the stages
@@ -16,7 +17,13 @@
 
 namespace sparse_attention::cuda::hopper {
 
-enum Channel : int { kKeys = 0, kValues = 1 };
+// The two tiles of a stage: K, V in the forward; Q, dO in the backward.
+enum Channel : int { kKeys = 0, kValues = 1, kQueries = 0, kOutputGrads = 1 };
+
+// When a consumer releases a stage's first tile: as soon as the first body has read it (the
+// forward's K, once the scores are in registers), or with the second at the end of the step
+// (the backward's Q, which dK += dS^T Q reads after dO has landed).
+enum class Release { kFirstEarly, kTogether };
 
 template <int kStages>
 struct PipelineCursor {
@@ -36,6 +43,16 @@ struct PipelineCursor {
 template <int kBlock>
 using RowTileWalk = BlockWalk<true, 1, kBlock>;
 
+// The walk of a key block's column lists (every query head of the kv head's group), kTile
+// query rows per step. A key block that padding hides entirely has no steps: its P is 0.
+template <int kBlock, int kTile>
+struct ColumnTileWalk : BlockWalk<false, kBlock / kTile, kTile> {
+  SA_HOST_DEVICE ColumnTileWalk(const Params& p, const Sequence& seq, int s, int kv_head, int kb)
+      : BlockWalk<false, kBlock / kTile, kTile>(p, seq, s, kv_head, kb) {
+    if (key_block_state(p, seq.batch, kb) == KeyBlockState::kAllPadded) this->done = true;
+  }
+};
+
 // Producer: for every step, waits for the stage to be free and fills it (load(channel, stage,
 // walk) arms the full barrier and starts the copy), K before V.
 template <int kStages, typename Walk, typename Sync, typename Load>
@@ -49,17 +66,18 @@ SA_HOST_DEVICE void produce(Walk& walk, Sync& sync, const Load& load) {
   }
 }
 
-// Consumer: for every step, scores(stage, walk) once K has landed (K is released as soon as
-// the scores are in registers), then values(stage, walk) once V has.
-template <int kStages, typename Walk, typename Sync, typename Scores, typename Values>
-SA_HOST_DEVICE void consume(Walk& walk, Sync& sync, const Scores& scores, const Values& values) {
+// Consumer: for every step, first(stage, walk) once the first tile has landed, then
+// second(stage, walk) once the second has; the tiles are released as kRelease says.
+template <int kStages, Release kRelease, typename Walk, typename Sync, typename First, typename Second>
+SA_HOST_DEVICE void consume(Walk& walk, Sync& sync, const First& first, const Second& second) {
   PipelineCursor<kStages> cursor;
   for (; !walk.done; walk.next(), cursor.advance()) {
     sync.wait_full(kKeys, cursor.stage, cursor.phase);
-    scores(cursor.stage, walk);
-    sync.release(kKeys, cursor.stage);
+    first(cursor.stage, walk);
+    if (kRelease == Release::kFirstEarly) sync.release(kKeys, cursor.stage);
     sync.wait_full(kValues, cursor.stage, cursor.phase);
-    values(cursor.stage, walk);
+    second(cursor.stage, walk);
+    if (kRelease == Release::kTogether) sync.release(kKeys, cursor.stage);
     sync.release(kValues, cursor.stage);
   }
 }

@@ -1,0 +1,7 @@
+// The Hopper backward's fp16 instantiations (head dims 64 and 128).
+#include "launch_sm90.cuh"
+
+namespace sparse_attention::cuda::hopper {
+template void run_backward_sm90<DType::kHalf, 64>(const Params&, void*);
+template void run_backward_sm90<DType::kHalf, 128>(const Params&, void*);
+}  // namespace sparse_attention::cuda::hopper
