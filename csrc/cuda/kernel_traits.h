@@ -51,4 +51,36 @@ struct KernelTraits {
                 "tiles start 128-byte aligned");
 };
 
+// How a row kernel splits its query block: kRowTiles m16 row tiles per warp, which share
+// every K and V fragment a warp loads (one ldmatrix feeds kRowTiles MMAs).
+//   kRowTiles = 1: a warp per 16 rows, 64-key tiles (the default forward, the dQ pass).
+//   kRowTiles = 2: FlashAttention-2's tiling, a warp per 32 rows (4 warps per 128-row block,
+//     2 per 64-row block), two thread blocks per SM; the key tile shrinks to 32 at D = 128 so
+//     that 2 x 64 output accumulators and the scores fit in 255 registers without spills.
+//     Also folds the softmax scale into the exponent and launches the last (for causal-like
+//     layouts the longest) query blocks first. Opt-in (see launch_forward).
+template <typename Traits, int kRowTiles_>
+struct RowTiling {
+  static constexpr int kRowTiles = kRowTiles_;
+  static constexpr bool kFa2 = kRowTiles > 1;
+  static constexpr int kRows = kRowTiles * kRowsPerWarp;  // query rows per warp
+  static constexpr int kWarps = Traits::kBlockSize / kRows;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMinBlocksPerSM = kFa2 ? 2 : 1;
+  static constexpr int kKeyTile = !kFa2 ? cuda::kKeyTile : Traits::kHeadDim == 128 ? 32 : 64;
+  static constexpr int kSubTiles = Traits::kBlockSize / kKeyTile;
+  static constexpr int kKVTileElems = kKeyTile * Traits::kHeadDim;
+  static constexpr size_t kForwardSmem =
+      (Traits::kQTileElems + 4 * kKVTileElems) * sizeof(typename Traits::Element);
+
+  static_assert(kRowTiles == 1 || kRowTiles == 2, "one or two m16 row tiles per warp");
+  static_assert(Traits::kBlockSize % kRows == 0 && Traits::kBlockSize % kKeyTile == 0 && kKeyTile % 16 == 0,
+                "warps and key tiles divide the layout block");
+  static_assert(kMinBlocksPerSM * kForwardSmem <= kMaxSharedBytes, "the thread blocks of an SM fit");
+  static_assert((kKVTileElems * sizeof(typename Traits::Element)) % 128 == 0, "tiles start 128-byte aligned");
+  static_assert(kFa2 || (kThreads == Traits::kRowThreads && kForwardSmem == Traits::kForwardSmem &&
+                         kSubTiles == Traits::kSubTiles),
+                "one row tile per warp is the traits' row-kernel shape");
+};
+
 }  // namespace sparse_attention::cuda

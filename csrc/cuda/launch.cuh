@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backward_kernels.cuh"
@@ -66,11 +68,27 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStre
   launch_with(kernel, grid, threads, shared_bytes, stream, p, p);
 }
 
+// Whether SPARSE_ATTENTION_CUDA_FA2_TILING=1 asks for the FlashAttention-2 tiling of the
+// forward (forward_kernel_fa2), opt-in until it has run on a GPU; read once per process.
+inline bool fa2_tiling_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SPARSE_ATTENTION_CUDA_FA2_TILING");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return enabled;
+}
+
 template <DType kDType, int kHeadDim, int kBlockSize>
 void launch_forward(const Params& p, cudaStream_t stream) {
   using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
-  launch(forward_kernel<Traits>, dim3(p.q_blocks, p.heads, p.sequences), Traits::kRowThreads,
-         Traits::kForwardSmem, stream, p);
+  using Fa2 = RowTiling<Traits, 2>;
+  const dim3 grid(p.q_blocks, p.heads, p.sequences);
+  // The FA2 tiling folds the scale into the exponent, which needs a positive scale.
+  if (fa2_tiling_enabled() && p.scale_log2 > 0.f) {
+    launch(forward_kernel_fa2<Traits>, grid, Fa2::kThreads, Fa2::kForwardSmem, stream, p);
+  } else {
+    launch(forward_kernel<Traits>, grid, Traits::kRowThreads, Traits::kForwardSmem, stream, p);
+  }
 }
 
 // delta = rowsum(dO * O) - dlse, the first kernel of every backward (the Hopper one's too).

@@ -14,6 +14,15 @@
 
 namespace sparse_attention::cuda {
 
+// The swizzle below repeats every kSwizzleRows rows: swizzle(row + kSwizzleRows, col) ==
+// swizzle(row, col) + kSwizzleRows * kCols.
+constexpr int kSwizzleRows = 8;
+
+// kCompact (template flag of the copies, fragment loads and products below): address the
+// swizzled tiles from one or two per-thread offsets plus constants (and an XOR per fragment)
+// rather than a register per address, for kernels at the register limit (the FA2 forward).
+// The other kernels keep the addressing they were measured with.
+
 // Element offset of (row, col) in a row-major [rows x kCols] tile whose 16-byte chunks are
 // XOR-swizzled so that the 8 rows an ldmatrix phase reads hit 8 different bank groups.
 template <int kCols>
@@ -22,6 +31,7 @@ __device__ __forceinline__ int swizzle(int row, int col) {
   constexpr int kChunks = kCols / 8;
   constexpr int kRowsPerLine = kChunks >= 8 ? 1 : 8 / kChunks;  // rows sharing 128 bytes
   constexpr int kSpan = kChunks >= 8 ? 8 : kChunks;
+  static_assert(kRowsPerLine * kSpan == kSwizzleRows, "the swizzle's period");
   const int chunk = (col >> 3) ^ ((row / kRowsPerLine) % kSpan);
   return row * kCols + chunk * 8 + (col & 7);
 }
@@ -44,19 +54,50 @@ __device__ __forceinline__ void cp_async_wait() {
 // Copies rows [row0, row0 + kRows) of an operand (row stride in elements, unit column stride)
 // into a swizzled [kRows x kCols] tile; rows at or past `rows_valid` become zeros, so that
 // masked scores never meet garbage (0 * NaN) in the next product.
-template <int kRows, int kCols, int kThreads, typename Element>
+template <int kRows, int kCols, int kThreads, bool kCompact = false, typename Element>
 __device__ __forceinline__ void load_tile_async(Element* tile, const Element* src, int64_t row_stride,
                                                 int row0, int rows_valid) {
   constexpr int kChunks = kCols / 8, kTotal = kRows * kChunks;
   static_assert(kTotal % kThreads == 0, "every thread copies the same number of chunks");
+  static_assert(!kCompact || kThreads % kChunks == 0, "compact: a thread's chunks share a column");
 #pragma unroll
   for (int i = 0; i < kTotal / kThreads; ++i) {
-    const int chunk = threadIdx.x + i * kThreads;
-    const int row = chunk / kChunks, col = (chunk % kChunks) * 8;
+    int row, col, offset;  // chunk threadIdx.x + i * kThreads: (row, col), swizzled
+    if constexpr (kCompact) {
+      // A thread's chunks lie `step` rows apart in one column, and whole swizzle periods of
+      // `step` only add a constant: one or two swizzled offsets a thread, not one per chunk.
+      const int step = i * (kThreads / kChunks);
+      row = threadIdx.x / kChunks + step;
+      col = threadIdx.x % kChunks * 8;
+      offset = swizzle<kCols>(threadIdx.x / kChunks + step % kSwizzleRows, col) +
+               step / kSwizzleRows * kSwizzleRows * kCols;
+    } else {
+      const int chunk = threadIdx.x + i * kThreads;
+      row = chunk / kChunks;
+      col = (chunk % kChunks) * 8;
+      offset = swizzle<kCols>(row, col);
+    }
     const bool valid = row0 + row < rows_valid;
     const Element* from = valid ? src + (row0 + row) * row_stride + col : src;
-    cp_async_16(tile + swizzle<kCols>(row, col), from, valid);
+    cp_async_16(tile + offset, from, valid);
   }
+}
+
+// Shared address of the 16-byte chunk (row0 + row, col0 + col) of a swizzled [rows x kCols]
+// tile, with (row, col) the lane's place in a fragment (row < 16, col 0 or 8) and (row0, col0)
+// the fragment's (row0 a multiple of kSwizzleRows, col0 of 16; the tile 128-byte aligned).
+// kCompact: the column offset's low chunk bits only flip the lane chunk's swizzle bits and the
+// rest is a constant, so every fragment of a tile comes from one lane address (one register)
+// by an XOR and an immediate offset.
+template <int kCols, bool kCompact, typename Element>
+__device__ __forceinline__ uint32_t fragment_address(const Element* tile, int row, int col, int row0,
+                                                     int col0) {
+  if constexpr (!kCompact) return smem_address(tile + swizzle<kCols>(row0 + row, col0 + col));
+  constexpr int kChunks = kCols / 8, kSpan = kChunks >= 8 ? 8 : kChunks;  // as in swizzle
+  const uint32_t lane_address = smem_address(tile + swizzle<kCols>(row, col));
+  const int chunk0 = col0 / 8;
+  return (lane_address ^ static_cast<uint32_t>((chunk0 % kSpan) * 16)) +
+         static_cast<uint32_t>((row0 * kCols + chunk0 / kSpan * kSpan * 8) * sizeof(Element));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -71,38 +112,38 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 }
 
 // A fragment of rows [m0, m0+16) x cols [k0, k0+16) of a row-major [M x kCols] tile.
-template <int kCols, typename Element>
+template <int kCols, bool kCompact = false, typename Element>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const Element* tile, int m0, int k0) {
   const int lane = threadIdx.x % 32;
-  const int row = m0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = k0 + (lane >> 4) * 8;
-  ldmatrix_x4(a, smem_address(tile + swizzle<kCols>(row, col)));
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8, col = (lane >> 4) * 8;
+  ldmatrix_x4(a, fragment_address<kCols, kCompact>(tile, row, col, m0, k0));
 }
 
 // A fragment of the 16x16 block (m0.., k0..) of A = T^T, from a tile T stored [K x kCols]
 // (row = k, col = m).
-template <int kCols, typename Element>
+template <int kCols, bool kCompact = false, typename Element>
 __device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const Element* tile, int m0, int k0) {
   const int lane = threadIdx.x % 32;
-  const int row = k0 + (lane & 7) + (lane >> 4) * 8, col = m0 + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4_trans(a, smem_address(tile + swizzle<kCols>(row, col)));
+  const int row = (lane & 7) + (lane >> 4) * 8, col = ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(a, fragment_address<kCols, kCompact>(tile, row, col, k0, m0));
 }
 
 // B fragments of two n8 tiles (n0.., n0+8..) x k [k0, k0+16) from a tile stored [N x kCols]
 // (row = n, col = k; e.g. K for S = Q K^T): b[0], b[1] for n0; b[2], b[3] for n0 + 8.
-template <int kCols, typename Element>
+template <int kCols, bool kCompact = false, typename Element>
 __device__ __forceinline__ void load_b(uint32_t (&b)[4], const Element* tile, int n0, int k0) {
   const int lane = threadIdx.x % 32;
-  const int row = n0 + (lane & 7) + (lane >> 4) * 8, col = k0 + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4(b, smem_address(tile + swizzle<kCols>(row, col)));
+  const int row = (lane & 7) + (lane >> 4) * 8, col = ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(b, fragment_address<kCols, kCompact>(tile, row, col, n0, k0));
 }
 
 // The same fragments from a tile stored [K x kCols] (row = k, col = n; e.g. V for O = P V),
 // transposed by ldmatrix.trans.
-template <int kCols, typename Element>
+template <int kCols, bool kCompact = false, typename Element>
 __device__ __forceinline__ void load_b_transposed(uint32_t (&b)[4], const Element* tile, int k0, int n0) {
   const int lane = threadIdx.x % 32;
-  const int row = k0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = n0 + (lane >> 4) * 8;
-  ldmatrix_x4_trans(b, smem_address(tile + swizzle<kCols>(row, col)));
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8, col = (lane >> 4) * 8;
+  ldmatrix_x4_trans(b, fragment_address<kCols, kCompact>(tile, row, col, k0, n0));
 }
 
 template <typename Element>
@@ -146,23 +187,43 @@ struct ElementOps<__nv_bfloat16> {
   }
 };
 
-// C += A B over K = kK for one 16-row A tile (from shared, rows m0..) and kN columns of a
-// B tile stored [N x kCols] (row = n): acc[j] is the C fragment of columns [8j, 8j + 8).
-template <int kK, int kN, int kColsA, int kColsB, typename Element>
-__device__ __forceinline__ void gemm_a_smem_b_nk(float (&acc)[kN / 8][4], const Element* a_tile, int m0,
-                                                 const Element* b_tile, int n0) {
+// A [kN][4] fragment array viewed as the only row tile of a [1][kN][4] one (same layout), so
+// that one-tile callers share the multi-tile products below.
+template <typename T, int kN>
+__device__ __forceinline__ T (&as_row_tiles(T (&x)[kN][4]))[1][kN][4] {
+  return reinterpret_cast<T (&)[1][kN][4]>(x);
+}
+
+// C += A B over K = kK for kTiles 16-row A tiles (from shared, rows m0 + 16t ..) and kN
+// columns of a B tile stored [N x kCols] (row = n): acc[t][j] is the C fragment of row tile t,
+// columns [8j, 8j + 8). Each B fragment is loaded once and feeds all kTiles row tiles.
+template <int kK, int kN, int kColsA, int kColsB, int kTiles, bool kCompact = false,
+          typename Element>
+__device__ __forceinline__ void gemm_a_smem_b_nk(float (&acc)[kTiles][kN / 8][4], const Element* a_tile,
+                                                 int m0, const Element* b_tile, int n0) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[4];
-    load_a<kColsA>(a, a_tile, m0, kk * 16);
+    uint32_t a[kTiles][4];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) load_a<kColsA, kCompact>(a[t], a_tile, m0 + 16 * t, kk * 16);
 #pragma unroll
     for (int j = 0; j < kN / 16; ++j) {
       uint32_t b[4];
-      load_b<kColsB>(b, b_tile, n0 + j * 16, kk * 16);
-      ElementOps<Element>::mma(acc[2 * j], a, b[0], b[1]);
-      ElementOps<Element>::mma(acc[2 * j + 1], a, b[2], b[3]);
+      load_b<kColsB, kCompact>(b, b_tile, n0 + j * 16, kk * 16);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        ElementOps<Element>::mma(acc[t][2 * j], a[t], b[0], b[1]);
+        ElementOps<Element>::mma(acc[t][2 * j + 1], a[t], b[2], b[3]);
+      }
     }
   }
+}
+
+// The same for one 16-row A tile (rows m0..): acc[j] is the C fragment of columns [8j, 8j + 8).
+template <int kK, int kN, int kColsA, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_a_smem_b_nk(float (&acc)[kN / 8][4], const Element* a_tile, int m0,
+                                                 const Element* b_tile, int n0) {
+  gemm_a_smem_b_nk<kK, kN, kColsA, kColsB, 1>(as_row_tiles(acc), a_tile, m0, b_tile, n0);
 }
 
 // A fragments (16 x kK) of a C-fragment tile held in registers (FlashAttention-2's trick:
@@ -178,21 +239,33 @@ __device__ __forceinline__ void accumulator_to_a(uint32_t (&a)[kK / 16][4], cons
   }
 }
 
-// C += A B with A in registers (16 x kK) and B stored [K x kCols] (row = k), over all kN
-// columns starting at column 0 of the tile.
-template <int kK, int kN, int kColsB, typename Element>
-__device__ __forceinline__ void gemm_a_regs_b_kn(float (&acc)[kN / 8][4], const uint32_t (&a)[kK / 16][4],
+// C += A B with A in registers (kTiles row tiles of 16 x kK: a[t]) and B stored [K x kCols]
+// (row = k), over all kN columns starting at column 0 of the tile; each B fragment is loaded
+// once for all row tiles.
+template <int kK, int kN, int kColsB, int kTiles, bool kCompact = false, typename Element>
+__device__ __forceinline__ void gemm_a_regs_b_kn(float (&acc)[kTiles][kN / 8][4],
+                                                 const uint32_t (&a)[kTiles][kK / 16][4],
                                                  const Element* b_tile, int k0) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
 #pragma unroll
     for (int j = 0; j < kN / 16; ++j) {
       uint32_t b[4];
-      load_b_transposed<kColsB>(b, b_tile, k0 + kk * 16, j * 16);
-      ElementOps<Element>::mma(acc[2 * j], a[kk], b[0], b[1]);
-      ElementOps<Element>::mma(acc[2 * j + 1], a[kk], b[2], b[3]);
+      load_b_transposed<kColsB, kCompact>(b, b_tile, k0 + kk * 16, j * 16);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        ElementOps<Element>::mma(acc[t][2 * j], a[t][kk], b[0], b[1]);
+        ElementOps<Element>::mma(acc[t][2 * j + 1], a[t][kk], b[2], b[3]);
+      }
     }
   }
+}
+
+// The same for one row tile.
+template <int kK, int kN, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_a_regs_b_kn(float (&acc)[kN / 8][4], const uint32_t (&a)[kK / 16][4],
+                                                 const Element* b_tile, int k0) {
+  gemm_a_regs_b_kn<kK, kN, kColsB, 1>(as_row_tiles(acc), as_row_tiles(a), b_tile, k0);
 }
 
 // Element (j, e) of the C-fragment tile that accumulator_to_a packed into `a`.
