@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "backward_kernels.cuh"
 #include "forward_kernel.cuh"
@@ -69,13 +70,11 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t shared_bytes, cudaStre
 }
 
 // Whether SPARSE_ATTENTION_CUDA_FA2_TILING=1 asks for the FlashAttention-2 tiling of the
-// forward (forward_kernel_fa2), opt-in until it has run on a GPU; read once per process.
+// forward (forward_kernel_fa2), opt-in until it has run on a GPU. Read on every call (a getenv
+// costs far less than a launch), so that a benchmark can time both tilings in one process.
 inline bool fa2_tiling_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("SPARSE_ATTENTION_CUDA_FA2_TILING");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  return enabled;
+  const char* value = std::getenv("SPARSE_ATTENTION_CUDA_FA2_TILING");
+  return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
 template <DType kDType, int kHeadDim, int kBlockSize>
@@ -121,13 +120,12 @@ inline std::string range_name(const char* op, const char* dtype, int head_dim, i
          " bs" + std::to_string(block_size);
 }
 
-template <DType kDType, int kHeadDim>
-void run_forward(const Params& p, void* stream) {
-  const NvtxRange range(range_name("forward", ElementOf<kDType>::name, kHeadDim, p.block_size));
-  auto s = static_cast<cudaStream_t>(stream);
+// Calls launch(std::integral_constant<int, block size>) for the call's compiled block size.
+template <typename Launch>
+void with_block_size(const Params& p, const Launch& launch) {
   switch (p.block_size) {
 #define SPARSE_ATTENTION_BLOCK_CASE(B) \
-  case B: return launch_forward<kDType, kHeadDim, B>(p, s);
+  case B: return launch(std::integral_constant<int, B>{});
     SPARSE_ATTENTION_CUDA_BLOCK_SIZES(SPARSE_ATTENTION_BLOCK_CASE)
 #undef SPARSE_ATTENTION_BLOCK_CASE
     default: TORCH_CHECK_VALUE(false, "block_size: expected one of ", kBlockSizesText, " on CUDA, got ",
@@ -136,18 +134,32 @@ void run_forward(const Params& p, void* stream) {
 }
 
 template <DType kDType, int kHeadDim>
+void run_forward(const Params& p, void* stream) {
+  const NvtxRange range(range_name("forward", ElementOf<kDType>::name, kHeadDim, p.block_size));
+  with_block_size(p, [&](auto block) {
+    launch_forward<kDType, kHeadDim, decltype(block)::value>(p, static_cast<cudaStream_t>(stream));
+  });
+}
+
+template <DType kDType, int kHeadDim>
 void run_backward(const Params& p, void* stream) {
   const NvtxRange range(range_name(p.grad_q_pass ? "backward(dq pass)" : "backward(atomic dq)",
                                    ElementOf<kDType>::name, kHeadDim, p.block_size));
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (p.block_size) {
-#define SPARSE_ATTENTION_BLOCK_CASE(B) \
-  case B: return launch_backward<kDType, kHeadDim, B>(p, s);
-    SPARSE_ATTENTION_CUDA_BLOCK_SIZES(SPARSE_ATTENTION_BLOCK_CASE)
-#undef SPARSE_ATTENTION_BLOCK_CASE
-    default: TORCH_CHECK_VALUE(false, "block_size: expected one of ", kBlockSizesText, " on CUDA, got ",
-                               p.block_size);
-  }
+  with_block_size(p, [&](auto block) {
+    launch_backward<kDType, kHeadDim, decltype(block)::value>(p, static_cast<cudaStream_t>(stream));
+  });
+}
+
+template <DType kDType, int kHeadDim>
+void run_delta(const Params& p, void* stream) {
+  launch_delta<kDType, kHeadDim>(p, static_cast<cudaStream_t>(stream));
+}
+
+template <DType kDType, int kHeadDim>
+void run_grad_q_pass(const Params& p, void* stream) {
+  with_block_size(p, [&](auto block) {
+    launch_grad_q_pass<kDType, kHeadDim, decltype(block)::value>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace sparse_attention::cuda

@@ -58,5 +58,11 @@ template <DType kDType, int kHeadDim>
 void run_forward(const Params& p, void* stream);
 template <DType kDType, int kHeadDim>
 void run_backward(const Params& p, void* stream);
+// The backward's pieces that the Hopper backward reuses, instantiated beside run_backward so
+// that their kernels are compiled once: delta, and the deterministic dQ pass over the rows.
+template <DType kDType, int kHeadDim>
+void run_delta(const Params& p, void* stream);
+template <DType kDType, int kHeadDim>
+void run_grad_q_pass(const Params& p, void* stream);
 
 }  // namespace sparse_attention::cuda

@@ -9,8 +9,9 @@
 //     blocks), dS^T = P^T (dP^T - delta); dV += P^T dO and dK += dS^T Q by RS-wgmma with P^T
 //     and dS^T converted in registers, the dK/dV accumulators resident for the whole column.
 //   dQ (unless the deterministic dQ pass runs after this kernel): dS^T goes to shared memory
-//     (double buffered, one barrier of the consumers per step), dQ = dS K by SS-wgmma with the
-//     64 x D tile split over the two warpgroups, added into the fp32 accumulator by atomics.
+//     by stmatrix (double buffered), dQ = dS K by SS-wgmma with the 64 x D tile split over the
+//     two warpgroups, staged in shared memory and added into the fp32 accumulator by one TMA
+//     reduce-add per step (which also clips rows past the tensor's end).
 // Block size 128 only; delta comes from the mma.sync delta kernel, launched first.
 #pragma once
 
@@ -69,6 +70,10 @@ struct BackwardTraits {
       SmemLayoutDS{}, make_ordered_layout(Shape<N, M, _2>{}, cute::Step<_2, _1, _3>{})));
   using StoreDS = decltype(make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, MmaSdP{}));
 
+  // The dQ tile in fp32 for the TMA reduce-add, swizzled so that the accumulator stores do not
+  // collide on banks.
+  using SmemLayoutQAccum = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<M, D>{}));
+
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTileBytes = kBlockM * kHeadDim * sizeof(Element);
 
@@ -78,6 +83,7 @@ struct BackwardTraits {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> grad_out;
     cute::array_aligned<Element, cosize_v<SmemLayoutDS>, 1024> ds;
+    cute::array_aligned<float, cosize_v<SmemLayoutQAccum>, 1024> dq;
     uint64_t kv_full;
     uint64_t full[2][kStages];   // [channel: Q, dO][stage]
     uint64_t empty[2][kStages];
@@ -88,6 +94,10 @@ struct BackwardTraits {
   using GmemTensor = typename ForwardTraits<Element, Native, kHeadDim>::GmemTensor;
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{}, Shape<N, D>{}, _1{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), Shape<M, D>{}, _1{}));
+  // The fp32 dQ accumulator [batch, heads, rows, D] as (rows, D, heads, batch).
+  using AccumTensor = decltype(make_tensor(make_gmem_ptr(static_cast<float*>(nullptr)),
+                                           typename ForwardTraits<Element, Native, kHeadDim>::GmemLayout{}));
+  using TmaQAccum = decltype(make_tma_copy(SM90_TMA_REDUCE_ADD{}, AccumTensor{}, SmemLayoutQAccum{}, Shape<M, D>{}, _1{}));
 };
 
 template <typename Traits>
@@ -95,6 +105,7 @@ struct BackwardArgs {
   Params p;
   typename Traits::TmaKV tma_k, tma_v;
   typename Traits::TmaQ tma_q, tma_grad_out;
+  typename Traits::TmaQAccum tma_grad_q;  // reduce-add into p.grad_q_accum
 };
 
 template <typename Traits>
@@ -190,6 +201,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tdKrQ = thread_kv.partition_fragment_B(sQt);
   Tensor tdQrdS = thread_q.partition_fragment_A(sdS);    // (MMA, queries, keys, buffer)
   Tensor tdQrK = thread_q.partition_fragment_B(sKt);     // (MMA, D, keys)
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutQAccum{});
+  Tensor tdQsdQ = thread_q.partition_C(sdQ);
+  auto q_shape = make_shape(p.q_len, p.head_dim, p.heads, p.batch);
   Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<N, D>{});
   Tensor tdKrdK = partition_fragment_C(mma_kv, Shape<N, D>{});
   clear(tdVrdV);
@@ -244,28 +258,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (p.grad_q_pass) return;
 
     // dQ += dS K: both warpgroups' dS^T rows into shared memory, then one product over all keys.
+    // The thread that issues the reduce-adds first waits until the last one has read sdQ; the
+    // barrier tells everyone (and that every dS row has landed).
     copy(store_ds, thread_store_ds.retile_S(score_grads), tdSsdS(_, _, _, buffer));
     cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by wgmma
+    if (thread == 0) tma_store_wait<0>();
     cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, 0);
     Tensor tdQrdQ = partition_fragment_C(mma_q, Shape<M, D>{});
     warpgroup_gemm<true>(mma_q, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
     buffer ^= 1;
-    Tensor cQ = thread_q.partition_C(make_identity_tensor(Shape<M, D>{}));
-    Tensor dq = make_tensor(tdQrdQ.data(), rows_by_columns(tdQrdQ.layout()));
-    Tensor dq_at = make_tensor(cQ.data(), rows_by_columns(cQ.layout()));
-    float* dq_head = p.grad_q_accum + flat_row(seq, p.heads, head, p.q_len, seq.q_begin, 0) * p.head_dim;
     CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < size<0>(dq); ++r) {
-      const int q = q0 + get<0>(dq_at(r, 0));
-      if (q >= seq.q_len) continue;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(dq); j += 2) {  // columns j and j + 1 are adjacent
-        atomicAdd(reinterpret_cast<float2*>(dq_head + static_cast<int64_t>(q) * p.head_dim + get<1>(dq_at(r, j))),
-                  make_float2(dq(r, j), dq(r, j + 1)));
-      }
+    for (int i = 0; i < size(tdQrdQ); i += 2) {  // elements i, i + 1: adjacent columns
+      // A shared-memory address: the swizzled layout's pointer arithmetic loses the address
+      // space, which would make these generic stores with 64-bit addresses.
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_address(&tdQsdQ(i))), "f"(tdQrdQ(i)),
+                   "f"(tdQrdQ(i + 1)));
+    }
+    tma_store_fence();  // generic-proxy stores, read by the TMA unit
+    cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, 1);
+    if (thread == 0) {  // rows past the sequence's end add zeros (P = 0), past the tensor's none
+      Tensor m = args.tma_grad_q.get_tma_tensor(q_shape)(_, _, head, batch);
+      Tensor tile = local_tile(domain_offset(make_coord(static_cast<int>(seq.q_begin), _0{}), m),
+                               Shape<M, D>{}, make_coord(q0 / kBlockM, _0{}));
+      auto slice = args.tma_grad_q.get_slice(_0{});
+      copy(args.tma_grad_q, slice.partition_S(sdQ), slice.partition_D(tile));
+      tma_store_arrive();
     }
   };
   consume<kStages, Release::kTogether>(walk, sync, score_tile, gradient_tile);
+  if (thread == 0) tma_store_wait<0>();  // shared memory stays until the last reduce has read it
 
   // dK = scale * dS^T Q and dV as summed; keys past the sequence's end are not written.
   Tensor cKV = thread_kv.partition_C(make_identity_tensor(Shape<N, D>{}));

@@ -12,6 +12,17 @@
 #include "forward_sm90.cuh"
 #include "kernels_sm90.h"
 
+namespace sparse_attention::cuda {
+// Compiled with the mma.sync backward (instantiations/backward_*.cu), not again here.
+#define SPARSE_ATTENTION_BACKWARD_PIECES(D)                                      \
+  extern template void run_delta<DType::kHalf, D>(const Params&, void*);         \
+  extern template void run_delta<DType::kBFloat16, D>(const Params&, void*);     \
+  extern template void run_grad_q_pass<DType::kHalf, D>(const Params&, void*);   \
+  extern template void run_grad_q_pass<DType::kBFloat16, D>(const Params&, void*);
+SPARSE_ATTENTION_CUDA_HEAD_DIMS(SPARSE_ATTENTION_BACKWARD_PIECES)
+#undef SPARSE_ATTENTION_BACKWARD_PIECES
+}  // namespace sparse_attention::cuda
+
 namespace sparse_attention::cuda::hopper {
 
 template <DType kDType>
@@ -27,6 +38,17 @@ typename Traits::GmemTensor gmem_tensor(const Operand& op, int rows, int heads, 
                      make_layout(make_shape(rows, Traits::kHeadDim, heads, batch),
                                  make_stride(op.row_stride, _1{}, stride(op.head_stride, heads),
                                              stride(op.batch_stride, batch))));
+}
+
+// The fp32 dQ accumulator, contiguous [batch, heads, rows, D], as (rows, D, heads, batch); a
+// placeholder pointer where the dQ pass runs instead (the descriptor is then never used).
+template <typename Traits>
+typename Traits::AccumTensor accumulator_tensor(const Params& p) {
+  static float placeholder;
+  const int64_t rows = p.q_len, d = Traits::kHeadDim;
+  return make_tensor(make_gmem_ptr(p.grad_q_accum ? p.grad_q_accum : &placeholder),
+                     make_layout(make_shape(p.q_len, Traits::kHeadDim, p.heads, p.batch),
+                                 make_stride(d, _1{}, rows * d, p.heads * rows * d)));
 }
 
 // A TMA load of `op`'s tiles of shape `tile` into shared memory laid out as `smem`.
@@ -75,14 +97,15 @@ void run_backward_sm90(const Params& p, void* stream) {
       p, tma_load<Traits>(p.k, p.k_len, p.kv_heads, p.batch, typename Traits::SmemLayoutKV{}, KV{}),
       tma_load<Traits>(p.v, p.k_len, p.kv_heads, p.batch, typename Traits::SmemLayoutKV{}, KV{}),
       tma_load<Traits>(p.q, p.q_len, p.heads, p.batch, smem_q, Q{}),
-      tma_load<Traits>(p.grad_out, p.q_len, p.heads, p.batch, smem_q, Q{})};
+      tma_load<Traits>(p.grad_out, p.q_len, p.heads, p.batch, smem_q, Q{}),
+      make_tma_copy(SM90_TMA_REDUCE_ADD{}, accumulator_tensor<Traits>(p), typename Traits::SmemLayoutQAccum{}, Q{}, _1{})};
   const NvtxRange range(range_name(p.grad_q_pass ? "backward(sm90, dq pass)" : "backward(sm90, atomic dq)",
                                    ElementOf<kDType>::name, kHeadDim, p.block_size));
   const auto s = static_cast<cudaStream_t>(stream);
-  launch_delta<kDType, kHeadDim>(p, s);
+  run_delta<kDType, kHeadDim>(p, stream);
   launch_with(kernel, dim3(p.k_blocks, p.kv_heads, p.sequences), Traits::kThreads, Traits::kSharedBytes, s,
               p, args);
-  if (p.grad_q_pass) launch_grad_q_pass<kDType, kHeadDim, 128>(p, s);  // the deterministic dQ
+  if (p.grad_q_pass) run_grad_q_pass<kDType, kHeadDim>(p, stream);  // the deterministic dQ
 }
 
 }  // namespace sparse_attention::cuda::hopper

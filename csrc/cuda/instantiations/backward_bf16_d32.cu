@@ -3,4 +3,6 @@
 
 namespace sparse_attention::cuda {
 template void run_backward<DType::kBFloat16, 32>(const Params&, void*);
+template void run_delta<DType::kBFloat16, 32>(const Params&, void*);
+template void run_grad_q_pass<DType::kBFloat16, 32>(const Params&, void*);
 }  // namespace sparse_attention::cuda
