@@ -11,13 +11,17 @@ short table and writes every measurement to --out (JSON lines).
     python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200] [--hopper]
 
 --hopper also times our opt-in Hopper kernels (cuda_kernels="hopper": forward and backward) as
-"ours_sm90", printed under each row against the default kernels and Flex.
+"ours_sm90", and --fa2 the opt-in FlashAttention-2 tiling of the mma.sync forward
+(SPARSE_ATTENTION_CUDA_FA2_TILING=1) as "ours_fa2", each printed under the row against the
+default kernels and Flex.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -31,6 +35,7 @@ from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 from sparse_attention.benchmark.timing import median_time
 
 BLOCK = 128
+FA2_TILING = "SPARSE_ATTENTION_CUDA_FA2_TILING"
 # The suite's patterns (with their sqrt(N) defaults and causality: benchmark/cases.py).
 LAYOUTS = ("dense", "local", "fixed", "bigbird")
 
@@ -56,8 +61,22 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
+@contextlib.contextmanager
+def fa2_tiling():
+    """The FA2-tiled mma.sync forward for the calls inside (the op reads the variable per call)."""
+    saved = os.environ.get(FA2_TILING)
+    os.environ[FA2_TILING] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[FA2_TILING]
+        else:
+            os.environ[FA2_TILING] = saved
+
+
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
-               hopper: bool = False) -> None:
+               hopper: bool = False, fa2: bool = False) -> None:
     heads = 2048 // head_dim
     batch = max(1, 16384 // n)
     case = Case(layout_name, n, head_dim, "bfloat16", batch, heads, BLOCK)
@@ -79,6 +98,12 @@ def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
     impls = {"ours": ours}
     if hopper:
         impls["ours_sm90"] = lambda q, k, v: ours(q, k, v, cuda_kernels="hopper")
+    if fa2:
+        def ours_fa2(q, k, v):
+            with fa2_tiling():
+                return ours(q, k, v)
+
+        impls["ours_fa2"] = ours_fa2
 
     if head_dim == 128 and n == 16384:
         impls["ours_deterministic"] = ours_det
@@ -134,17 +159,18 @@ def table_row(r: dict, results: list) -> str:
             f"{fmt(r, 'sdpa_flash', 'bwd_tflops'):>6} | {('%.0f' % rel) if rel else '-':>6}")
 
 
-def hopper_row(r: dict) -> str:
-    o, h, f = r.get("ours", {}), r.get("ours_sm90", {}), r.get("flex", {})
+def variant_row(r: dict, impl: str, label: str) -> str:
+    """An opt-in kernel's times under its row: x = other's time / its time (>1 = it is faster)."""
+    o, h, f = r.get("ours", {}), r.get(impl, {}), r.get("flex", {})
     if "fwd_ms" not in h:
-        return f"{'':>27}   sm90: {h.get('error', '-')}"
+        return f"{'':>27}   {label}: {h.get('error', '-')}"
 
     def ratio(a, b, key):
         return f"{a[key] / b[key]:.2f}" if a.get(key) and b.get(key) else "-"
 
-    return (f"{'':>27}   sm90 fwd {fmt(r, 'ours_sm90', 'fwd_ms')} ms {fmt(r, 'ours_sm90', 'fwd_tflops')} "
+    return (f"{'':>27}   {label} fwd {fmt(r, impl, 'fwd_ms')} ms {fmt(r, impl, 'fwd_tflops')} "
             f"TF/s ({ratio(o, h, 'fwd_ms')}x mma.sync, {ratio(f, h, 'fwd_ms')}x flex), "
-            f"bwd {fmt(r, 'ours_sm90', 'bwd_ms')} ms {fmt(r, 'ours_sm90', 'bwd_tflops')} TF/s "
+            f"bwd {fmt(r, impl, 'bwd_ms')} ms {fmt(r, impl, 'bwd_tflops')} TF/s "
             f"({ratio(o, h, 'bwd_ms')}x mma.sync, {ratio(f, h, 'bwd_ms')}x flex)")
 
 
@@ -160,6 +186,8 @@ def main() -> int:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--hopper", action="store_true",
                         help="also time the opt-in Hopper kernels (ours_sm90)")
+    parser.add_argument("--fa2", action="store_true",
+                        help="also time the opt-in FA2-tiled mma.sync forward (ours_fa2)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not sa.built_with_cuda():
         print("bench_cuda: needs a GPU and the CUDA build", file=sys.stderr)
@@ -183,10 +211,11 @@ def main() -> int:
                     skipped.append((head_dim, n, layout_name))
                     continue
                 t0 = time.monotonic()
-                run_config(head_dim, n, layout_name, flex, results, args.hopper)
+                run_config(head_dim, n, layout_name, flex, results, args.hopper, args.fa2)
                 print(table_row(results[-1], results), flush=True)  # a row at a time: a timeout keeps them
-                if args.hopper:
-                    print(hopper_row(results[-1]), flush=True)
+                for impl, label, wanted in (("ours_sm90", "sm90", args.hopper), ("ours_fa2", "fa2", args.fa2)):
+                    if wanted:
+                        print(variant_row(results[-1], impl, label), flush=True)
                 print(f"  D{head_dim} N{n} {layout_name}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
                 with open(args.out, "w") as f:
                     for r in results:

@@ -9,7 +9,8 @@
 #      suite's cases on the GPU, against the fp64 reference), tests/test_cuda_models.py (the
 #      modules, models and transformers integration on the GPU) and tests/test_cuda_packing.py
 #      (packed documents, both CUDA paths); then tests/test_cuda.py again on the Hopper kernels
-#      (SPARSE_ATTENTION_HOPPER_KERNELS=1). Every test stage runs under its own time limit with
+#      (SPARSE_ATTENTION_HOPPER_KERNELS=1) and on the FA2 tiling of the mma.sync forward
+#      (SPARSE_ATTENTION_CUDA_FA2_TILING=1). Every test stage runs under its own time limit with
 #      -v, so a hang is reported as a time-out and the log's last line names the case;
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward,
 #      and memcheck and racecheck on the Hopper kernels;
@@ -92,6 +93,9 @@ if [[ "$ARCH" == "9.0" ]]; then
   [[ "${SUMMARY[-1]}" == "hopper: ok"* ]] && HOPPER_OK=1
 fi
 stage tests 150 "$OUT/tests.log" "${PYTEST[@]}" tests/test_cuda.py tests/test_cuda_models.py tests/test_cuda_packing.py
+# The opt-in FA2 tiling of the mma.sync forward, on the same cases.
+stage tests-fa2-tiling 100 "$OUT/tests_fa2.log" env SPARSE_ATTENTION_CUDA_FA2_TILING=1 \
+  "${PYTEST[@]}" -x tests/test_cuda.py
 if (( HOPPER_OK )); then
   stage tests-on-hopper-kernels 120 "$OUT/tests_hopper.log" env SPARSE_ATTENTION_HOPPER_KERNELS=1 \
     "${PYTEST[@]}" tests/test_cuda.py
@@ -122,9 +126,9 @@ stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device c
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
-BENCH_HOPPER=(); (( HOPPER_OK )) && BENCH_HOPPER=(--hopper)
+BENCH_VARIANTS=(--fa2); (( HOPPER_OK )) && BENCH_VARIANTS+=(--hopper)  # the opt-in kernels beside the default
 stage benchmark "$BENCH_LIMIT" "$OUT/bench_table.txt" "$PY" benchmarks/bench_cuda.py \
   --out "$OUT/bench_results.jsonl" --budget-s $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15 )) \
-  "${BENCH_HOPPER[@]}" ${GPU_CHECK_BENCH_ARGS:-}
+  "${BENCH_VARIANTS[@]}" ${GPU_CHECK_BENCH_ARGS:-}
 
 finish
