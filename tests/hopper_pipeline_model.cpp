@@ -1,13 +1,15 @@
 // A CPU model of the Hopper kernels' pipelines (csrc/cuda/hopper/pipeline.h): the kernels' own
 // produce/consume loops and list walks, run on threads (one producer, two consumer
 // warpgroups) against modelled mbarriers, on random block lists: the forward's (a row list,
-// K and V per key block, K released early) and the backward's (the column lists of a kv head's
-// group, Q and dO per 64-row query tile, released together). Checks that every walk ends
+// K and V per key block, the product with V of each step overlapped with the next step's
+// scores) and the backward's (the column lists of a kv head's group, Q and dO per 64-row
+// query tile). Checks that every walk ends
 // (a hang is reported after a time-out), that each consumer reads every stage only after the
 // producer filled it and the producer refills it only after every consumer released it, and
 // that the tile counts match a plain count of the lists. Run by tests/test_hopper_pipeline.py.
 //
 //   hopper_pipeline_model [cases] [seed]      exit 0 when every check passed
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -68,13 +70,26 @@ class ModelSync {
     ++slots_[channel][stage].released;
     arrive(empty_[channel][stage]);
   }
-  // The producer's copy: lands at once and completes the full barrier.
+  // The producer's copy: in flight until land() lands it, in any order with the others (TMA
+  // copies complete out of order), which completes the stage's full barrier.
   void fill(int channel, int stage, long number) {
     std::lock_guard<std::mutex> lock(mutex_);
     Slot& slot = slots_[channel][stage];
     if (!hung_ && slot.released != kConsumers) fail("a stage was refilled before every consumer released it");
-    slot = Slot{number, 0};
-    arrive(full_[channel][stage]);
+    slot.released = 0;
+    in_flight_.push_back({channel, stage, number});
+  }
+  // Lands one copy in flight, picked by `pick`; false when none is.
+  template <typename Pick>
+  bool land(Pick& pick) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (in_flight_.empty()) return false;
+    const size_t i = pick() % in_flight_.size();
+    const Copy copy = in_flight_[i];
+    in_flight_.erase(in_flight_.begin() + static_cast<long>(i));
+    slots_[copy.channel][copy.stage].fill = copy.number;
+    arrive(full_[copy.channel][copy.stage]);
+    return true;
   }
   long read(int channel, int stage) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -97,6 +112,11 @@ class ModelSync {
     }
   }
 
+  struct Copy {
+    int channel, stage;
+    long number;
+  };
+  std::vector<Copy> in_flight_;
   std::chrono::milliseconds timeout_;
   std::mutex mutex_;
   std::condition_variable changed_;
@@ -108,7 +128,7 @@ class ModelSync {
 // Runs one thread block's roles over the lists of block `fixed` (a query block for row walks, a
 // key block for column walks, with `head` a query or kv head); consumer_fixed lets the
 // self-test give consumers another list. Returns whether it hung.
-template <typename Walk, hopper::Release kRelease>
+template <typename Walk, bool kOverlapped>
 bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_fixed, int expected_tiles,
                std::mt19937& rng, std::chrono::milliseconds timeout) {
   const sa::Sequence seq = cuda::sequence_of(p, s);
@@ -124,26 +144,48 @@ bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_f
     });
     if (!sync.hung() && number != expected_tiles) fail("producer walked another number of tiles");
   });
+  // The copy engine: lands the producer's copies at random moments, in random order, while
+  // a consumer may wait for one.
+  std::atomic<int> running(kConsumers);
+  std::thread copies([&] {
+    std::minstd_rand pick(yield_seed + 100);
+    while (running.load() > 0 || sync.land(pick)) {
+      if (!sync.land(pick) || pick() % 2 == 0) std::this_thread::yield();
+    }
+  });
   std::vector<std::thread> consumers;
   for (int c = 0; c < kConsumers; ++c) {
     consumers.emplace_back([&, c] {
       std::minstd_rand jitter(yield_seed + 1 + c);
       Walk walk(p, seq, s, head, consumer_fixed);
       long number = 0;
-      auto check = [&](int channel, int stage) {
+      // The stage must hold the tile of step `step` (the producer numbers its fills by step).
+      auto check = [&](int channel, int stage, long step) {
         if (jitter() % 3 == 0) std::this_thread::yield();
-        if (!sync.hung() && sync.read(channel, stage) != number) fail("a consumer read a stage another tile filled");
+        if (!sync.hung() && sync.read(channel, stage) != step) fail("a consumer read a stage another tile filled");
       };
-      hopper::consume<kStages, kRelease>(
-          walk, sync, [&](int stage, const Walk&) { check(hopper::kKeys, stage); },
-          [&](int stage, const Walk&) {
-            check(hopper::kValues, stage);
-            ++number;
-          });
+      if constexpr (kOverlapped) {  // the forward: V of step j - 1 is read while step j starts
+        hopper::consume_overlapped<kStages>(
+            walk, sync,
+            [&](int stage, int previous, const Walk&) {
+              if (previous >= 0) check(hopper::kValues, previous, number - 1);
+              check(hopper::kKeys, stage, number++);
+            },
+            [](const Walk&) {}, [] {}, [&](int stage) { check(hopper::kValues, stage, number - 1); });
+      } else {
+        hopper::consume<kStages>(
+            walk, sync, [&](int stage, const Walk&) { check(hopper::kKeys, stage, number); },
+            [&](int stage, const Walk&) {  // the backward reads Q here too (dK += dS^T Q)
+              check(hopper::kValues, stage, number);
+              check(hopper::kKeys, stage, number++);
+            });
+      }
       if (!sync.hung() && number != expected_tiles) fail("a consumer walked another number of tiles");
+      --running;
     });
   }
   producer.join();
+  copies.join();
   for (auto& t : consumers) t.join();
   return sync.hung();
 }
@@ -272,7 +314,7 @@ int main(int argc, char** argv) {
       for (int head = 0; head < p.heads; ++head) {  // the forward's thread blocks
         for (int qb = 0; qb < p.q_blocks && int64_t{qb} * kBlock < seq.q_len; ++qb) {
           const int expected = count_row_tiles(p, seq, s, head, qb);
-          if (run_block<RowWalk, hopper::Release::kFirstEarly>(p, s, head, qb, qb, expected, rng, timeout)) {
+          if (run_block<RowWalk, true>(p, s, head, qb, qb, expected, rng, timeout)) {
             fail("the forward's pipeline hung");
           }
           ++blocks;
@@ -282,7 +324,7 @@ int main(int argc, char** argv) {
       for (int kv_head = 0; kv_head < p.kv_heads; ++kv_head) {  // the backward's
         for (int kb = 0; kb < p.k_blocks && int64_t{kb} * kBlock < seq.k_len; ++kb) {
           const int expected = count_column_tiles(p, seq, s, kv_head, kb);
-          if (run_block<ColumnWalk, hopper::Release::kTogether>(p, s, kv_head, kb, kb, expected, rng, timeout)) {
+          if (run_block<ColumnWalk, false>(p, s, kv_head, kb, kb, expected, rng, timeout)) {
             fail("the backward's pipeline hung");
           }
           ++blocks;
@@ -310,7 +352,7 @@ int main(int argc, char** argv) {
     const int saved = failures;
     quiet = true;
     const bool hung =
-        run_block<RowWalk, hopper::Release::kFirstEarly>(p, 0, 0, 0, 1, 8, rng, std::chrono::milliseconds(300));
+        run_block<RowWalk, true>(p, 0, 0, 0, 1, 8, rng, std::chrono::milliseconds(300));
     failures = saved;  // the count mismatches it reports are expected
     quiet = false;
     if (!hung) fail("self-test: a producer/consumer disagreement was not detected as a hang");

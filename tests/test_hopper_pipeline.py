@@ -1,8 +1,10 @@
-"""The Hopper forward's pipeline bookkeeping on the CPU: tests/hopper_pipeline_model.cpp runs
-the kernel's own produce/consume loops and list walk (csrc/cuda/hopper/pipeline.h,
-csrc/cuda/list_walk.h) on threads against modelled mbarriers, over random block lists, and
-fails on a hang, a stage read before it was filled or refilled before it was released, or a
-tile count that differs from the list's. No GPU or CUDA toolkit needed: a C++17 compiler."""
+"""The Hopper kernels' pipeline bookkeeping on the CPU: tests/hopper_pipeline_model.cpp runs
+the kernels' own produce/consume loops and list walks (csrc/cuda/hopper/pipeline.h,
+csrc/cuda/list_walk.h), forward and backward, on threads against modelled mbarriers and a
+copy engine that lands copies out of order, over random block lists, and fails on a hang, a
+stage read before it was filled or refilled before it was released, or a tile count that
+differs from the lists'. Deliberately broken pipelines must fail it. No GPU or CUDA toolkit
+needed: a C++17 compiler."""
 
 from __future__ import annotations
 
@@ -18,16 +20,20 @@ from conftest import skip_or_fail
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> pathlib.Path:
+def build_model(directory: pathlib.Path, csrc: pathlib.Path = ROOT / "csrc") -> pathlib.Path:
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         skip_or_fail("no C++ compiler")
-    exe = tmp_path_factory.mktemp("hopper_pipeline") / "model"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-pthread", "-Wall", "-Werror",
-                    f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "hopper_pipeline_model.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True)
+    exe = directory / "model"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-pthread", "-Wall", "-Werror", f"-I{csrc}",
+                    str(ROOT / "tests" / "hopper_pipeline_model.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> pathlib.Path:
+    return build_model(tmp_path_factory.mktemp("hopper_pipeline"))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -36,6 +42,34 @@ def test_pipeline_model_on_random_lists(model, seed):
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+# Bugs the model must catch, as edits of pipeline.h: a consumer that does not wait for the
+# previous step's V before multiplying by it (the forward), and one that releases Q before the
+# step's second half has read it (the backward).
+MUTATIONS = {
+    "forward without the wait for V": (
+        "    if (!first) sync.wait_full(kValues, previous.stage, previous.phase);\n", ""),
+    "backward releasing Q early": (
+        "    first(cursor.stage, walk);\n    sync.wait_full(kValues, cursor.stage, cursor.phase);\n"
+        "    second(cursor.stage, walk);\n    sync.release(kKeys, cursor.stage);\n",
+        "    first(cursor.stage, walk);\n    sync.release(kKeys, cursor.stage);\n"
+        "    sync.wait_full(kValues, cursor.stage, cursor.phase);\n    second(cursor.stage, walk);\n"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_the_model_catches_a_broken_pipeline(tmp_path, mutation):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc, ignore=shutil.ignore_patterns("*.o", "*.so"))
+    pipeline = csrc / "cuda" / "hopper" / "pipeline.h"
+    old, new = MUTATIONS[mutation]
+    text = pipeline.read_text()
+    assert text.count(old) == 1, "the mutation no longer matches pipeline.h"
+    pipeline.write_text(text.replace(old, new))
+    result = subprocess.run([str(build_model(tmp_path, csrc)), "60", "1"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "a consumer read a stage another tile filled" in result.stderr
 
 
 def test_the_support_table_describes_the_opt_in_hopper_kernels(monkeypatch):

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tma_store_arrive();
     }
   };
-  consume<kStages, Release::kTogether>(walk, sync, score_tile, gradient_tile);
+  consume<kStages>(walk, sync, score_tile, gradient_tile);
   if (thread == 0) tma_store_wait<0>();  // shared memory stays until the last reduce has read it
 
   // dK = scale * dS^T Q and dV as summed; keys past the sequence's end are not written.

@@ -6,7 +6,10 @@
 //     the block's coordinate), into a kStages-deep mbarrier pipeline (pipeline.h).
 //   warpgroups 1 and 2: consumers, 64 query rows each. S = Q K^T by SS-wgmma, the online
 //     softmax in registers (base 2; the element rules only on partial blocks), O += P V by
-//     RS-wgmma with P converted in registers.
+//     RS-wgmma with P converted in registers. The product with V of one step runs while the
+//     next step's scores go through the softmax (FlashAttention-3's intra-warpgroup overlap;
+//     pipeline.h's consume_overlapped).
+// Query blocks run last first: under causal-like layouts their row lists are the longest.
 // setmaxnreg moves registers from the producer to the consumers. Block size 128 only.
 #pragma once
 
@@ -126,13 +129,16 @@ __device__ __forceinline__ auto accumulator_as_a(Layout l) {
                      coalesce(make_layout(get<2>(l), get<0, 1>(pairs))));
 }
 
-// One warpgroup GEMM, waited for: the fences keep the compiler from moving accumulator (and
-// register A operand) accesses across the asynchronous wgmma.
+template <typename A>
+constexpr bool kRegisterOperand =
+    !std::is_same_v<typename std::remove_reference_t<A>::iterator, GMMA::DescriptorIterator>;
+
+// Issues one warpgroup GEMM as a wgmma group, not waited for: the fences keep the compiler
+// from moving accumulator (and register A operand) accesses across the asynchronous wgmma;
+// after warpgroup_wait, fence them again before touching them.
 template <bool kZeroInit, typename Mma, typename A, typename B, typename C>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, A&& a, const B& b, C& c) {
-  constexpr bool kRegisterA =
-      !std::is_same_v<typename std::remove_reference_t<A>::iterator, GMMA::DescriptorIterator>;
-  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+__device__ __forceinline__ void warpgroup_issue(Mma& mma, A&& a, const B& b, C& c) {
+  if constexpr (kRegisterOperand<A>) warpgroup_fence_operand(a);
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
@@ -142,9 +148,15 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, A&& a, const B& b, C& c
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// One warpgroup GEMM, waited for.
+template <bool kZeroInit, typename Mma, typename A, typename B, typename C>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, A&& a, const B& b, C& c) {
+  warpgroup_issue<kZeroInit>(mma, a, b, c);
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
-  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+  if constexpr (kRegisterOperand<A>) warpgroup_fence_operand(a);
 }
 
 template <typename Traits>
@@ -159,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(shared_bytes);
   const Params& p = args.p;
 
-  const int qb = blockIdx.x, head = blockIdx.y, s_index = blockIdx.z;
+  const int qb = p.q_blocks - 1 - static_cast<int>(blockIdx.x), head = blockIdx.y, s_index = blockIdx.z;
   const int q0 = qb * kBlockM;
   const Sequence seq = sequence_of(p, s_index);
   if (q0 >= seq.q_len) return;  // past a packed document's blocks; every thread leaves here
@@ -243,8 +255,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   cutlass::arch::ClusterBarrier::wait(&shared.q_full, 0);
   RowTileWalk<kBlockN> walk(p, seq, s_index, head, qb);
-  auto score_tile = [&](int stage, const RowTileWalk<kBlockN>& w) {
-    warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+  Tensor probabilities = make_tensor_like<Element>(tSrS);  // P of the step before, for its PV
+  Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_a(probabilities.layout()));
+  float correction[kRows];
+  auto start = [&](int stage, int previous, const RowTileWalk<kBlockN>&) {
+    warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+    if (previous >= 0) {
+      warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, previous), tOrO);
+      warpgroup_wait<1>();  // the scores; the product with V stays in flight
+    } else {
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(tSrS);
+  };
+  auto softmax = [&](const RowTileWalk<kBlockN>& w) {
     const int k0 = w.tile_start();
     const bool masked = block_needs_mask(p, seq, qb, w.step.block);
     CUTLASS_PRAGMA_UNROLL
@@ -260,23 +284,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         m = fmaxf(m, x);
       }
       const SoftmaxStep step = online_softmax_step(row_max[r], row_sum[r], quad_max(m));
+      correction[r] = step.correction;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < size<1>(scores); ++j) {
         scores(r, j) = exp2f(scores(r, j) - step.shift);
         row_sum[r] += scores(r, j);  // this lane's part; the quad is summed once at the end
       }
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(out); ++j) out(r, j) *= step.correction;
     }
+    warpgroup_fence_operand(tSrS);  // done before settle's wait, so it overlaps the product
   };
-  auto value_tile = [&](int stage, const RowTileWalk<kBlockN>&) {
-    Tensor probabilities = make_tensor_like<Element>(tSrS);
+  auto settle = [&] {
+    // The product with the step before's V (none at the first step: waiting for nothing is
+    // free, and an unconditional wait lets ptxas see that O is not touched while it runs).
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(out); ++j) out(r, j) *= correction[r];
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) probabilities(i) = static_cast<Element>(tSrS(i));
-    Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_a(probabilities.layout()));
-    warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
   };
-  consume<kStages, Release::kFirstEarly>(walk, sync, score_tile, value_tile);
+  auto last = [&](int stage) { warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO); };
+  consume_overlapped<kStages>(walk, sync, start, softmax, settle, last);
 
   auto* dst = static_cast<typename Traits::Native*>(p.out);
   CUTLASS_PRAGMA_UNROLL

@@ -20,11 +20,6 @@ namespace sparse_attention::cuda::hopper {
 // The two tiles of a stage: K, V in the forward; Q, dO in the backward.
 enum Channel : int { kKeys = 0, kValues = 1, kQueries = 0, kOutputGrads = 1 };
 
-// When a consumer releases a stage's first tile: as soon as the first body has read it (the
-// forward's K, once the scores are in registers), or with the second at the end of the step
-// (the backward's Q, which dK += dS^T Q reads after dO has landed).
-enum class Release { kFirstEarly, kTogether };
-
 template <int kStages>
 struct PipelineCursor {
   int stage = 0;
@@ -66,19 +61,51 @@ SA_HOST_DEVICE void produce(Walk& walk, Sync& sync, const Load& load) {
   }
 }
 
-// Consumer: for every step, first(stage, walk) once the first tile has landed, then
-// second(stage, walk) once the second has; the tiles are released as kRelease says.
-template <int kStages, Release kRelease, typename Walk, typename Sync, typename First, typename Second>
+// Consumer (the backward): for every step, first(stage, walk) once the first tile has landed,
+// then second(stage, walk) once the second has; both are released at the end of the step
+// (the backward's dK += dS^T Q reads Q after dO has landed).
+template <int kStages, typename Walk, typename Sync, typename First, typename Second>
 SA_HOST_DEVICE void consume(Walk& walk, Sync& sync, const First& first, const Second& second) {
   PipelineCursor<kStages> cursor;
   for (; !walk.done; walk.next(), cursor.advance()) {
     sync.wait_full(kKeys, cursor.stage, cursor.phase);
     first(cursor.stage, walk);
-    if (kRelease == Release::kFirstEarly) sync.release(kKeys, cursor.stage);
     sync.wait_full(kValues, cursor.stage, cursor.phase);
     second(cursor.stage, walk);
-    if (kRelease == Release::kTogether) sync.release(kKeys, cursor.stage);
+    sync.release(kKeys, cursor.stage);
     sync.release(kValues, cursor.stage);
+  }
+}
+
+// Consumer with FlashAttention-3's intra-warpgroup overlap (the forward): the product with the
+// values of step j - 1 runs on the tensor cores while the scores of step j are taken through
+// the softmax. Per step j, with its stage and the previous step's (-1 for the first):
+//   wait for K_j (and V_{j-1}); start(stage, previous, walk): issue S_j = Q K_j^T and
+//   O += P_{j-1} V_{j-1}, then wait for S_j alone; release K_j; softmax(walk) on S_j;
+//   settle(): wait for the product with V_{j-1}, rescale O, keep P_j; release V_{j-1}.
+// After the last step: wait for its V; last(stage): O += P V, waited; release it.
+template <int kStages, typename Walk, typename Sync, typename Start, typename Softmax, typename Settle,
+          typename Last>
+SA_HOST_DEVICE void consume_overlapped(Walk& walk, Sync& sync, const Start& start, const Softmax& softmax,
+                                       const Settle& settle, const Last& last) {
+  PipelineCursor<kStages> cursor, previous;
+  bool first = true;
+  for (; !walk.done; walk.next()) {
+    sync.wait_full(kKeys, cursor.stage, cursor.phase);
+    if (!first) sync.wait_full(kValues, previous.stage, previous.phase);
+    start(cursor.stage, first ? -1 : previous.stage, walk);
+    sync.release(kKeys, cursor.stage);
+    softmax(walk);
+    settle();
+    if (!first) sync.release(kValues, previous.stage);
+    previous = cursor;
+    cursor.advance();
+    first = false;
+  }
+  if (!first) {
+    sync.wait_full(kValues, previous.stage, previous.phase);
+    last(previous.stage);
+    sync.release(kValues, previous.stage);
   }
 }
 
