@@ -9,6 +9,7 @@
 // that the tile counts match a plain count of the lists. Run by tests/test_hopper_pipeline.py.
 //
 //   hopper_pipeline_model [cases] [seed]      exit 0 when every check passed
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -125,6 +126,51 @@ class ModelSync {
   bool hung_ = false;
 };
 
+// Named barriers between the two consumer warpgroups (each thread here stands for one): a
+// barrier completes when both have arrived or synced on it; sync waits for that.
+class ModelNamedBarriers {
+ public:
+  explicit ModelNamedBarriers(std::chrono::milliseconds timeout) : timeout_(timeout) {}
+  void arrive(uint32_t id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    add(id);
+  }
+  void sync(uint32_t id) const {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long generation = barriers_.at(id).generation;
+    add(id);
+    if (!changed_.wait_for(lock, timeout_, [&] { return hung_ || barriers_[id].generation != generation; })) {
+      hung_ = true;
+      changed_.notify_all();
+    }
+  }
+  bool hung() const { return hung_; }
+  // Every barrier as it started: no arrival left waiting for its partner.
+  bool balanced() const {
+    for (const auto& b : barriers_) if (b.count) return false;
+    return true;
+  }
+
+ private:
+  struct Barrier {
+    int count = 0;
+    long generation = 0;
+  };
+  void add(uint32_t id) const {
+    Barrier& b = barriers_.at(id);
+    if (++b.count == kConsumers) {
+      b.count = 0;
+      ++b.generation;
+      changed_.notify_all();
+    }
+  }
+  std::chrono::milliseconds timeout_;
+  mutable std::mutex mutex_;
+  mutable std::condition_variable changed_;
+  mutable std::array<Barrier, 16> barriers_;
+  mutable bool hung_ = false;
+};
+
 // Runs one thread block's roles over the lists of block `fixed` (a query block for row walks, a
 // key block for column walks, with `head` a query or kv head); consumer_fixed lets the
 // self-test give consumers another list. Returns whether it hung.
@@ -133,6 +179,8 @@ bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_f
                std::mt19937& rng, std::chrono::milliseconds timeout) {
   const sa::Sequence seq = cuda::sequence_of(p, s);
   ModelSync sync(timeout);
+  ModelNamedBarriers named(timeout);
+  const bool pingpong = rng() % 2;  // the forward with and without its warpgroups' turns
   const unsigned yield_seed = rng();
   std::thread producer([&] {
     std::minstd_rand jitter(yield_seed);
@@ -165,13 +213,20 @@ bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_f
         if (!sync.hung() && sync.read(channel, stage) != step) fail("a consumer read a stage another tile filled");
       };
       if constexpr (kOverlapped) {  // the forward: V of step j - 1 is read while step j starts
+        const hopper::PingPong<ModelNamedBarriers> turns{named, pingpong, c};
         hopper::consume_overlapped<kStages>(
             walk, sync,
             [&](int stage, int previous, const Walk&) {
+              turns.wait_turn(previous < 0);
               if (previous >= 0) check(hopper::kValues, previous, number - 1);
               check(hopper::kKeys, stage, number++);
+              turns.hand_over();
             },
-            [](const Walk&) {}, [] {}, [&](int stage) { check(hopper::kValues, stage, number - 1); });
+            [](const Walk&) {}, [] {},
+            [&](int stage) {
+              turns.finish();
+              check(hopper::kValues, stage, number - 1);
+            });
       } else {
         hopper::consume<kStages>(
             walk, sync, [&](int stage, const Walk&) { check(hopper::kKeys, stage, number); },
@@ -187,7 +242,8 @@ bool run_block(const cuda::Params& p, int s, int head, int fixed, int consumer_f
   producer.join();
   copies.join();
   for (auto& t : consumers) t.join();
-  return sync.hung();
+  if (!sync.hung() && !named.hung() && !named.balanced()) fail("the warpgroups' turns left a barrier unbalanced");
+  return sync.hung() || named.hung();
 }
 
 bool all_padded(const cuda::Params& p, const sa::Sequence& seq, int kb) {

@@ -44,17 +44,25 @@ def test_pipeline_model_on_random_lists(model, seed):
     assert result.stdout.strip().endswith("ok")
 
 
-# Bugs the model must catch, as edits of pipeline.h: a consumer that does not wait for the
-# previous step's V before multiplying by it (the forward), and one that releases Q before the
-# step's second half has read it (the backward).
+# Bugs the model must catch, as edits of pipeline.h, and what it must say: a consumer that does
+# not wait for the previous step's V before multiplying by it (the forward), one that releases
+# Q before the step's second half has read it (the backward), and warpgroup turns that never
+# start or end unbalanced.
+STALE = "a consumer read a stage another tile filled"
 MUTATIONS = {
     "forward without the wait for V": (
-        "    if (!first) sync.wait_full(kValues, previous.stage, previous.phase);\n", ""),
+        "    if (!first) sync.wait_full(kValues, previous.stage, previous.phase);\n", "", STALE),
     "backward releasing Q early": (
         "    first(cursor.stage, walk);\n    sync.wait_full(kValues, cursor.stage, cursor.phase);\n"
         "    second(cursor.stage, walk);\n    sync.release(kKeys, cursor.stage);\n",
         "    first(cursor.stage, walk);\n    sync.release(kKeys, cursor.stage);\n"
-        "    sync.wait_full(kValues, cursor.stage, cursor.phase);\n    second(cursor.stage, walk);\n"),
+        "    sync.wait_full(kValues, cursor.stage, cursor.phase);\n    second(cursor.stage, walk);\n",
+        STALE),
+    "turns never opened": (
+        "    if (first_step && warpgroup == 0) barriers.arrive(kFirst);\n", "", "pipeline hung"),
+    "turns left open": (
+        "    if (on && warpgroup == 0) barriers.sync(kFirst);\n", "",
+        "the warpgroups' turns left a barrier unbalanced"),
 }
 
 
@@ -63,13 +71,13 @@ def test_the_model_catches_a_broken_pipeline(tmp_path, mutation):
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc, ignore=shutil.ignore_patterns("*.o", "*.so"))
     pipeline = csrc / "cuda" / "hopper" / "pipeline.h"
-    old, new = MUTATIONS[mutation]
+    old, new, message = MUTATIONS[mutation]
     text = pipeline.read_text()
     assert text.count(old) == 1, "the mutation no longer matches pipeline.h"
     pipeline.write_text(text.replace(old, new))
     result = subprocess.run([str(build_model(tmp_path, csrc)), "60", "1"], capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode != 0 and "a consumer read a stage another tile filled" in result.stderr
+    assert result.returncode != 0 and message in result.stderr, result.stdout + result.stderr
 
 
 def test_the_support_table_describes_the_opt_in_hopper_kernels(monkeypatch):

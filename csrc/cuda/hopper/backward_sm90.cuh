@@ -221,16 +221,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (!walk.done) cutlass::arch::ClusterBarrier::wait(&shared.kv_full, 0);
   int buffer = 0;  // of dS: the other warpgroup may still read the last step's
   auto score_tile = [&](int stage, const Walk&) {
-    warpgroup_gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+    warpgroup_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);  // waited for with dP^T
   };
   auto gradient_tile = [&](int stage, const Walk& w) {
-    warpgroup_gemm<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
+    warpgroup_issue<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(tdPrdP);
     const int head = w.query_head(), q0 = w.tile_start();
     const int64_t row0 = flat_row(seq, p.heads, head, p.q_len, seq.q_begin, 0);
     const bool masked = block_needs_mask(p, seq, w.step.block, kb);
-    // P^T = exp2(S^T - lse) in place of S^T, dS^T = P^T (dP^T - delta) in place of dP^T, a
-    // query column at a time: its lse and delta are read where used (L1 hits) rather than
-    // held in registers next to the dK and dV accumulators.
+    // P^T = exp2(S^T - lse), rounded to the input type as the A operand of dV += P^T dO, and
+    // dS^T = P^T (dP^T - delta) in place of dP^T from the rounded P^T (as the mma.sync kernel
+    // does: the fp32 scores die at once, which leaves the registers to the dK and dV
+    // accumulators); a query column at a time, its lse and delta read where used (L1 hits).
+    Tensor probabilities = make_tensor_like<Element>(tSrS);
+    Tensor rounded = make_tensor(probabilities.data(), rows_by_columns(probabilities.layout()));
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < kColumns; ++j) {
       const int q = q0 + get<1>(score_at(0, j));
@@ -240,27 +246,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int r = 0; r < kRows; ++r) {
         float x = scores(r, j) * p.scale_log2;  // scale first: a negative scale must not flip -inf
         if (masked && !element_visible(p, seq, q, k0 + get<0>(score_at(r, j)))) x = -INFINITY;
-        scores(r, j) = exp2f(x - lse2);
-        grads(r, j) = scores(r, j) * (grads(r, j) - delta);
+        rounded(r, j) = static_cast<Element>(exp2f(x - lse2));
+        grads(r, j) = static_cast<float>(rounded(r, j)) * (grads(r, j) - delta);
       }
     }
-    Tensor probabilities = make_tensor_like<Element>(tSrS);
     Tensor score_grads = make_tensor_like<Element>(tdPrdP);
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
-      probabilities(i) = static_cast<Element>(tSrS(i));
-      score_grads(i) = static_cast<Element>(tdPrdP(i));
-    }
+    for (int i = 0; i < size(tdPrdP); ++i) score_grads(i) = static_cast<Element>(tdPrdP(i));
+    // dV += P^T dO and dK += dS^T Q, and meanwhile dS^T into shared memory for dQ (the
+    // products only read the same registers).
     Tensor tdVrP = make_tensor(probabilities.data(), accumulator_as_a(probabilities.layout()));
     Tensor tdKrdS = make_tensor(score_grads.data(), accumulator_as_a(score_grads.layout()));
-    warpgroup_gemm<false>(mma_kv, tdVrP, tdVrdO(_, _, _, stage), tdVrdV);
-    warpgroup_gemm<false>(mma_kv, tdKrdS, tdKrQ(_, _, _, stage), tdKrdK);
+    warpgroup_issue<false>(mma_kv, tdVrP, tdVrdO(_, _, _, stage), tdVrdV);
+    warpgroup_issue<false>(mma_kv, tdKrdS, tdKrQ(_, _, _, stage), tdKrdK);
+    if (!p.grad_q_pass) copy(store_ds, thread_store_ds.retile_S(score_grads), tdSsdS(_, _, _, buffer));
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tdVrdV);
+    warpgroup_fence_operand(tdKrdK);
+    warpgroup_fence_operand(probabilities);
+    warpgroup_fence_operand(score_grads);
     if (p.grad_q_pass) return;
 
-    // dQ += dS K: both warpgroups' dS^T rows into shared memory, then one product over all keys.
-    // The thread that issues the reduce-adds first waits until the last one has read sdQ; the
-    // barrier tells everyone (and that every dS row has landed).
-    copy(store_ds, thread_store_ds.retile_S(score_grads), tdSsdS(_, _, _, buffer));
+    // dQ += dS K over both warpgroups' dS^T rows, one product over all keys. The thread that
+    // issues the reduce-adds first waits until the last one has read sdQ; the barrier tells
+    // everyone (and that every dS row has landed).
     cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by wgmma
     if (thread == 0) tma_store_wait<0>();
     cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, 0);

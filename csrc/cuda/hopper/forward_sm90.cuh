@@ -92,6 +92,13 @@ struct ForwardArgs {
   Params p;
   typename Traits::TmaQ tma_q;
   typename Traits::TmaKV tma_k, tma_v;
+  bool pingpong;  // the consumer warpgroups take turns issuing their products (PingPong)
+};
+
+// Named barriers over both consumer warpgroups (256 threads), for PingPong (pipeline.h).
+struct ConsumerBarriers {
+  __device__ void arrive(uint32_t id) const { cutlass::arch::NamedBarrier::arrive(256, id); }
+  __device__ void sync(uint32_t id) const { cutlass::arch::NamedBarrier::sync(256, id); }
 };
 
 // The mbarriers of the K/V pipeline, as pipeline.h's loops use them.
@@ -230,6 +237,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int thread = threadIdx.x - 128;
+  const ConsumerBarriers barriers;
+  const PingPong<ConsumerBarriers> turns{barriers, args.pingpong, thread / 128};
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaPV mma_pv;
   auto thread_qk = mma_qk.get_thread_slice(thread);
@@ -259,11 +268,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_a(probabilities.layout()));
   float correction[kRows];
   auto start = [&](int stage, int previous, const RowTileWalk<kBlockN>&) {
-    warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+    turns.wait_turn(previous < 0);
     if (previous >= 0) {
+      warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
       warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, previous), tOrO);
+      turns.hand_over();
       warpgroup_wait<1>();  // the scores; the product with V stays in flight
     } else {
+      warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+      turns.hand_over();
       warpgroup_wait<0>();
     }
     warpgroup_fence_operand(tSrS);
@@ -307,7 +320,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) probabilities(i) = static_cast<Element>(tSrS(i));
   };
-  auto last = [&](int stage) { warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO); };
+  auto last = [&](int stage) {
+    turns.finish();
+    warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+  };
   consume_overlapped<kStages>(walk, sync, start, softmax, settle, last);
 
   auto* dst = static_cast<typename Traits::Native*>(p.out);

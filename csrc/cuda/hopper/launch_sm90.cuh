@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../launch.cuh"
@@ -68,6 +70,14 @@ void check_sm90_code(Kernel kernel, const char* what) {
               "nvidia-cutlass installed");
 }
 
+// The forward's ping-pong of its consumer warpgroups (PingPong), on unless
+// SPARSE_ATTENTION_HOPPER_PINGPONG=0: a tuning switch, read per call so that a benchmark can
+// time both.
+inline bool pingpong_enabled() {
+  const char* value = std::getenv("SPARSE_ATTENTION_HOPPER_PINGPONG");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 template <DType kDType, int kHeadDim>
 void run_forward_sm90(const Params& p, void* stream) {
   using Traits = ForwardTraits<CuteElement<kDType>, typename ElementOf<kDType>::type, kHeadDim>;
@@ -79,7 +89,7 @@ void run_forward_sm90(const Params& p, void* stream) {
   const ForwardArgs<Traits> args{
       p, tma_load<Traits>(p.q, p.q_len, p.heads, p.batch, typename Traits::SmemLayoutQ{}, tile_q),
       tma_load<Traits>(p.k, p.k_len, p.kv_heads, p.batch, smem_kv, tile_kv),
-      tma_load<Traits>(p.v, p.k_len, p.kv_heads, p.batch, smem_kv, tile_kv)};
+      tma_load<Traits>(p.v, p.k_len, p.kv_heads, p.batch, smem_kv, tile_kv), pingpong_enabled()};
   const NvtxRange range(range_name("forward(sm90)", ElementOf<kDType>::name, kHeadDim, p.block_size));
   launch_with(kernel, dim3(p.q_blocks, p.heads, p.sequences), Traits::kThreads, Traits::kSharedBytes,
               static_cast<cudaStream_t>(stream), p, args);

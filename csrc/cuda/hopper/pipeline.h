@@ -109,4 +109,31 @@ SA_HOST_DEVICE void consume_overlapped(Walk& walk, Sync& sync, const Start& star
   }
 }
 
+// FlashAttention-3's ping-pong of the forward's two consumer warpgroups: each issues its
+// step's products only after the other has issued its own, so that one's softmax runs while
+// the other's products occupy the tensor cores. Barrier kFirst + w (of Barriers: arrive and
+// sync by a whole warpgroup, completing when both warpgroups have) is warpgroup w's turn.
+// Both walk the same list, so the turns pair up: warpgroup 0 opens its own first turn, and
+// after the last step takes one more to absorb warpgroup 1's last hand-over, which leaves
+// every barrier as it started.
+template <typename Barriers>
+struct PingPong {
+  static constexpr uint32_t kFirst = 1;  // user barrier ids (CUTLASS adds its reserved count)
+  const Barriers& barriers;
+  bool on;
+  int warpgroup;  // of the consumers: 0 or 1
+
+  SA_HOST_DEVICE void wait_turn(bool first_step) const {
+    if (!on) return;
+    if (first_step && warpgroup == 0) barriers.arrive(kFirst);
+    barriers.sync(kFirst + warpgroup);
+  }
+  SA_HOST_DEVICE void hand_over() const {
+    if (on) barriers.arrive(kFirst + 1 - warpgroup);
+  }
+  SA_HOST_DEVICE void finish() const {
+    if (on && warpgroup == 0) barriers.sync(kFirst);
+  }
+};
+
 }  // namespace sparse_attention::cuda::hopper
