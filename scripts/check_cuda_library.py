@@ -9,7 +9,9 @@ or the toolkit), also:
   - with 9.0 asked for, the Hopper kernels (csrc/cuda/hopper): their instantiations, and in
     their SASS the instructions their design rests on: HGMMA (wgmma), UTMALDG (TMA loads),
     SYNCS (mbarrier waits and arrivals), USETMAXREG (setmaxnreg), and for the backward STSM
-    (dS to shared memory by stmatrix) and UTMAREDG (dQ added by TMA reduce-add); no LDL/STL.
+    (dS to shared memory by stmatrix) and UTMAREDG (dQ added by TMA reduce-add); no LDL/STL;
+    and wgmmas issued in groups (ptxas serializes them, each waited alone, when it cannot
+    prove the registers safe).
 
     python scripts/check_cuda_library.py LIBRARY 9.0 [8.0 ...]
 """
@@ -112,11 +114,14 @@ def hopper_sass_counts(library: str, tools) -> dict[str, dict[str, int]]:
             kernel = next((k for k in HOPPER_SASS if k in header.group(1)), None)
             current = header.group(1) if kernel else None
             if current:
-                counts[current] = dict.fromkeys(HOPPER_SASS[kernel] + ("LDL", "STL"), 0)
+                counts[current] = dict.fromkeys(HOPPER_SASS[kernel] + ("LDL", "STL", "HGMMA.gsb0"), 0)
         elif current:
             for op in counts[current]:
                 if re.search(rf"\b{op}", line):
                     counts[current][op] += 1
+            # A wgmma that ends its group (gsb0); when every one does, ptxas has serialized them.
+            if re.search(r"\bHGMMA\S* .*gsb0", line):
+                counts[current]["HGMMA.gsb0"] += 1
     return counts
 
 
@@ -133,9 +138,12 @@ def check_hopper(library: str, tools) -> bool:
     full = {name: c for name, c in hopper_sass_counts(library, tools).items() if c["HGMMA"]}
     for name, c in sorted(full.items()):
         print(f"  {name}: " + ", ".join(f"{op} {n}" for op, n in c.items()))
-        wanted = [op for op in c if op not in ("LDL", "STL")]
+        wanted = [op for op in c if op not in ("LDL", "STL", "HGMMA.gsb0")]
         if not all(c[op] for op in wanted) or c["LDL"] or c["STL"]:
             print(f"  expected {', '.join(wanted)} and no LDL/STL in {name}", file=sys.stderr)
+            ok = False
+        if c["HGMMA.gsb0"] == c["HGMMA"]:
+            print(f"  every wgmma of {name} waits alone: ptxas serialized them", file=sys.stderr)
             ok = False
     if len(full) != HOPPER_INSTANTIATIONS * len(HOPPER_SASS):
         print(f"expected {HOPPER_INSTANTIATIONS * len(HOPPER_SASS)} Hopper kernels with HGMMA, "

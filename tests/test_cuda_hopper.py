@@ -122,6 +122,14 @@ def test_against_reference(hopper, case, head_dim, dtype):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CASES[:4], ids=str)
+def test_forward_without_pingpong(hopper, case, head_dim, monkeypatch):
+    """The forward's consumer warpgroups without their turns (a tuning switch) give the same."""
+    monkeypatch.setenv("SPARSE_ATTENTION_HOPPER_PINGPONG", "0")
+    run_case(on_gpu(case, head_dim, torch.bfloat16), check_grads=False)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES[:6:2], ids=str)
 def test_deterministic_backward(hopper, case, head_dim):
     """deterministic=True: the dK/dV kernel without dQ, then the dQ pass: against the
