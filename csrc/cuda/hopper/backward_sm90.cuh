@@ -128,16 +128,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const Sequence seq = sequence_of(p, s_index);
   if (k0 >= seq.k_len) return;  // past a packed document's blocks; every thread leaves here
 
-  if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&shared.kv_full, 1);
-    for (int channel = 0; channel < 2; ++channel) {
-      for (int stage = 0; stage < kStages; ++stage) {
-        cutlass::arch::ClusterTransactionBarrier::init(&shared.full[channel][stage], 1);
-        cutlass::arch::ClusterBarrier::init(&shared.empty[channel][stage], Traits::kConsumerThreads);
-      }
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_barriers<Traits::kConsumerThreads>(shared.kv_full, shared.full, shared.empty);
   __syncthreads();  // the last block-wide barrier
   const BarrierSync<kStages> sync{shared.full, shared.empty};
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKV{});

@@ -119,6 +119,20 @@ struct BarrierSync {
   }
 };
 
+// From one thread: the barrier of the tiles loaded once (Q in the forward, K and V in the
+// backward) and the pipeline's, before the block-wide barrier that publishes them.
+template <int kConsumerThreads, int kStages>
+__device__ void init_barriers(uint64_t& resident, uint64_t (&full)[2][kStages], uint64_t (&empty)[2][kStages]) {
+  cutlass::arch::ClusterTransactionBarrier::init(&resident, 1);
+  for (int channel = 0; channel < 2; ++channel) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      cutlass::arch::ClusterTransactionBarrier::init(&full[channel][stage], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[channel][stage], kConsumerThreads);
+    }
+  }
+  cutlass::arch::fence_barrier_init();
+}
+
 // An accumulator fragment ((2, 2, N/8), M, N) viewed as (rows, columns) of this thread:
 // rows (the pair g, g + 8; M), columns (the pair 2c, 2c + 1; N/8; N).
 template <typename Layout>
@@ -183,16 +197,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const Sequence seq = sequence_of(p, s_index);
   if (q0 >= seq.q_len) return;  // past a packed document's blocks; every thread leaves here
 
-  if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full, 1);
-    for (int channel = 0; channel < 2; ++channel) {
-      for (int stage = 0; stage < kStages; ++stage) {
-        cutlass::arch::ClusterTransactionBarrier::init(&shared.full[channel][stage], 1);
-        cutlass::arch::ClusterBarrier::init(&shared.empty[channel][stage], Traits::kConsumerThreads);
-      }
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_barriers<Traits::kConsumerThreads>(shared.q_full, shared.full, shared.empty);
   __syncthreads();  // the last block-wide barrier: the roles below never meet again
   const BarrierSync<kStages> sync{shared.full, shared.empty};
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
