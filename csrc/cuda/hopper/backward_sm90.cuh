@@ -23,19 +23,12 @@ namespace sparse_attention::cuda::hopper {
 using namespace cute;
 
 template <typename Element_, typename Native_, int kHeadDim_>
-struct BackwardTraits {
+struct BackwardTraits : WarpgroupRoles {
   using Element = Element_;
   using Native = Native_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockN = 128;  // keys: one layout block, 64 per consumer warpgroup
   static constexpr int kBlockM = 64;   // query rows per step: half a layout block
-  static constexpr int kStages = 2;
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
-  static constexpr int kThreads = 128 + kConsumerThreads;
-  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
-  static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536,
-                "the register file holds every warpgroup's allocation");
   static_assert(kHeadDim % 64 == 0, "head dims 64 and 128");
 
   using D = Int<kHeadDim>;

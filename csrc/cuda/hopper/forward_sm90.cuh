@@ -32,12 +32,10 @@ namespace sparse_attention::cuda::hopper {
 
 using namespace cute;
 
-template <typename Element_, typename Native_, int kHeadDim_>
-struct ForwardTraits {
-  using Element = Element_;  // cutlass::half_t or cutlass::bfloat16_t
-  using Native = Native_;    // __half or __nv_bfloat16, for the output stores
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128, kBlockN = 128;  // one layout block of queries, of keys
+// The roles of both Hopper kernels' thread blocks: a producer warpgroup (one thread of it
+// issues the TMA copies) and two consumer warpgroups, registers moved from the first to the
+// others with setmaxnreg; a kStages-deep pipeline between them.
+struct WarpgroupRoles {
   static constexpr int kStages = 2;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
@@ -45,6 +43,14 @@ struct ForwardTraits {
   static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
   static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536,
                 "the register file holds every warpgroup's allocation");
+};
+
+template <typename Element_, typename Native_, int kHeadDim_>
+struct ForwardTraits : WarpgroupRoles {
+  using Element = Element_;  // cutlass::half_t or cutlass::bfloat16_t
+  using Native = Native_;    // __half or __nv_bfloat16, for the output stores
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128, kBlockN = 128;  // one layout block of queries, of keys
 
   using TileShape = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
   using AtomLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;  // a warpgroup per 64 rows
