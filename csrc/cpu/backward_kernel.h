@@ -117,6 +117,9 @@ void backward_kernel(const BackwardParams& g) {
   const std::vector<KeyRange> ranges = key_ranges(p, g.cols, parts);
 
   const auto cost = [&](int64_t task) { return ranges[task].cost; };
+  // A column task reads Q and dO of its kv head's query heads and adds to their dQ partials.
+  const int64_t group_bytes = p.batch * p.q_len * dim * p.group() * (2 * sizeof(scalar_t) + sizeof(T));
+  const auto section = [&](int64_t task) { return kv_head_section(ranges[task].kv_head, group_bytes); };
   run_parallel_longest_first(static_cast<int64_t>(ranges.size()), cost, [&](const NextTask& next) {
     std::vector<T> k_t(dim * bs), v_t(dim * bs), k_rows(bs * dim), q_rows(bs * dim),
         do_rows(bs * dim), s(bs * bs), dp(bs * bs), grad_k(bs * dim), grad_v(bs * dim);
@@ -229,7 +232,7 @@ void backward_kernel(const BackwardParams& g) {
         store_rows(kn, dim, grad_v.data(), T(1), static_cast<scalar_t*>(g.grad_v) + out0 * dim, dim);
       }
     }
-  });
+  }, section);
 
   // dQ = scale * (part 0 + part 1 + ...), over the parts that hold anything.
   run_parallel(row_blocks, [&](const NextTask& next) {

@@ -22,6 +22,7 @@ void block_mass_kernel(const BlockMassParams& m) {
   const int64_t bs = p.block_size, dim = p.head_dim;
   const auto* lse = static_cast<const T*>(m.lse);
   const auto cost = [&](int64_t task) { return row_task_cost(p, m.rows, task); };
+  const auto section = [&](int64_t task) { return row_task_section(p, task, sizeof(scalar_t)); };
   run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
     ColumnScorer<T, kPairs> scorer(bs, dim);
     std::vector<T> s_t(bs * bs), shift(bs), sum(bs);
@@ -50,7 +51,7 @@ void block_mass_kernel(const BlockMassParams& m) {
         out[blk.k0 / bs] = static_cast<float>(total);
       });
     }
-  });
+  }, section);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -28,6 +28,7 @@ void forward_kernel(const ForwardParams& f) {
   auto* lse = static_cast<T*>(f.lse);
 
   const auto cost = [&](int64_t task) { return row_task_cost(p, f.rows, task); };
+  const auto section = [&](int64_t task) { return row_task_section(p, task, sizeof(scalar_t)); };
   run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
     // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
     // block_sum are per query.
@@ -90,7 +91,7 @@ void forward_kernel(const ForwardParams& f) {
         store_rows(1, dim, acc.data() + i * dim, seen ? T(1) / l[i] : T(0), out + (row0 + i) * dim, dim);
       }
     }
-  });
+  }, section);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -31,13 +31,18 @@ void run_parallel(int64_t num_tasks, const std::function<void(const NextTask&)>&
 }
 
 void run_parallel_longest_first(int64_t num_tasks, const std::function<int64_t(int64_t)>& cost,
-                                const std::function<void(const NextTask&)>& worker) {
+                                const std::function<void(const NextTask&)>& worker,
+                                const std::function<int64_t(int64_t)>& section) {
   if (num_tasks <= 0) return;
-  std::vector<int64_t> costs(num_tasks), order(num_tasks);
-  for (int64_t t = 0; t < num_tasks; ++t) costs[t] = cost(t);
+  std::vector<int64_t> costs(num_tasks), sections(num_tasks, 0), order(num_tasks);
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    costs[t] = cost(t);
+    if (section) sections[t] = section(t);
+  }
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&costs](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return sections[a] != sections[b] ? sections[a] < sections[b] : costs[a] > costs[b];
+  });
   run_counted(num_tasks, [&order](int64_t i) { return order[i]; }, worker);
 }
 

@@ -15,8 +15,11 @@ void run_parallel(int64_t num_tasks, const std::function<void(const NextTask&)>&
 
 // As run_parallel, but hands out the costliest tasks first (stable order among equal costs):
 // rows of a layout differ in length (a global row sees every block), and a long task taken
-// last would leave the other threads idle. Each task's result must not depend on the order.
+// last would leave the other threads idle. With `section`, the tasks of section 0 come first,
+// then those of section 1, and so on, longest first within each: tasks that read the same
+// data then run together. Each task's result must not depend on the order.
 void run_parallel_longest_first(int64_t num_tasks, const std::function<int64_t(int64_t)>& cost,
-                                const std::function<void(const NextTask&)>& worker);
+                                const std::function<void(const NextTask&)>& worker,
+                                const std::function<int64_t(int64_t)>& section = nullptr);
 
 }  // namespace sparse_attention::cpu
