@@ -280,6 +280,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float correction[kRows];
   auto start = [&](int stage, int previous, const RowTileWalk<kBlockN>&) {
     turns.wait_turn(previous < 0);
+    // Each branch issues the scores itself: with one issue before a conditional PV, ptxas
+    // serialized every wgmma of the kernel (C7514).
     if (previous >= 0) {
       warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
       warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, previous), tOrO);

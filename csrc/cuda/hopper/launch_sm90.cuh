@@ -42,13 +42,18 @@ typename Traits::GmemTensor gmem_tensor(const Operand& op, int rows, int heads, 
                                              stride(op.batch_stride, batch))));
 }
 
-// The fp32 dQ accumulator, contiguous [batch, heads, rows, D], as (rows, D, heads, batch); a
-// placeholder pointer where the dQ pass runs instead (the descriptor is then never used).
+// The fp32 dQ accumulator, contiguous [batch, heads, rows, D], as (rows, D, heads, batch).
+// Where the dQ pass runs instead there is none and the descriptor is never used, but it must
+// still encode: one row over grad_q's (device, aligned) memory.
 template <typename Traits>
 typename Traits::AccumTensor accumulator_tensor(const Params& p) {
-  static float placeholder;
-  const int64_t rows = p.q_len, d = Traits::kHeadDim;
-  return make_tensor(make_gmem_ptr(p.grad_q_accum ? p.grad_q_accum : &placeholder),
+  const int64_t d = Traits::kHeadDim;
+  if (!p.grad_q_accum) {
+    return make_tensor(make_gmem_ptr(static_cast<float*>(p.grad_q)),
+                       make_layout(make_shape(1, Traits::kHeadDim, 1, 1), make_stride(d, _1{}, d, d)));
+  }
+  const int64_t rows = p.q_len;
+  return make_tensor(make_gmem_ptr(p.grad_q_accum),
                      make_layout(make_shape(p.q_len, Traits::kHeadDim, p.heads, p.batch),
                                  make_stride(d, _1{}, rows * d, p.heads * rows * d)));
 }
