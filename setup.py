@@ -109,7 +109,7 @@ ISA_KERNELS = ["csrc/cpu/kernels_x86_avx2.cpp", "csrc/cpu/kernels_x86_avx512.cpp
 def sources(with_cuda: bool, with_hopper: bool = False) -> list[str]:
     files = [PORTABLE_KERNELS, "csrc/cpu/kernels_dispatch.cpp", "csrc/cpu/parallel.cpp",
              "csrc/cpu/attention_cpu.cpp", "csrc/block_lists.cpp", "csrc/input_checks.cpp",
-             "csrc/packed_sequences.cpp",
+             "csrc/packed_sequences.cpp", "csrc/score_terms.cpp",
              "csrc/ops.cpp",
              "csrc/module.cpp", *ISA_KERNELS]
     # setuptools compiles and links sources in sorted order. The portable kernels must link

@@ -5,6 +5,14 @@
 
 #include "block_lists.h"
 
+// The score terms (score_terms.h), optional: a sink logit per head [H]; ALiBi slopes [H] or
+// [B, H]; a relative position bias table [H, num_buckets] with the bucket of every distance
+// key - query - (k_len - q_len) from -(k_len - 1) to q_len - 1 (int [q_len + k_len - 1]);
+// softcap (0 = none); attention dropout with the Philox seed (philox.h).
+#define SA_SCORE_TERMS                                                                          \
+  "Tensor? sinks=None, Tensor? alibi_slopes=None, Tensor? position_bias=None, "                \
+  "Tensor? position_buckets=None, float softcap=0., float dropout_p=0., int seed=0"
+
 TORCH_LIBRARY(sparse_attention, m) {
   // Converts a bool block mask [layout_heads, q_blocks, k_blocks] into row and column block
   // lists (CSR, int32, full blocks first in each list) for the given lengths and window.
@@ -34,7 +42,7 @@ TORCH_LIBRARY(sparse_attention, m) {
       "Tensor row_num_full, Tensor col_offsets, Tensor col_indices, Tensor col_num_full, "
       "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int block_size, "
       "float scale, int window_left, int window_right, bool deterministic=False, "
-      "str cuda_kernels='auto') -> (Tensor, Tensor)");
+      "str cuda_kernels='auto', " SA_SCORE_TERMS ") -> (Tensor, Tensor)");
   // Attention probability mass of every computed block pair, float32 [B, H, q_blocks,
   // k_blocks]: the sum over the block of exp(q k^T * scale - lse), with the forward's lse and
   // the element rules; 0 where the row lists have no block. Not differentiable.
@@ -42,14 +50,15 @@ TORCH_LIBRARY(sparse_attention, m) {
       "block_mass(Tensor q, Tensor k, Tensor lse, Tensor row_offsets, Tensor row_indices, "
       "Tensor row_num_full, Tensor? key_padding_mask, int block_size, float scale, "
       "int window_left, int window_right) -> Tensor");
-  // (grad_q, grad_k, grad_v). grad_lse may be None.
+  // (grad_q, grad_k, grad_v, grad_sinks, grad_alibi_slopes, grad_position_bias); grad_lse may
+  // be None; the gradient of a term the call did not have is an empty tensor.
   m.def(
       "backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor row_offsets, Tensor row_indices, Tensor row_num_full, "
       "Tensor col_offsets, Tensor col_indices, Tensor col_num_full, Tensor? key_padding_mask, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int block_size, float scale, "
-      "int window_left, int window_right, bool deterministic=False, str cuda_kernels='auto') "
-      "-> (Tensor, Tensor, Tensor)");
+      "int window_left, int window_right, bool deterministic=False, str cuda_kernels='auto', "
+      SA_SCORE_TERMS ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // forward's autograd lives in Python (sparse_attention/ops.py); the backward op itself is not

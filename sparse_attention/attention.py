@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 
 import torch
 
-from sparse_attention import ops, packing
+from sparse_attention import ops, packing, score_terms
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES
 from sparse_attention.layout import BlockLayout, BlockLists
@@ -187,6 +188,12 @@ def sparse_attention(
     cu_seqlens: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     cuda_kernels: str = "auto",
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    position_bias: torch.Tensor | score_terms.PositionBias | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Generator | None = None,
 ):
     """Block-sparse scaled dot-product attention.
 
@@ -226,6 +233,26 @@ def sparse_attention(
             or "mma" (never the Hopper kernels). The Hopper kernels are opt-in until they have
             passed on a GPU. Ignored on the CPU.
 
+    Score terms (all optional, combinable with every layout and element rule; applied in this
+    order, with d = key - query - (Nk - Nq) the distance from the bottom-right diagonal):
+        softcap: float > 0: scores become softcap * tanh(scores / softcap) (Gemma 2).
+        alibi_slopes: float [H] or [B, H]: adds -slope * |d| (ALiBi; under causal that is
+            slope * (key - query - (Nk - Nq))).
+        position_bias: a T5 relative position bias: a table [H, num_buckets] (T5's buckets,
+            bidirectional unless causal, max_distance 128) or sa.PositionBias(table,
+            bidirectional=..., max_distance=...); adds table[h, bucket(d)].
+        sinks: float [H]: a logit per head that joins every row's softmax denominator and
+            carries no value (gpt-oss, StreamingLLM); lse includes it, and a row that sees no
+            key gets 0 with lse = sink.
+        dropout_p: attention dropout on the probabilities (pass it in training only), from
+            Philox bits keyed by `seed`, batch, head, query row and key row: the backward
+            drops exactly what the forward dropped, and a seed gives the same result on every
+            run and thread count. seed: an int, a torch.Generator, or None (drawn from
+            torch's default generator, so torch.manual_seed repeats it).
+    sinks, alibi_slopes and the position table get gradients. The CPU kernels run every term;
+    on CUDA a call with any of them runs densely in float32 (O(N^2) memory) and says so once
+    (sa.supported lists what each device's kernels take).
+
     Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
     """
@@ -233,14 +260,20 @@ def sparse_attention(
     if cuda_kernels not in CUDA_KERNEL_CHOICES:
         raise ValueError(f"cuda_kernels: expected one of {', '.join(map(repr, CUDA_KERNEL_CHOICES))}, "
                          f"got {cuda_kernels!r}")
+    term_args = dict(sinks=sinks, alibi_slopes=alibi_slopes, softcap=softcap,
+                     position_bias=position_bias, dropout_p=dropout_p, seed=seed)
     if cu_seqlens is not None or cu_seqlens_k is not None:
         return _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask,
                                  causal=causal, scale=scale, window=window,
                                  return_lse=return_lse, deterministic=deterministic,
-                                 cuda_kernels=cuda_kernels)
+                                 cuda_kernels=cuda_kernels, term_args=term_args)
     _check_inputs(q, k, v, layout, key_padding_mask)
     _check_device_kernels(q, layout.block_size)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
+    terms = score_terms.resolve(q, causal=causal, **term_args)
+    if terms.names() and q.device.type == "cuda":
+        return _dense_terms(q, k, v, layout, terms, key_padding_mask=key_padding_mask, causal=causal,
+                            scale=scale, window=window, return_lse=return_lse)
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
@@ -250,11 +283,14 @@ def sparse_attention(
         lists = layout.block_lists(q_len, k_len, window)
         out, lse = ops.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
                                block_size=layout.block_size, scale=scale, window=window,
-                               deterministic=deterministic, cuda_kernels=cuda_kernels)
+                               deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
         return (out, lse) if return_lse else out
     # A pattern's layout may depend on the head count: graphs specialise on it then only.
     num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
     pieces = call_pieces(layout, q_len, k_len, causal)
+    if len(pieces) > 1 and terms.dropout_p > 0:
+        raise ValueError("dropout_p: not taken by a causal pattern call whose queries start inside "
+                         "a block (a prefill chunk): dropout is for training, on whole sequences")
     results = []
     for first, end, keys in pieces:
         part = (q, k, v, key_padding_mask)
@@ -265,14 +301,36 @@ def sparse_attention(
                                     causal)
         results.append(ops.forward(*part[:3], lists, key_padding_mask=part[3],
                                    block_size=layout.block_size, scale=scale, window=window,
-                                   deterministic=deterministic, cuda_kernels=cuda_kernels))
+                                   deterministic=deterministic, cuda_kernels=cuda_kernels,
+                                   terms=terms))
     out, lse = results[0] if len(results) == 1 else (
         torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2))
     return (out, lse) if return_lse else out
 
 
+_DENSE_TERMS_WARNED: set[tuple[str, ...]] = set()
+
+
+def _dense_terms(q, k, v, layout, terms, *, return_lse, cu_seqlens=None, **rules):
+    """A CUDA call with score terms, which the CUDA kernels do not take: the dense reference in
+    float32 (differentiable), said once per set of terms."""
+    from sparse_attention import reference
+
+    names = terms.names()
+    if names not in _DENSE_TERMS_WARNED:
+        _DENSE_TERMS_WARNED.add(names)
+        warnings.warn(f"{', '.join(names)}: the CUDA kernels do not take these score terms yet; "
+                      "sparse_attention computes such calls densely in float32 (O(N^2) memory). "
+                      "See sa.supported(..., terms=...).", stacklevel=3)
+    if isinstance(layout, Pattern) and cu_seqlens is None:
+        layout = layout.layout(q.shape[2], k.shape[2], num_heads=q.shape[1], causal=rules["causal"])
+    out, lse = reference.attention(q, k, v, layout, return_lse=True, compute_dtype=torch.float32,
+                                   cu_seqlens=cu_seqlens, terms=terms, **rules)
+    return (out, lse) if return_lse else out
+
+
 def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask, *, causal,
-                      scale, window, return_lse, deterministic, cuda_kernels):
+                      scale, window, return_lse, deterministic, cuda_kernels, term_args):
     """sparse_attention over packed documents: the kernels walk per-document lists in one call
     (on CUDA when enabled, packing.CUDA_PACKED_KERNELS); otherwise each document runs as a call
     of its own (views, no copies)."""
@@ -297,6 +355,11 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if q.shape[0] != 1:  # k and v have q's batch (_check_inputs)
         raise ValueError(f"q: packed documents (cu_seqlens) take one row [1, heads, total "
                          f"tokens, head_dim], got shape {tuple(q.shape)}")
+    terms = score_terms.resolve(q, causal=call_rules(layout, q.shape[-1], causal=causal, scale=scale,
+                                                     window=window)[1], **term_args)
+    if terms.names() and q.device.type == "cuda":
+        return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
+                            cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
     if not packing.packed_kernels(q.device):
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,
@@ -310,7 +373,7 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         lists = BlockLists(*(t.to(q.device) for t in lists))
     out, lse = ops.forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
                            scale=scale, window=window, deterministic=deterministic,
-                           cuda_kernels=cuda_kernels, cu_seqlens=(cu_seqlens, cu_k))
+                           cuda_kernels=cuda_kernels, cu_seqlens=(cu_seqlens, cu_k), terms=terms)
     return (out, lse) if return_lse else out
 
 

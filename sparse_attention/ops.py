@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sparse_attention._extension import ops as _ops
+from sparse_attention.score_terms import NO_TERMS, Terms
 from sparse_attention.window import Window
 
 LIST_NAMES = ("row_offsets", "row_indices", "row_num_full", "col_offsets", "col_indices",
@@ -35,22 +36,26 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *,
             key_padding_mask: torch.Tensor | None, block_size: int, scale: float,
             window: Window = Window(), deterministic: bool = False,
             cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
-            cuda_kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+            cuda_kernels: str = "auto", terms: Terms = NO_TERMS) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the block-sparse op over the six block lists (a BlockLists).
-    cu_seqlens: (query starts, key starts) of packed documents, with lists per document."""
+    cu_seqlens: (query starts, key starts) of packed documents, with lists per document.
+    terms: the score terms (sparse_attention.score_terms)."""
     return _ops.forward(q=q, k=k, v=v, **_kernel_args(lists, key_padding_mask, cu_seqlens,
                                                       block_size, scale, window, deterministic,
-                                                      cuda_kernels))
+                                                      cuda_kernels),
+                        **terms.op_args(q.shape[2], k.shape[2], q.device))
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, lists, *, key_padding_mask, block_size: int,
              scale: float, window: Window = Window(), deterministic: bool = False,
              cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
-             cuda_kernels: str = "auto"):
-    """(grad_q, grad_k, grad_v) of `forward`."""
+             cuda_kernels: str = "auto", terms: Terms = NO_TERMS):
+    """(grad_q, grad_k, grad_v, grad_sinks, grad_alibi_slopes, grad_position_bias) of
+    `forward`; the gradient of a term the call did not have is an empty tensor."""
     return _ops.backward(grad_out=grad_out, grad_lse=grad_lse, q=q, k=k, v=v, out=out, lse=lse,
                          **_kernel_args(lists, key_padding_mask, cu_seqlens, block_size, scale,
-                                        window, deterministic, cuda_kernels))
+                                        window, deterministic, cuda_kernels),
+                         **terms.op_args(q.shape[2], k.shape[2], q.device))
 
 
 def block_mass(q, k, lse, lists, *, key_padding_mask, block_size: int, scale: float,
@@ -94,23 +99,30 @@ def _block_mass_fake(q, k, lse, row_offsets, row_indices, row_num_full, key_padd
     return torch.empty(*q.shape[:2], *blocks, dtype=torch.float32, device=q.device)
 
 
+_TERM_GRADS = ("sinks", "alibi_slopes", "position_bias")  # after grad_q, grad_k, grad_v
+
+
 @torch.library.register_fake("sparse_attention::backward")
 def _backward_fake(grad_out, grad_lse, q, k, v, *args, **kwargs):
     def like(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
-    return like(q), like(k), like(v)
+    terms = tuple(like(kwargs[name]) if kwargs.get(name) is not None
+                  else torch.empty(0, dtype=torch.float32, device=q.device) for name in _TERM_GRADS)
+    return (like(q), like(k), like(v)) + terms
 
 
 _FORWARD_ARGS = tuple(a.name for a in _ops.forward.default._schema.arguments)
-_SAVED = ("q", "k", "v", *LIST_NAMES, "key_padding_mask", "cu_seqlens_q", "cu_seqlens_k")
+_SAVED = ("q", "k", "v", *LIST_NAMES, "key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "sinks",
+          "alibi_slopes", "position_bias", "position_buckets")
+_DIFFERENTIABLE = ("q", "k", "v", *_TERM_GRADS)  # in the order the backward op returns them
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FORWARD_ARGS, inputs))
     out, lse = output
-    ctx.save_for_backward(*(args[name] for name in _SAVED), out, lse)
-    ctx.attrs = {name: args[name] for name in _FORWARD_ARGS[len(_SAVED):] if name in args}
+    ctx.save_for_backward(*(args.get(name) for name in _SAVED), out, lse)
+    ctx.attrs = {name: args[name] for name in _FORWARD_ARGS if name in args and name not in _SAVED}
     ctx.num_inputs = len(inputs)
 
 
@@ -119,8 +131,10 @@ def _backward(ctx, grad_out, grad_lse):
     args = dict(zip(_SAVED, saved))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = _ops.backward(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse, **args, **ctx.attrs)
-    return tuple(grads) + (None,) * (ctx.num_inputs - 3)
+    grads = dict(zip(_DIFFERENTIABLE, _ops.backward(grad_out=grad_out, grad_lse=grad_lse, out=out,
+                                                    lse=lse, **args, **ctx.attrs)))
+    return tuple(grads[name] if name in grads and args.get(name) is not None else None
+                 for name in _FORWARD_ARGS[:ctx.num_inputs])
 
 
 torch.library.register_autograd("sparse_attention::forward", _backward, setup_context=_setup_context)

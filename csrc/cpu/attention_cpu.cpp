@@ -11,6 +11,7 @@
 #include "../block_lists.h"
 #include "../input_checks.h"
 #include "../packed_sequences.h"
+#include "../score_terms.h"
 #include "kernels.h"
 
 namespace sparse_attention::cpu {
@@ -82,13 +83,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& col_num_full, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels) {
+    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
+    double softcap, double dropout_p, int64_t seed) {
   parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
                                      cu_seqlens_k, &packed, block_size, scale, window_left,
                                      window_right, row_offsets, row_indices, row_num_full,
                                      col_num_full);
+  const ScoreTermTensors terms = check_score_terms(p, sinks, alibi_slopes, position_bias, position_buckets,
+                                                   softcap, dropout_p, seed, c10::DeviceType::CPU);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor mask_bytes;
   std::vector<uint8_t> block_state;
@@ -104,11 +110,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
   f.out = out.data_ptr();
   f.lse = lse.data_ptr();
   f.rows = lists_of(row_offsets, row_indices, row_num_full);
+  f.terms = terms.terms;
   forward(f);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse_in,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& row_offsets,
@@ -117,13 +124,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels) {
+    bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
+    double softcap, double dropout_p, int64_t seed) {
   parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
                                      cu_seqlens_k, &packed, block_size, scale, window_left,
                                      window_right, row_offsets, row_indices, row_num_full,
                                      col_num_full);
+  const ScoreTermTensors terms = check_score_terms(p, sinks, alibi_slopes, position_bias, position_buckets,
+                                                   softcap, dropout_p, seed, c10::DeviceType::CPU);
   check_block_lists("column", col_offsets, col_indices, col_num_full, p, false);
   check_backward_operands(p, q_in, out_in, grad_out_in, lse_in, grad_lse_in, c10::DeviceType::CPU);
   const at::ScalarType acc = accum_dtype(p.dtype);
@@ -155,8 +167,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   g.grad_v = grad_v.data_ptr();
   g.rows = lists_of(row_offsets, row_indices, row_num_full);
   g.cols = lists_of(col_offsets, col_indices, col_num_full);
+  g.terms = terms.terms;
+  // In the accumulation type, returned in the terms' own dtypes.
+  at::Tensor grad_sinks = term_gradient(terms.sinks), grad_alibi = term_gradient(terms.alibi_slopes),
+             grad_bias = term_gradient(terms.position_bias);
+  g.grad_sinks = grad_sinks.defined() ? grad_sinks.data_ptr() : nullptr;
+  g.grad_alibi_slopes = grad_alibi.defined() ? grad_alibi.data_ptr() : nullptr;
+  g.grad_position_bias = grad_bias.defined() ? grad_bias.data_ptr() : nullptr;
   backward(g);
-  return {grad_q, grad_k, grad_v};
+  const auto as_given = [](const at::Tensor& grad, const std::optional<at::Tensor>& term) {
+    return grad.defined() ? grad.to(term->scalar_type()) : at::empty({0}, at::kFloat);
+  };
+  return {grad_q, grad_k, grad_v, as_given(grad_sinks, sinks), as_given(grad_alibi, alibi_slopes),
+          as_given(grad_bias, position_bias)};
 }
 
 at::Tensor block_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,

@@ -97,39 +97,52 @@ struct SeenColumns {
   }
 };
 
+// What runs on a score tile between the product and the element mask: the score terms
+// (score_terms_tile.h) as edit(s, ld), or nothing.
+struct NoEdit {
+  template <typename T>
+  void operator()(T*, int64_t) const {}
+};
+
 // Column tile S^T[kn x qn] = K (scale Q)^T from key rows and the task's (scale Q)^T [D x qn],
-// with the element rules applied.
-template <typename T>
+// edited, with the element rules applied.
+template <typename T, typename Edit = NoEdit>
 inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
-                          const RowsView<T>& k, const T* q_t, T* s_t) {
+                          const RowsView<T>& k, const T* q_t, T* s_t, const Edit& edit = {}) {
   gemm<false>(blk.kn, blk.qn, p.head_dim, k.data, k.ld, q_t, blk.qn, s_t, blk.qn,
               HiddenScores<true>{seq, blk, p.head_dim});
+  edit(s_t, blk.qn);
   if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t, blk.qn);
 }
 
 // Row tile S[qn x kn] = Q (scale K)^T from query rows and the task's (scale K)^T [D x kn],
-// with the element rules applied.
-template <typename T>
+// edited, with the element rules applied.
+template <typename T, typename Edit = NoEdit>
 inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
-                       const RowsView<T>& q, const T* k_t, T* s) {
+                       const RowsView<T>& q, const T* k_t, T* s, const Edit& edit = {}) {
   gemm<false>(blk.qn, blk.kn, p.head_dim, q.data, q.ld, k_t, blk.kn, s, blk.kn,
               HiddenScores<false>{seq, blk, p.head_dim});
+  edit(s, blk.kn);
   if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
 
 // The same tiles from bfloat16 pairs (pair_products.h): S = scale (Q K^T), the scale applied
 // in fp32 to the product of the unscaled operands, which both orientations round alike.
+template <typename Edit = NoEdit>
 inline void column_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
-                          const Pair* k, const Pair* q_t, float* s_t) {
+                          const Pair* k, const Pair* q_t, float* s_t, const Edit& edit = {}) {
   gemm_pairs<false>(blk.kn, blk.qn, pairs_of(p.head_dim), k, pairs_of(p.head_dim), q_t, blk.qn, s_t, blk.qn);
   scale_row(s_t, blk.kn * blk.qn, static_cast<float>(p.scale));
+  edit(s_t, blk.qn);
   if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t, blk.qn);
 }
 
+template <typename Edit = NoEdit>
 inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& blk,
-                       const Pair* q, const Pair* k_t, float* s) {
+                       const Pair* q, const Pair* k_t, float* s, const Edit& edit = {}) {
   gemm_pairs<false>(blk.qn, blk.kn, pairs_of(p.head_dim), q, pairs_of(p.head_dim), k_t, blk.kn, s, blk.kn);
   scale_row(s, blk.qn * blk.kn, static_cast<float>(p.scale));
+  edit(s, blk.kn);
   if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
 
@@ -153,15 +166,15 @@ struct ColumnScorer {
     }
   }
 
-  // S^T [kn x qn] of block pair blk from its key rows in memory.
-  template <typename scalar_t>
+  // S^T [kn x qn] of block pair blk from its key rows in memory, edited before the mask.
+  template <typename scalar_t, typename Edit = NoEdit>
   void scores(const Problem& p, const Sequence& seq, const BlockPair& blk, const scalar_t* k,
-              int64_t stride, T* s_t) {
+              int64_t stride, T* s_t, const Edit& edit = {}) {
     if constexpr (kPairs) {
       pack_pairs(blk.kn, p.head_dim, k, stride, k_pairs.data());
-      column_scores(p, seq, blk, k_pairs.data(), q_pairs.data(), s_t);
+      column_scores(p, seq, blk, k_pairs.data(), q_pairs.data(), s_t, edit);
     } else {
-      column_scores(p, seq, blk, rows_as(k, stride, blk.kn, p.head_dim, k_rows.data()), q_t.data(), s_t);
+      column_scores(p, seq, blk, rows_as(k, stride, blk.kn, p.head_dim, k_rows.data()), q_t.data(), s_t, edit);
     }
   }
 };
@@ -219,36 +232,40 @@ inline bool row_stats_finite(const T* lse, const T* delta, int64_t n) {
   return true;
 }
 
-// P = exp(score - shift) of one visible pair, and *ds = P (dP - delta) with dP the dot product
-// of a[0, dim) and b[0, dim) read with stride ldb (a dO row and a V column, or the reverse).
+// What the score terms (score_terms_tile.h) add to the backward of a row tile [qn x kn], each
+// null when absent: the dropout scales z, d capped / d raw of the soft cap, and the running
+// sums by diagonal (add_diagonal_sums) that the distance bias's gradient takes dS into.
 template <typename T>
-inline T visible_pair(T score, T shift, T delta, const T* a, const T* b, int64_t ldb, int64_t dim,
-                      T* ds) {
-  const T prob = std::exp(score - shift);
-  T dp = 0;
-  for (int64_t d = 0; d < dim; ++d) dp += a[d] * b[d * ldb];
-  *ds = prob * (dp - delta);
-  return prob;
-}
+struct TileGradTerms {
+  const T* keep = nullptr;
+  const T* cap_grad = nullptr;
+  T* diagonal_sums = nullptr;
+};
 
-// The backward on row tile s[qn x kn] = (scale Q) K^T pair by pair: grad_v += P^T dO,
-// grad_k += dS^T (scale Q) and grad_q += dS K (unscaled), dS = P (dO V^T - delta); v_t is
-// V^T [D x kn], grad_q the block's rows [qn x D].
+// The backward on row tile s[qn x kn] = (scale Q) K^T pair by pair: grad_v += (P z)^T dO,
+// grad_k += dS^T (scale Q) and grad_q += dS K (unscaled), dS = P (z dO V^T - delta) times the
+// soft cap's derivative; v_t is V^T [D x kn], grad_q the block's rows [qn x D].
 template <typename T>
 inline void grad_visible(int64_t qn, int64_t kn, int64_t dim, const T* s, const T* lse,
                          const T* delta, const RowsView<T>& q, const RowsView<T>& d_o,
-                         const RowsView<T>& k, const T* v_t, T* grad_q, T* grad_k, T* grad_v) {
+                         const RowsView<T>& k, const T* v_t, T* grad_q, T* grad_k, T* grad_v,
+                         const TileGradTerms<T>& terms) {
   for (int64_t i = 0; i < qn; ++i) {
     if (std::isinf(lse[i])) continue;  // the row sees no key
     const T* q_i = q.data + i * q.ld;
     const T* do_i = d_o.data + i * d_o.ld;
     for (int64_t j = 0; j < kn; ++j) {
-      if (s[i * kn + j] == -std::numeric_limits<T>::infinity()) continue;
-      T ds;
-      const T prob = visible_pair(s[i * kn + j], lse[i], delta[i], do_i, v_t + j, kn, dim, &ds);
+      const int64_t e = i * kn + j;
+      if (s[e] == -std::numeric_limits<T>::infinity()) continue;
+      const T prob = std::exp(s[e] - lse[i]), keep = terms.keep ? terms.keep[e] : T(1);
+      T dp = 0;
+      for (int64_t d = 0; d < dim; ++d) dp += do_i[d] * v_t[d * kn + j];
+      T ds = prob * (keep * dp - delta[i]);
+      if (terms.diagonal_sums) terms.diagonal_sums[j - i + qn - 1] += ds;
+      if (terms.cap_grad) ds *= terms.cap_grad[e];
       const T* k_j = k.data + j * k.ld;
       for (int64_t d = 0; d < dim; ++d) {
-        grad_v[j * dim + d] += prob * do_i[d];
+        grad_v[j * dim + d] += prob * keep * do_i[d];
         grad_k[j * dim + d] += ds * q_i[d];
         grad_q[i * dim + d] += ds * k_j[d];
       }

@@ -9,6 +9,10 @@
 // With kPairs (bfloat16 inputs where the processor multiplies them natively) the five
 // products run on bfloat16 pairs (pair_products.h), P and dS rounded to bfloat16, and the
 // scale goes on dK at the end instead of on Q.
+// Score terms (score_terms_tile.h): the tiles are edited as the forward edited them, dropout
+// scales P for dV and dP for dS, the soft cap's derivative multiplies dS before dK and dQ, and
+// the gradients of the sinks (from delta) and of the distance bias (from dS summed by
+// distance, per task, added in task order) need no atomics either.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -21,16 +25,22 @@
 #include "attention_tile.h"
 #include "pair_products.h"
 #include "parallel.h"
+#include "score_terms_tile.h"
 
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
 
+// delta = rowsum(dO * O) - dlse, and with sinks their gradient: d lse / d sink = exp(sink -
+// lse) = P(sink), so grad_sink = -sum over the head's rows of P(sink) delta.
 template <typename scalar_t>
 void compute_delta(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
   const Problem& p = g.problem;
   const auto* grad_lse = static_cast<const T*>(g.grad_lse);
+  const auto* lse = static_cast<const T*>(g.lse);
+  const auto* sinks = static_cast<const T*>(g.terms.sinks);
   auto* delta = static_cast<T*>(g.delta);
+  std::vector<T> sink_parts(sinks ? p.batch * p.heads : 0, T(0));
   run_parallel(p.batch * p.heads, [&](const NextTask& next) {
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t batch = task / p.heads, head = task % p.heads;
@@ -44,9 +54,20 @@ void compute_delta(const BackwardParams& g) {
         }
         const int64_t row = task * p.q_len + i;
         delta[row] = grad_lse ? sum - grad_lse[row] : sum;
+        const T sink = sinks ? sinks[head] : T(0);
+        if (sinks && sink != -std::numeric_limits<T>::infinity()) {
+          sink_parts[task] -= std::exp(sink - lse[row]) * delta[row];
+        }
       }
     }
   });
+  if (!sinks) return;
+  auto* grad_sinks = static_cast<T*>(g.grad_sinks);
+  for (int64_t head = 0; head < p.heads; ++head) {
+    T sum = 0;
+    for (int64_t batch = 0; batch < p.batch; ++batch) sum += sink_parts[batch * p.heads + head];
+    grad_sinks[head] = sum;
+  }
 }
 
 // A task of the gradient pass: key blocks [kb_begin, kb_end) of one (sequence, kv head). Its
@@ -99,6 +120,56 @@ inline std::vector<KeyRange> key_ranges(const Problem& p, const BlockLists& cols
   return ranges;
 }
 
+// dS summed by distance (key - query - offset) per task, for the distance bias's gradient:
+// range r's query heads each own `size[r]` sums from distance `first[r]` (its first key
+// against the sequence's last query) on, at data + start[r] + head in group * size[r].
+template <typename T>
+struct DistanceSums {
+  std::vector<int64_t> start, first, size;
+  std::vector<T> data;
+
+  DistanceSums(const Problem& p, const std::vector<KeyRange>& ranges, bool wanted) {
+    if (!wanted) return;
+    int64_t total = 0;
+    for (const KeyRange& r : ranges) {
+      const Sequence seq = p.sequence(r.s);
+      const int64_t k0 = r.kb_begin * p.block_size, k1 = std::min(r.kb_end * p.block_size, seq.k_len);
+      start.push_back(total);
+      first.push_back(k0 - (seq.q_len - 1) - seq.window.offset);
+      size.push_back(seq.q_len + (k1 - k0) - 1);
+      total += p.group() * size.back();
+    }
+    data.assign(total, T(0));
+  }
+
+  // Where block pair blk of range r and query head `head` adds its diagonal sums.
+  T* at(const Problem& p, int64_t r, int64_t head, const Sequence& seq, const BlockPair& blk) {
+    if (data.empty()) return nullptr;
+    const int64_t d0 = TileTerms<T>::first_distance(seq, blk.q0, blk.qn, blk.k0);
+    return data.data() + start[r] + (head % p.group()) * size[r] + (d0 - first[r]);
+  }
+
+  // The gradients of the position table and the ALiBi slopes, in range order.
+  void add_into(const Problem& p, const ScoreTerms& terms, const std::vector<KeyRange>& ranges,
+                T* grad_table, T* grad_slopes) const {
+    if (data.empty()) return;
+    for (size_t r = 0; r < ranges.size(); ++r) {
+      const Sequence seq = p.sequence(ranges[r].s);
+      for (int64_t h = 0; h < p.group(); ++h) {
+        const int64_t head = ranges[r].kv_head * p.group() + h;
+        const T* sums = data.data() + start[r] + h * size[r];
+        for (int64_t e = 0; e < size[r]; ++e) {
+          const int64_t d = first[r] + e;
+          if (grad_table) grad_table[head * terms.num_buckets + terms.position_buckets[d + p.k_len - 1]] += sums[e];
+          if (grad_slopes) {
+            grad_slopes[(terms.alibi_batch > 1 ? seq.batch : 0) * p.heads + head] -= static_cast<T>(d < 0 ? -d : d) * sums[e];
+          }
+        }
+      }
+    }
+  }
+};
+
 template <typename scalar_t, bool kPairs = false>
 void backward_kernel(const BackwardParams& g) {
   using T = at::opmath_type<scalar_t>;
@@ -115,6 +186,7 @@ void backward_kernel(const BackwardParams& g) {
   std::unique_ptr<T[]> dq_parts(new T[parts * dq_size]);
   std::vector<uint8_t> written(parts * row_blocks, 0);
   const std::vector<KeyRange> ranges = key_ranges(p, g.cols, parts);
+  DistanceSums<T> distance_sums(p, ranges, g.terms.distance_bias());
 
   const auto cost = [&](int64_t task) { return ranges[task].cost; };
   // A column task reads Q and dO of its kv head's query heads and adds to their dQ partials.
@@ -130,6 +202,9 @@ void backward_kernel(const BackwardParams& g) {
         do_pairs(kPairs ? bs * d2 : 0), do_row_pairs(kPairs ? b2 * dim : 0), tile_pairs(kPairs ? bs * b2 : 0);
     // The scale goes on Q in the accumulation type, on dK with the pairs.
     const T q_scale = kPairs ? T(1) : static_cast<T>(p.scale), k_scale = kPairs ? static_cast<T>(p.scale) : T(1);
+    TileTerms<T> terms(g.terms, p);
+    // Dropout scales, P times them, and the soft cap's derivative, as row tiles.
+    std::vector<T> keep(g.terms.dropout() ? bs * bs : 0), kept_p(keep.size()), cap_grad(g.terms.softcap > 0 ? bs * bs : 0);
     for (int64_t task = next(); task >= 0; task = next()) {
       const KeyRange& range = ranges[task];
       const Sequence seq = p.sequence(range.s);
@@ -158,6 +233,7 @@ void backward_kernel(const BackwardParams& g) {
         }
         for (int64_t head = kv_head * p.group(); head < (kv_head + 1) * p.group(); ++head) {
           const int64_t list = p.list(range.s, head, kb, p.k_blocks);
+          terms.set_head(batch, head);
           for_each_block_pair<false>(p, g.cols, list, seq, kb, [&](const BlockPair& blk) {
             const int64_t qn = blk.qn, row0 = p.q_row(seq, head, blk.q0);
             const int64_t row_block = head * p.total_q_blocks() + first_block(p, range.s, true) + blk.q0 / bs;
@@ -174,18 +250,27 @@ void backward_kernel(const BackwardParams& g) {
               load_rows(qn, dim, q_src, g.q.row_stride, q_scale, q_rows.data());
               d_o = rows_as(do_src, g.grad_out.row_stride, qn, dim, do_rows.data());
             }
-            // P = exp(S - lse) per row, S = (scale Q) K^T; rows that saw no key get 0.
+            // P = exp(S - lse) per row, S = (scale Q) K^T edited by the terms; rows that saw no
+            // key get 0.
+            const T* bias = terms.template distance_bias<false>(seq, blk.q0, qn, blk.k0, kn);
+            T* cap = cap_grad.empty() ? nullptr : cap_grad.data();
+            const auto edit = [&](T* tile, int64_t ld) { terms.template edit_scores<false>(qn, kn, bias, tile, ld, cap); };
             if constexpr (kPairs) {
               pack_pairs(qn, dim, q_src, g.q.row_stride, q_pairs.data());
-              row_scores(p, seq, blk, q_pairs.data(), k_t_pairs.data(), s.data());
+              row_scores(p, seq, blk, q_pairs.data(), k_t_pairs.data(), s.data(), edit);
             } else {
-              row_scores(p, seq, blk, q, k_t.data(), s.data());
+              row_scores(p, seq, blk, q, k_t.data(), s.data(), edit);
             }
+            if (!keep.empty()) {
+              terms.template dropout_scales<false>(seq.q_begin + blk.q0, qn, seq.k_begin + k0, kn, keep.data(), kn);
+            }
+            const TileGradTerms<T> tile_terms{keep.empty() ? nullptr : keep.data(), cap,
+                                              distance_sums.at(p, task, head, seq, blk)};
             if (blk.masked && !(kv_finite && all_finite(q.data, q.ld, qn, dim) &&
                                 all_finite(d_o.data, d_o.ld, qn, dim) &&
                                 row_stats_finite(lse + row0, delta + row0, qn))) {
               return grad_visible(qn, kn, dim, s.data(), lse + row0, delta + row0, q, d_o, k,
-                                  v_t.data(), grad_q, grad_k.data(), grad_v.data());
+                                  v_t.data(), grad_q, grad_k.data(), grad_v.data(), tile_terms);
             }
             for (int64_t i = 0; i < qn; ++i) {
               T* row = s.data() + i * kn;
@@ -195,18 +280,31 @@ void backward_kernel(const BackwardParams& g) {
                 exp_shift_sum(row, kn, lse[row0 + i]);
               }
             }
-            // dV += P^T dO; dS = P (dO V^T - delta); dK += dS^T Q; dQ += dS K.
+            // dV += (P z)^T dO; dS = P (z dO V^T - delta), times the cap's derivative; dK += dS^T Q;
+            // dQ += dS K.
+            using Vec = Vectorized<T>;
+            const auto multiply = [&](T* x, const T* y) {
+              at::vec::map2([](Vec a, Vec b) { return a * b; }, x, x, y, qn * kn);
+            };
+            const T* probs = s.data();
+            if (!keep.empty()) {
+              at::vec::map2([](Vec a, Vec b) { return a * b; }, kept_p.data(), s.data(), keep.data(), qn * kn);
+              probs = kept_p.data();
+            }
             const auto softmax_grad = [&] {
+              if (!keep.empty()) multiply(dp.data(), keep.data());
               for (int64_t i = 0; i < qn; ++i) {
                 softmax_grad_row(s.data() + i * kn, dp.data() + i * kn, kn, delta[row0 + i]);
               }
+              if (tile_terms.diagonal_sums) add_diagonal_sums(qn, kn, dp.data(), kn, tile_terms.diagonal_sums);
+              if (cap) multiply(dp.data(), cap);
             };
             if (!pairs) {
               // Sums over what the window hides (P = dS = 0) left out; dP is whole, so that
               // dS = 0 there.
               const SeenColumns<true> seen_queries{seq, blk};
               const SeenColumns<false> seen_keys{seq, blk};
-              gemm<true, true>(kn, dim, qn, s.data(), kn, d_o.data, d_o.ld, grad_v.data(), dim, seen_queries);
+              gemm<true, true>(kn, dim, qn, probs, kn, d_o.data, d_o.ld, grad_v.data(), dim, seen_queries);
               gemm<false>(qn, kn, dim, d_o.data, d_o.ld, v_t.data(), kn, dp.data(), kn);
               softmax_grad();
               gemm<true, true>(kn, dim, qn, dp.data(), kn, q.data, q.ld, grad_k.data(), dim, seen_queries);
@@ -216,7 +314,7 @@ void backward_kernel(const BackwardParams& g) {
               pack_pairs(qn, dim, do_src, g.grad_out.row_stride, do_pairs.data());
               pack_row_pairs(qn, dim, do_src, g.grad_out.row_stride, do_row_pairs.data());
               pack_row_pairs(qn, dim, q_src, g.q.row_stride, q_row_pairs.data());
-              pack_row_pairs(qn, kn, s.data(), kn, tile_pairs.data());
+              pack_row_pairs(qn, kn, probs, kn, tile_pairs.data());
               gemm_pairs<true, true>(kn, dim, q2, tile_pairs.data(), kn, do_row_pairs.data(), dim, grad_v.data(), dim);
               gemm_pairs<false>(qn, kn, d2, do_pairs.data(), d2, v_t_pairs.data(), kn, dp.data(), kn);
               softmax_grad();
@@ -233,6 +331,8 @@ void backward_kernel(const BackwardParams& g) {
       }
     }
   }, section);
+  distance_sums.add_into(p, g.terms, ranges, static_cast<T*>(g.grad_position_bias),
+                         static_cast<T*>(g.grad_alibi_slopes));
 
   // dQ = scale * (part 0 + part 1 + ...), over the parts that hold anything.
   run_parallel(row_blocks, [&](const NextTask& next) {

@@ -3,6 +3,8 @@
 // the output accumulator in the accumulation type and writing out and lse once. With kPairs
 // (bfloat16 inputs where the processor multiplies them natively) the two tile products run on
 // bfloat16 pairs (pair_products.h), P rounded to bfloat16 as the second one reads it.
+// Score terms (score_terms_tile.h) edit each tile before the element mask; dropout scales P
+// after the row statistics took it, and a sink joins the denominator at the end.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -14,6 +16,7 @@
 #include "attention_tile.h"
 #include "pair_products.h"
 #include "parallel.h"
+#include "score_terms_tile.h"
 
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
@@ -36,6 +39,8 @@ void forward_kernel(const ForwardParams& f) {
     std::vector<T> v_rows(bs * dim), s_t(bs * bs), acc(bs * dim), m(bs), l(bs), new_max(bs),
         shift(bs), block_sum(bs), correction(bs);
     std::vector<Pair> v_pairs(kPairs ? pairs_of(bs) * dim : 0), p_pairs(kPairs ? pairs_of(bs) * bs : 0);
+    TileTerms<T> terms(f.terms, p);
+    std::vector<T> drop(f.terms.dropout() ? bs * bs : 0);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
       const Sequence& seq = row.seq;
@@ -45,11 +50,14 @@ void forward_kernel(const ForwardParams& f) {
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
+      terms.set_head(batch, head);
 
       for_each_block_pair<true>(p, f.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
+        const T* bias = terms.template distance_bias<true>(seq, q0, qn, blk.k0, kn);
+        const auto edit = [&](T* s, int64_t ld) { terms.template edit_scores<true>(kn, qn, bias, s, ld, nullptr); };
         scorer.scores(p, seq, blk, operand_rows<scalar_t>(f.k, batch, kv_head, seq.k_begin + blk.k0),
-                      f.k.row_stride, s_t.data());
+                      f.k.row_stride, s_t.data(), edit);
         const scalar_t* v_src = operand_rows<scalar_t>(f.v, batch, kv_head, seq.k_begin + blk.k0);
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
         // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
@@ -64,6 +72,11 @@ void forward_kernel(const ForwardParams& f) {
         online_softmax_step(m.data(), new_max.data(), l.data(), block_sum.data(), correction.data(), qn);
         for (int64_t i = 0; i < qn; ++i) {
           if (correction[i] != T(1)) scale_row(acc.data() + i * dim, dim, correction[i]);
+        }
+        if (f.terms.dropout()) {  // the sums above took P whole
+          terms.template dropout_scales<true>(seq.q_begin + q0, qn, seq.k_begin + blk.k0, kn, drop.data(), qn);
+          at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, s_t.data(), s_t.data(),
+                        drop.data(), kn * qn);
         }
         // O += P V, with P read from its transposed tile. A masked tile whose V holds inf or NaN
         // takes its products pair by pair, with V in the accumulation type.
@@ -84,11 +97,20 @@ void forward_kernel(const ForwardParams& f) {
 
       const int64_t row0 = p.q_row(seq, head, q0);
       for (int64_t i = 0; i < qn; ++i) {
-        // A row that saw no key returns 0 with lse = -inf; a NaN sum (NaN inputs) is not "no
-        // key": that row returns NaN.
+        // A row that saw no key returns 0 with lse = -inf (the sink's logit with a sink); a NaN
+        // sum (NaN inputs) is not "no key": that row returns NaN.
         const bool seen = !(l[i] == T(0));
-        lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
-        store_rows(1, dim, acc.data() + i * dim, seen ? T(1) / l[i] : T(0), out + (row0 + i) * dim, dim);
+        T mul = seen ? T(1) / l[i] : T(0);
+        if (!f.terms.sinks) {
+          lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
+        } else if (!seen) {
+          lse[row0 + i] = terms.sink;
+        } else {  // lse = log(l e^m + e^sink), shifted by the larger of m and the sink
+          const T top = std::max(m[i], terms.sink);
+          lse[row0 + i] = top + std::log(l[i] * std::exp(m[i] - top) + std::exp(terms.sink - top));
+          mul = std::exp(m[i] - lse[row0 + i]);
+        }
+        store_rows(1, dim, acc.data() + i * dim, mul, out + (row0 + i) * dim, dim);
       }
     }
   }, section);

@@ -6,6 +6,7 @@
 
 #include "../operand.h"
 #include "../problem.h"
+#include "../score_terms.h"
 
 namespace sparse_attention::cpu {
 
@@ -25,6 +26,7 @@ struct ForwardParams {
   void* out = nullptr;  // contiguous [B, H, Nq, D], input dtype
   void* lse = nullptr;  // contiguous [B, H, Nq], accumulation dtype
   BlockLists rows;
+  ScoreTerms terms;
 };
 
 struct BlockMassParams {
@@ -45,6 +47,11 @@ struct BackwardParams {
   void* grad_k = nullptr;          // contiguous [B, Hkv, Nk, D], input dtype
   void* grad_v = nullptr;
   BlockLists rows, cols;
+  ScoreTerms terms;
+  // Gradients of the terms given (accumulation dtype, the terms' shapes), else null.
+  void* grad_sinks = nullptr;
+  void* grad_alibi_slopes = nullptr;
+  void* grad_position_bias = nullptr;
 };
 
 }  // namespace sparse_attention::cpu

@@ -20,6 +20,7 @@
 
 #include "../input_checks.h"
 #include "../packed_sequences.h"
+#include "../score_terms.h"
 #include "hopper/kernels_sm90.h"
 #include "params.h"
 #include "supported_cases.h"
@@ -208,7 +209,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool /*deterministic: the forward always is*/, c10::string_view cuda_kernels) {
+    bool /*deterministic: the forward always is*/, c10::string_view cuda_kernels,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
+    double softcap, double dropout_p, int64_t /*seed*/) {
+  refuse_score_terms("CUDA", sinks, alibi_slopes, position_bias, position_buckets, softcap, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
                        window_left, window_right,
@@ -226,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& row_offsets, const at::Tensor& row_indices, const at::Tensor& row_num_full,
@@ -234,7 +239,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t block_size, double scale, int64_t window_left, int64_t window_right,
-    bool deterministic, c10::string_view cuda_kernels) {
+    bool deterministic, c10::string_view cuda_kernels,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
+    double softcap, double dropout_p, int64_t /*seed*/) {
+  refuse_score_terms("CUDA", sinks, alibi_slopes, position_bias, position_buckets, softcap, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
                        window_left, window_right,
@@ -285,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     run<false>(c, p.dtype);
   }
   if (!grad_q_pass) grad_q.copy_(grad_q_accum.mul_(scale));  // the final conversion
-  return {grad_q, grad_k, grad_v};
+  const at::Tensor none = at::empty({0}, q.options().dtype(at::kFloat));  // no score terms here
+  return {grad_q, grad_k, grad_v, none, none, none};
 }
 
 }  // namespace
