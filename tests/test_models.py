@@ -108,7 +108,7 @@ def test_sparse_and_sdpa_paths_give_the_same_model(positions):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    config = lm_config(dropout=0.1)
+    config = lm_config(dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)
     plain = SparseTransformerLM(config)
     checkpointed = SparseTransformerLM(dataclasses.replace(config, gradient_checkpointing=True))
@@ -119,6 +119,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, labels=x).loss.backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_attention_dropout_in_training_on_the_sparse_path():
+    torch.manual_seed(0)
+    model = SparseTransformerLM(lm_config(attention_dropout=0.2))
+    x = tokens()
+    losses = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        losses.append(model(x, labels=x).loss)
+    assert paths(model) == ["sparse"] * 3
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    with torch.no_grad():
+        assert model.eval()(x, labels=x).loss != losses[0]
+    losses[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_compile_fullgraph_whole_models_with_padding():
@@ -303,11 +319,6 @@ def test_errors():
         model(tokens(), labels=tokens()[:, :-1])
     with pytest.raises(ValueError, match="labels, targets: pass one"):
         model(tokens(), labels=tokens(), targets=tokens())
-    dropout = SparseTransformerLM(lm_config(attention_dropout=0.1))
-    with pytest.raises(ValueError, match="dropout: layer 0 runs the sparse kernels"):
-        dropout(tokens())
-    dropout.eval()
-    dropout(tokens())
     classifier = SparseTransformerClassifier(classifier_config())
     with pytest.raises(ValueError, match=r"labels: expected a class index tensor of shape \(2,\)"):
         classifier(tokens(), labels=torch.tensor([1]))

@@ -156,21 +156,42 @@ def test_dispatch_thresholds_and_log_once(caplog):
     assert len(lines) == 2 and "sparse attention" in lines[0] and "sdpa attention" in lines[1], lines
 
 
-def test_attention_dropout_sdpa_path_only():
+def test_attention_dropout_on_both_paths():
     module = SparseMultiheadAttention(E, H, dropout=0.5, pattern=sa.Local(64, block_size=BS), sdpa_max_len=0)
     x = torch.randn(N, 1, E)
-    with pytest.raises(ValueError, match="dropout: .* no attention dropout"):
-        module(x, x, x)
     module.eval()
-    module(x, x, x)  # no dropout in eval
+    plain = module(x, x, x)[0]
     module.train()
-    short = torch.randn(32, 1, E)
-    module.dispatch.sdpa_max_len = 64
-    torch.manual_seed(0)
-    a = module(short, short, short)[0]
-    torch.manual_seed(1)
-    b = module(short, short, short)[0]
-    assert not torch.equal(a, b)  # dropout applied on the SDPA path
+    for length, path in ((N, "sparse"), (32, "sdpa")):
+        module.dispatch.sdpa_max_len = 64
+        y = x[:length]
+        outs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            outs.append(module(y, y, y)[0])
+        assert module.attention_path == path
+        assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+        assert not torch.allclose(outs[0], plain[:length] if path == "sdpa" else plain)
+        outs[0].sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("call", ["pattern", "layout", "documents"])
+def test_dispatch_passes_dropout_to_the_kernels(call):
+    """The sparse path draws its seed as sparse_attention(seed=None) does."""
+    pattern = sa.Local(64, block_size=BS)
+    dispatch = AttentionDispatch(pattern, sdpa_max_len=0)
+    q, k, v = (random_inputs(1, H, N, 16, seed=s) for s in range(3))
+    extra = {"pattern": {}, "layout": {"layout": pattern.layout(N, N, num_heads=H)},
+             "documents": {"cu_seqlens": torch.tensor([0, 70, N])}}[call]
+    torch.manual_seed(5)
+    ours = dispatch(q, k, v, causal=True, dropout_p=0.3, **extra)
+    torch.manual_seed(5)
+    theirs = sa.sparse_attention(q, k, v, extra.get("layout", pattern), causal=True, dropout_p=0.3,
+                                 cu_seqlens=extra.get("cu_seqlens"))
+    assert dispatch.last_path == "sparse"
+    assert_close_with_grads(ours, theirs, (q, k, v), atol=1e-12)
+    assert not torch.allclose(ours, dispatch(q, k, v, causal=True, **extra))
 
 
 # --- SparseSelfAttention: DeepSpeed's interface --------------------------------------------------

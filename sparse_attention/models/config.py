@@ -43,7 +43,7 @@ class SparseTransformerConfig:
     pattern_params: dict | list[dict] = dataclasses.field(default_factory=dict)
     positions: str = "learned"
     dropout: float = 0.0  # embeddings and residual branches
-    attention_dropout: float = 0.0  # SDPA path only; see sparse_attention.nn.dispatch
+    attention_dropout: float = 0.0  # on the probabilities, SDPA and sparse paths alike
     bias: bool = True
     tie_embeddings: bool = True
     gradient_checkpointing: bool = False

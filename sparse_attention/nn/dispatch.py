@@ -22,9 +22,9 @@ The choice is made outside any compiled graph (it becomes a constant of the grap
 once per path at DEBUG level on the "sparse_attention.nn" logger, and readable afterwards as
 `last_path`.
 
-Attention dropout: the sparse kernels have none. On the SDPA path dropout is applied as SDPA
-applies it; on the sparse path a dropout above 0 in training raises a ValueError instead of
-being dropped silently.
+Attention dropout applies on both paths: SDPA's own on the SDPA path, the kernels' (Philox
+bits drawn from torch's default generator, so torch.manual_seed repeats a run) on the sparse
+path. The two draw different bits: only their distribution is the same.
 """
 
 from __future__ import annotations
@@ -165,31 +165,21 @@ class AttentionDispatch(KnownById):
         (B * Nk keys) taken row after row; each document is attended alone, on the kernels."""
         if cu_seqlens is not None or cu_seqlens_k is not None:
             self.last_path = "sparse"
-            self._check_no_dropout(dropout_p, k.shape[2])
             return attention_over_rows(q, k, v, self.pattern if layout is None else layout,
                                        cu_seqlens, cu_seqlens_k, causal=causal, scale=scale,
-                                       key_padding_mask=key_padding_mask)
+                                       key_padding_mask=key_padding_mask, dropout_p=dropout_p)
         if layout is not None:
             self.last_path = "sparse"
-            self._check_no_dropout(dropout_p, k.shape[2])
             return sparse_attention(q, k, v, layout, causal=causal, scale=scale,
-                                    key_padding_mask=key_padding_mask)
+                                    key_padding_mask=key_padding_mask, dropout_p=dropout_p)
         num_heads, q_len, k_len = (operator.index(n) for n in (q.shape[1], q.shape[2], k.shape[2]))
         choice = _choose(self, q_len, k_len, num_heads, bool(causal), key_padding_mask is not None,
                          q.device, q.dtype, operator.index(q.shape[3]))
         if choice.path == "sparse":
-            self._check_no_dropout(dropout_p, k_len)
+            # seed=None: the kernels' seed comes from torch's default generator.
             return sparse_attention(q, k, v, self.pattern, causal=causal, scale=scale,
-                                    key_padding_mask=key_padding_mask)
+                                    key_padding_mask=key_padding_mask, dropout_p=dropout_p)
         return _sdpa(q, k, v, choice, key_padding_mask, dropout_p, scale)
-
-    def _check_no_dropout(self, dropout_p: float, k_len: int) -> None:
-        if dropout_p > 0:
-            raise ValueError(
-                f"dropout: {self.owner} runs the sparse kernels here ({k_len} keys), which have "
-                f"no attention dropout; set the attention dropout to 0 (residual dropout is "
-                f"unaffected) or evaluate with model.eval()"
-            )
 
 
 def _pattern_element_mask(pattern: Pattern, q_len: int, k_len: int, num_heads: int, causal: bool,

@@ -29,9 +29,10 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     - attn_mask may only be the causal mask (bool, True above the diagonal, or float -inf
       above it) or be replaced by is_causal=True; other structures belong in the pattern;
     - float key padding masks must hold 0 (keep) or -inf / large negatives (ignore);
-    - add_bias_kv and add_zero_attn are not supported;
-    - attention dropout applies on the SDPA path; on the sparse path dropout > 0 in training
-      raises ValueError.
+    - add_bias_kv and add_zero_attn are not supported.
+
+    Attention dropout (`dropout`, in training) applies on both paths: SDPA's on the SDPA path,
+    the kernels' on the sparse path (its bits drawn from torch's default generator).
 
     Args (beyond nn.MultiheadAttention's):
         pattern: a Pattern (or DeepSpeed config) for num_heads heads.

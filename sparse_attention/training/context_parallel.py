@@ -101,10 +101,13 @@ class _ShardedDispatch:
         if not self.parallel._active:
             return self.inner(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                               dropout_p=dropout_p, scale=scale, layout=layout, **kwargs)
-        if key_padding_mask is not None or dropout_p > 0 or any(
-                value is not None for value in kwargs.values()):
-            raise ValueError("context_parallel: no key padding, attention dropout or packed "
-                             "documents across shards")
+        if dropout_p > 0:
+            # The kernels key dropout's bits by the rows of the tensors they get, which are a
+            # shard's, not the sequence's: the ranks would not drop what one device drops.
+            raise ValueError(f"dropout: attention dropout (p={dropout_p}) is not applied across "
+                             "context-parallel shards; set the model's attention_dropout to 0")
+        if key_padding_mask is not None or any(value is not None for value in kwargs.values()):
+            raise ValueError("context_parallel: no key padding or packed documents across shards")
         return context_parallel_attention(q, k, v, self.inner.pattern if layout is None else layout,
                                           group=self.parallel.group, causal=causal, scale=scale,
                                           sharding=SHARDING)
