@@ -9,6 +9,7 @@ from sparse_attention.patterns import (
     LocalSlidingWindowSparsityConfig, Longformer, Pattern, Random, SparsityConfig, Strided,
     Union, VariableSparsityConfig, from_name, stride_for,
 )
+from sparse_attention.score_terms import PositionBias
 from sparse_attention.show import show, show_text
 from sparse_attention.support import supported
 from sparse_attention.tensor_layout import TensorLayout
@@ -37,6 +38,7 @@ __all__ = [
     "Longformer",
     "PATTERN_NAMES",
     "Pattern",
+    "PositionBias",
     "Random",
     "SparsityConfig",
     "Strided",

@@ -34,6 +34,13 @@ CUDA_HOPPER_HEAD_DIMS = (64, 128)
 CUDA_HOPPER_BLOCK_SIZES = (128,)
 CUDA_HOPPER_DEFAULT = False  # not yet run on a GPU
 
+# --- Score terms (sparse_attention.score_terms): which terms each family computes. A CUDA call
+# with a term its kernels do not take runs the dense reference in float32 instead (said once).
+SCORE_TERMS = ("sinks", "alibi_slopes", "softcap", "position_bias", "dropout")
+CPU_SCORE_TERMS = SCORE_TERMS
+CUDA_SCORE_TERMS = ()
+CUDA_HOPPER_SCORE_TERMS = ()
+
 # Tile shape of the CUDA kernels (csrc/cuda/kernel_traits.h has the same constants; the
 # generated header asserts that the sizes computed here equal the traits').
 CUDA_KEY_TILE = 64

@@ -102,14 +102,19 @@ def _block_mass_fake(q, k, lse, row_offsets, row_indices, row_num_full, key_padd
 _TERM_GRADS = ("sinks", "alibi_slopes", "position_bias")  # after grad_q, grad_k, grad_v
 
 
+_BACKWARD_ARGS = tuple(a.name for a in _ops.backward.default._schema.arguments)
+
+
 @torch.library.register_fake("sparse_attention::backward")
-def _backward_fake(grad_out, grad_lse, q, k, v, *args, **kwargs):
+def _backward_fake(*args, **kwargs):
     def like(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
-    terms = tuple(like(kwargs[name]) if kwargs.get(name) is not None
+    given = {**dict(zip(_BACKWARD_ARGS, args)), **kwargs}
+    q = given["q"]
+    terms = tuple(like(given[name]) if given.get(name) is not None
                   else torch.empty(0, dtype=torch.float32, device=q.device) for name in _TERM_GRADS)
-    return (like(q), like(k), like(v)) + terms
+    return (like(q), like(given["k"]), like(given["v"])) + terms
 
 
 _FORWARD_ARGS = tuple(a.name for a in _ops.forward.default._schema.arguments)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-SCORE_TERM_NAMES = ("sinks", "alibi_slopes", "softcap", "position_bias", "dropout")
+from sparse_attention.kernel_table import SCORE_TERMS as SCORE_TERM_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

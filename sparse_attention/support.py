@@ -98,8 +98,20 @@ def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> lis
     return reasons
 
 
+def _term_reasons(device_type: str, terms) -> list[str]:
+    if isinstance(terms, str):
+        terms = (terms,)
+    unknown = [t for t in terms if t not in table.SCORE_TERMS]
+    if unknown:
+        raise ValueError(f"terms: expected names from {', '.join(table.SCORE_TERMS)}, got {', '.join(map(repr, unknown))}")
+    if device_type != "cuda":
+        return []
+    return [f"{term}: the CUDA kernels do not take it yet (sa.sparse_attention computes calls with it "
+            "densely in float32, O(N^2) memory)" for term in terms if term not in table.CUDA_SCORE_TERMS]
+
+
 def supported(device_type, dtype, head_dim: int, block_size: int, *,
-              capability: tuple[int, int] | None = None) -> list[str]:
+              capability: tuple[int, int] | None = None, terms=()) -> list[str]:
     """The reasons the kernels cannot run a case; an empty list when they can.
 
     Args:
@@ -109,6 +121,8 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
         block_size: tokens per layout block.
         capability: a CUDA GPU's compute capability, e.g. (8, 6). Default: the current
             device's when a GPU is visible, else the architecture is not checked.
+        terms: score terms the call uses (names from kernel_table.SCORE_TERMS: "sinks",
+            "alibi_slopes", "softcap", "position_bias", "dropout").
 
     >>> sa.supported("cpu", torch.bfloat16, 64, 64)
     []
@@ -119,13 +133,14 @@ def supported(device_type, dtype, head_dim: int, block_size: int, *,
     device_type = _device_type(device_type)
     dtype = _dtype_name(dtype)
     head_dim, block_size = _check_int("head_dim", head_dim), _check_int("block_size", block_size)
+    term_reasons = _term_reasons(device_type, terms)
     if device_type == "cuda":
         if not built_with_cuda():
             return [NO_CUDA_BUILD]
         if capability is None and torch.cuda.is_available():
             capability = torch.cuda.get_device_capability()
     return list(_reasons(device_type, dtype, head_dim, block_size,
-                         None if capability is None else tuple(capability)))
+                         None if capability is None else tuple(capability))) + term_reasons
 
 
 def hopper_kernels(dtype, head_dim: int, block_size: int, *,

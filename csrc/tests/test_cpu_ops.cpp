@@ -23,7 +23,8 @@ using ForwardFn = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, double, int64_t, int64_t,
-    bool, c10::string_view);
+    bool, c10::string_view, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, double, double, int64_t);
 
 int checks = 0, failures = 0;
 
@@ -106,7 +107,8 @@ void run_case(const Case& c) {
   const auto [out, lse] =
       forward.call(q, k, v, row_offsets, row_indices, row_num_full, col_offsets, col_indices,
                    col_num_full, pad, std::nullopt, std::nullopt, c.block_size, scale, c.window_left, c.window_right,
-                   /*deterministic=*/false, /*cuda_kernels=*/"auto");
+                   /*deterministic=*/false, /*cuda_kernels=*/"auto", std::nullopt, std::nullopt,
+                   std::nullopt, std::nullopt, /*softcap=*/0.0, /*dropout_p=*/0.0, /*seed=*/0);
   const auto [ref_out, ref_lse] = dense_attention(q, k, v, element_mask(block_mask, c, pad), scale);
   check(out.sizes() == q.sizes() && out.scalar_type() == c.dtype, name + ": out shape and dtype");
 
@@ -134,14 +136,18 @@ void check_wrong_rank_throws() {
           .call(at::ones({1, 2, 2}, at::kBool), n, n, block_size, -1, 0);
   const Tensor kv = at::randn({1, 2, n, 16});
   const Tensor q3 = at::randn({2, n, 16});  // missing the batch dimension
-  bool threw_value_error = false;
-  try {
-    forward.call(q3, kv, kv, ro, ri, rf, co, ci, cf, std::nullopt, std::nullopt, std::nullopt,
-                 block_size, 0.25, -1, 0, false, "auto");
-  } catch (const c10::Error& e) {
-    threw_value_error = dynamic_cast<const c10::ValueError*>(&e) != nullptr;
-  }
-  check(threw_value_error, "forward with a 3-d q throws c10::ValueError");
+  const auto throws_value_error = [&](const Tensor& q, double softcap) {
+    try {
+      forward.call(q, kv, kv, ro, ri, rf, co, ci, cf, std::nullopt, std::nullopt, std::nullopt,
+                   block_size, 0.25, -1, 0, false, "auto", std::nullopt, std::nullopt, std::nullopt,
+                   std::nullopt, softcap, 0.0, 0);
+    } catch (const c10::Error& e) {
+      return dynamic_cast<const c10::ValueError*>(&e) != nullptr;
+    }
+    return false;
+  };
+  check(throws_value_error(q3, 0.0), "forward with a 3-d q throws c10::ValueError");
+  check(throws_value_error(at::randn({1, 2, n, 16}), -1.0), "forward with softcap < 0 throws c10::ValueError");
 }
 
 }  // namespace
