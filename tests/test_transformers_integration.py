@@ -5,7 +5,8 @@ equal SDPA with transformers' full mask intersected with the pattern's element m
 GPT-2 (per-layer scaling), Llama (GQA), Mistral (sliding window), Qwen2 (full and sliding
 layers), Qwen3 (head_dim != hidden / heads), BERT and RoBERTa (bidirectional encoders); right
 and left padding, decoding with dynamic, sliding-window and static caches, custom 4D masks,
-bf16. Packed sequences: tests/test_transformers_packing.py.
+bf16. Packed sequences: tests/test_transformers_packing.py; soft-capping, sinks and
+dropout: tests/test_transformers_score_terms.py.
 """
 
 from __future__ import annotations
@@ -452,18 +453,27 @@ def test_rotary_models_need_no_extension():
     assert model.config.max_position_embeddings == 512
 
 
-def test_attention_dropout_in_training_is_an_error_unless_ignored():
+def test_attention_dropout_in_training_is_applied_unless_ignored():
+    """On the kernels (a dense pattern never takes SDPA here), repeatably under
+    torch.manual_seed; ignore_dropout=True trains without it."""
     config = gpt2_config()
     config.attn_pdrop = 0.1
     model = build("gpt2", DENSE, config=config).train()
     ids, mask = inputs(padding="none")
-    with pytest.raises(ValueError, match="dropout: .*p=0.1"):
-        model(ids, attention_mask=mask)
-    model.eval()(ids, attention_mask=mask)  # no dropout outside training
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(model(ids, attention_mask=mask).logits)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    runs[0].sum().backward()
+    with torch.no_grad():
+        evaluated = model.eval()(ids, attention_mask=mask).logits
+    assert not torch.allclose(runs[0], evaluated)
     register("sparse_attention_test_no_dropout", pattern=sa.Dense(block_size=BLOCK),
              ignore_dropout=True)
     model.set_attn_implementation("sparse_attention_test_no_dropout")
-    model.train()(ids, attention_mask=mask).logits.sum().backward()
+    with torch.no_grad():
+        assert_close(model.train()(ids, attention_mask=mask).logits, evaluated, 1e-6)
 
 
 def test_pattern_for_another_head_count_is_refused():
@@ -491,12 +501,14 @@ def test_causal_pattern_in_an_encoder_is_refused():
         model(inputs()[0])
 
 
-def test_unsupported_arguments_are_refused():
+@pytest.mark.parametrize("name", ["position_bias", "head_mask"])
+def test_unsupported_arguments_are_refused(name):
     model = build("llama", DENSE)
     q = torch.randn(1, 4, 10, 16)
     k = torch.randn(1, 2, 10, 16)
-    with pytest.raises(ValueError, match="softcap"):
-        AttentionInterface()[DENSE](model.model.layers[0].self_attn, q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match=f"{name}: LlamaAttention asks for"):
+        AttentionInterface()[DENSE](model.model.layers[0].self_attn, q, k, k, None,
+                                    **{name: torch.zeros(1, 4, 10, 10)})
 
 
 @pytest.mark.parametrize("arguments, error", [

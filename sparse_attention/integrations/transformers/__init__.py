@@ -9,6 +9,8 @@
 
 Packed batches (position_ids that restart, or the cu_seq_lens_q / cu_seq_lens_k kwargs of
 DataCollatorWithFlattening) run on the op's cu_seqlens, every document attended alone.
+Logit soft-capping (Gemma 2), attention sinks (gpt-oss) and attention dropout in training run
+on the op's score terms (see `terms`).
 
 Needs transformers >= MINIMUM_VERSION (`pip install sparse_attention[transformers]`).
 """

@@ -1,8 +1,9 @@
 """The attention function registered with transformers' AttentionInterface.
 
 Models call it as `attention(module, query, key, value, attention_mask, dropout=,
-scaling=, sliding_window=, ...)` with query [B, H, Nq, D] and key, value [B, Hkv, Nk, D]
-(GQA when Hkv < H), and expect (output [B, Nq, H, D], attention weights or None).
+scaling=, sliding_window=, softcap=, s_aux=, ...)` with query [B, H, Nq, D] and key, value
+[B, Hkv, Nk, D] (GQA when Hkv < H), and expect (output [B, Nq, H, D], attention weights or
+None).
 """
 
 from __future__ import annotations
@@ -15,31 +16,8 @@ from sparse_attention.integrations.transformers.fallback import (
 )
 from sparse_attention.integrations.transformers.masks import PositionedMask, TokenRules
 from sparse_attention.integrations.transformers.packed import call_documents, packed_attention
+from sparse_attention.integrations.transformers.terms import model_terms
 from sparse_attention.patterns import Dense, Pattern
-
-# Arguments some models pass that change attention in ways the op does not compute.
-UNSUPPORTED_ARGUMENTS = {
-    "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
-    "position_bias": "an additive position bias",
-    "head_mask": "a head mask",
-}
-
-
-def _check_arguments(module, dropout: float, ignore_dropout: bool, kwargs: dict) -> None:
-    model = type(module).__name__
-    for name, meaning in UNSUPPORTED_ARGUMENTS.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"{name}: {model} asks for {meaning}, which sparse_attention does not compute; "
-                f"use attn_implementation='sdpa' or 'eager' for this model"
-            )
-    if dropout and not ignore_dropout:
-        raise ValueError(
-            f"dropout: {model} asks for attention dropout p={dropout} in training, which the "
-            f"sparse_attention kernels do not apply; set the config's attention dropout to 0, or "
-            f"register(..., ignore_dropout=True) to train without it"
-        )
 
 
 def _rules_without_mask(module, key, is_causal, sliding_window) -> TokenRules:
@@ -73,15 +51,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     cu_seq_lens_q / cu_seq_lens_k kwargs, or position_ids that restart: see `packed`) run
     on the op's cu_seqlens, each document attended alone. Query rows that
     see no key (left padding under causal attention) give 0, as transformers' SDPA path gives
-    for them. Returns (output [B, Nq, H, D], None)."""
-    _check_arguments(module, dropout, ignore_dropout, kwargs)
+    for them. Soft-capping (softcap), sinks (s_aux) and attention dropout in training run on
+    the op's score terms, on every path (see `terms`). Returns (output [B, Nq, H, D], None)."""
+    terms = model_terms(module, dropout, ignore_dropout, kwargs)
     if isinstance(attention_mask, torch.Tensor):
         attention_mask = place_caller_mask(attention_mask, query.shape[2], key.shape[2])
     if isinstance(attention_mask, PositionedMask):
         return masked_dense_attention(
             module, query, key, value, attention_mask, pattern, scaling,
             "a mask that the block-sparse kernels cannot express (a custom 4D mask or an "
-            "overlay)",
+            "overlay)", terms,
         )
     if attention_mask is None:
         rules = _rules_without_mask(module, key, is_causal, sliding_window)
@@ -96,7 +75,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     key, value = key[:, :, :rules.key_count], value[:, :, :rules.key_count]
     documents = call_documents(rules, query, key, kwargs)
     if documents is not None:
-        return packed_attention(query, key, value, pattern, rules, documents, scaling), None
+        return packed_attention(query, key, value, pattern, rules, documents, scaling, terms), None
     if rules.key_offset and not isinstance(pattern, Dense):
         # The pattern's blocks start at position 0: they do not line up with keys that start
         # mid-sequence. Such a cache holds about a window of keys, so this is cheap.
@@ -104,8 +83,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             module, query, key, value, rules_as_mask(rules, query.shape[2], query.device),
             pattern, scaling,
             "its sliding-window cache dropped the oldest keys, and the pattern's blocks do not "
-            "line up with the keys it kept",
+            "line up with the keys it kept", terms,
         )
     out = sparse_attention(query, key, value, pattern, causal=rules.causal, scale=scaling,
-                           key_padding_mask=rules.key_padding_mask, window=rules.window)
+                           key_padding_mask=rules.key_padding_mask, window=rules.window, **terms)
     return out.transpose(1, 2).contiguous(), None

@@ -3,7 +3,8 @@
 Used for masks the op's rules cannot express (custom 4D masks, overlays) and
 for sparse patterns over sliding-window caches that dropped keys (the pattern's blocks no
 longer line up with the keys). The pattern is laid at the queries' and keys' absolute
-positions, so the result is what the op computes on the full sequence.
+positions, so the result is what the op computes on the full sequence. Soft-capping and
+sinks, which SDPA does not take, are computed by attention written out here.
 """
 
 from __future__ import annotations
@@ -61,10 +62,40 @@ def place_caller_mask(mask: torch.Tensor, q_len: int, k_len: int) -> PositionedM
     return PositionedMask(mask, q_offset=k_len - q_len, kv_offset=0)
 
 
+def _attention_with_terms(query, key, value, mask, scaling, softcap, sinks, dropout_p):
+    """Attention with soft-capping and sinks, as the op applies them (softcap on the scaled
+    scores, then the mask, then the sinks in the denominator); a row that sees no key gives 0.
+    Returns [B, Nq, H, D]."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.to(dtype).repeat_interleave(groups, dim=1) for t in (key, value))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.to(dtype) @ key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    # Zeros in rows that see no key keep -inf - -inf out of softmax and its gradient.
+    seen = scores.isfinite().any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~seen, 0.0)
+    if sinks is not None:
+        sink = sinks.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = torch.nn.functional.dropout(probs.masked_fill(~seen, 0.0), p=dropout_p)
+    return (probs @ value).to(query.dtype).transpose(1, 2).contiguous()
+
+
 def masked_dense_attention(module, query, key, value, positioned: PositionedMask, pattern: Pattern,
-                           scaling, reason: str):
+                           scaling, reason: str, terms: dict | None = None):
     """Dense SDPA with a mask, intersected with the pattern's element mask at the mask's
-    positions: what the op would compute, in O(Nq * Nk) memory. Warns, giving the reason."""
+    positions: what the op would compute, in O(Nq * Nk) memory. Warns, giving the reason.
+    terms: the call's score terms (`terms.model_terms`); dropout draws torch's bits, not the
+    kernels'."""
+    terms = terms or {}
     q_len = query.shape[2]
     # Keys after the last query that no query sees (a static cache's empty slots) are dropped,
     # so that the pattern is laid over the same positions as on the op's path.
@@ -84,5 +115,9 @@ def masked_dense_attention(module, query, key, value, positioned: PositionedMask
         mask = mask & keep
     else:
         mask = mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
-    # No dropout here either, so that both paths compute the same thing.
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=False)
+    dropout_p = terms.get("dropout_p", 0.0)
+    if terms.get("softcap") is not None or terms.get("sinks") is not None:
+        return _attention_with_terms(query, key, value, mask, scaling, terms.get("softcap"),
+                                     terms.get("sinks"), dropout_p), None
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout_p,
+                                  scaling=scaling, is_causal=False)

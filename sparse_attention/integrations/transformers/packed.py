@@ -50,8 +50,10 @@ def call_documents(rules: TokenRules, query: torch.Tensor, key: torch.Tensor,
     return cu, cu
 
 
-def packed_attention(query, key, value, pattern, rules: TokenRules, documents, scaling):
-    """The op over the batch's documents; returns transformers' [B, Nq, H, D]."""
+def packed_attention(query, key, value, pattern, rules: TokenRules, documents, scaling,
+                     terms: dict):
+    """The op over the batch's documents, with the call's score terms (`terms.model_terms`);
+    returns transformers' [B, Nq, H, D]."""
     out = attention_over_rows(query, key, value, pattern, *documents, causal=rules.causal,
-                              scale=scaling, window=rules.window)
+                              scale=scaling, window=rules.window, **terms)
     return out.transpose(1, 2).contiguous()

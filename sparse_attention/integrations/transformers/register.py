@@ -40,9 +40,9 @@ def register(name: str = "sparse_attention", *, pattern: Pattern,
         name: the attn_implementation name.
         pattern: a sparse_attention Pattern (or DeepSpeed-style sparsity config); its layout is
             built for each layer's query and key lengths and head count.
-        ignore_dropout: the kernels apply no attention dropout; by default a model that asks
-            for some (training with attention dropout > 0) gets a ValueError, with this set it
-            trains without it.
+        ignore_dropout: train without the attention dropout that a model's config asks for
+            (by default it is applied, on the kernels' Philox bits, seeded from torch's
+            default generator).
 
     Returns the name.
     """
