@@ -11,7 +11,7 @@
 // softcap (0 = none); attention dropout with the Philox seed (philox.h).
 #define SA_SCORE_TERMS                                                                          \
   "Tensor? sinks=None, Tensor? alibi_slopes=None, Tensor? position_bias=None, "                \
-  "Tensor? position_buckets=None, float softcap=0., float dropout_p=0., int seed=0"
+  "Tensor? position_buckets=None, float softcap=0., float dropout_p=0., SymInt seed=0"
 
 TORCH_LIBRARY(sparse_attention, m) {
   // Converts a bool block mask [layout_heads, q_blocks, k_blocks] into row and column block

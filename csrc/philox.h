@@ -33,18 +33,24 @@ struct Philox {
   }
 };
 
-// Attention dropout's element coordinates: counter (key / 4, query, head, batch) under the
-// seed's two words; word key % 4 of the result decides key `key`, kept when it is at least
-// dropout_threshold(p). Queries and keys are rows of the q and k tensors (packed documents
-// count from the row's start).
+// Attention dropout's bits: 16 per element (query, key) of a (batch, head), queries in groups
+// of 64 that one Philox block covers. With g = query / 64, o = query % 64, lane = o % 8 and
+// r = o / 8: counter (8 g + lane, key, head, batch) under the seed's two words, half r % 2 (0 =
+// low) of word r / 2. So 8 Philox lanes give 8 runs of 8 consecutive queries. The element is
+// kept when its 16 bits are at least dropout_threshold(p). Queries and keys are rows of the q
+// and k tensors (packed documents count from the row's start).
 struct DropoutCoordinates {
   uint32_t seed_lo, seed_hi, head, batch;
 };
 
-// The 32-bit words below which an element is dropped: about p * 2^32 (p in [0, 1)).
+constexpr int kDropoutQueries = 64;  // per Philox block
+constexpr int kDropoutLanes = 8;
+
+// The 16-bit values below which an element is dropped: p rounded to a multiple of 2^-16
+// (p in [0, 1)), as FlashAttention rounds it to 2^-8.
 SA_HOST_DEVICE uint32_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  const double t = p * 65536.0 + 0.5;
+  return t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
 }
 
 }  // namespace sparse_attention

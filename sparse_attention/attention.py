@@ -361,6 +361,9 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
     if not packing.packed_kernels(q.device):
+        if terms.names():
+            raise ValueError(f"{', '.join(terms.names())}: not taken with cu_seqlens on {q.device.type}, "
+                             "whose kernels run packed documents one call each")
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,
                                        deterministic=deterministic, cuda_kernels=cuda_kernels)

@@ -117,8 +117,8 @@ def _seed(seed, dropout_p: float) -> int:
     when None (so torch.manual_seed makes training runs repeatable)."""
     if dropout_p == 0:
         return 0
-    if seed is None or isinstance(seed, torch.Generator):
-        seed = int(torch.randint(0, 2**62, (), generator=seed).item())
+    if seed is None or isinstance(seed, torch.Generator):  # in range: no checks to trace
+        return torch.randint(0, 2**62, (), generator=seed).item()
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise TypeError(f"seed: expected an int in [-2^63, 2^64), a torch.Generator or None, got {seed!r}")
     return seed - 2**64 if seed >= 2**63 else seed
@@ -173,22 +173,25 @@ def philox(c0, c1, c2, c3, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def dropout_threshold(p: float) -> int:
-    """Words below this are dropped: about p * 2^32."""
-    t = p * 4294967296.0
-    return _MASK32 if t >= 4294967295.0 else int(t)
+    """16-bit values below this are dropped: p rounded to a multiple of 2^-16."""
+    t = p * 65536.0 + 0.5
+    return 65535 if t >= 65535.0 else int(t)
 
 
 def dropout_keep(seed: int, p: float, batch: int, heads: int, q_rows: torch.Tensor,
                  k_rows: torch.Tensor) -> torch.Tensor:
     """bool [batch, heads, len(q_rows), len(k_rows)]: which probabilities dropout keeps, for
     query rows q_rows of q and key rows k_rows of k (the tensors' rows: packed documents count
-    from the row's start)."""
+    from the row's start). Element (query i, key j) takes 16 bits: with o = i % 64, half
+    (o // 8) % 2 of word o // 16 of Philox at counter (8 (i // 64) + i % 8, j, head, batch)."""
     seed &= 2**64 - 1
     b = torch.arange(batch, dtype=torch.long).view(-1, 1, 1, 1)
     h = torch.arange(heads, dtype=torch.long).view(1, -1, 1, 1)
     i = q_rows.to(torch.long).view(1, 1, -1, 1)
     j = k_rows.to(torch.long).view(1, 1, 1, -1)
     shape = (batch, heads, q_rows.numel(), k_rows.numel())
-    words = philox(*(x.expand(shape) for x in (j // 4, i, h, b)), seed)
-    word = torch.stack(words, dim=-1).gather(-1, (j % 4).expand(shape).unsqueeze(-1)).squeeze(-1)
-    return word >= dropout_threshold(p)
+    o = i % 64
+    words = philox(*(x.expand(shape) for x in (8 * (i // 64) + i % 8, j, h, b)), seed)
+    word = torch.stack(words, dim=-1).gather(-1, (o // 16).expand(shape).unsqueeze(-1)).squeeze(-1)
+    bits = (word >> (16 * ((o // 8) % 2))) & 0xFFFF
+    return bits >= dropout_threshold(p)

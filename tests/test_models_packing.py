@@ -144,7 +144,3 @@ def test_errors_name_cu_seqlens():
         model(x, cache=KVCache(), cu_seqlens=offsets(LENGTHS))
     with pytest.raises(ValueError, match="cu_seqlens: packed documents take no padding mask"):
         classifier()(x, attention_mask=torch.ones_like(x), cu_seqlens=offsets(LENGTHS))
-    module = SparseMultiheadAttention(64, 4, dropout=0.1, pattern=sa.Local(2, block_size=BLOCK))
-    h = torch.randn(200, 1, 64)
-    with pytest.raises(ValueError, match="dropout: .*no attention dropout"):
-        module(h, h, h, cu_seqlens=offsets(LENGTHS))

@@ -199,13 +199,17 @@ def test_dropout_bits_are_the_reference_bits_and_keep_at_rate(p):
     assert abs(kept.sum().item() - n * (1 - p)) <= bound
 
 
-def test_dropout_bits_are_independent_of_position_in_block_and_of_heads():
-    kept = dropout_probe(0.5, seed=7).float()
-    # No structure across keys mod 4 (one Philox block feeds four keys) or across heads.
-    for r in range(4):
-        assert abs(kept[..., r::4].mean().item() - 0.5) < 0.03
+def test_dropout_bits_have_no_structure_across_runs_lanes_heads_or_batch():
+    kept = dropout_probe(0.5, seed=7, q_len=128).float()
+    # One Philox block feeds 64 queries: 8 lanes x (4 words x 2 halves) runs of 8.
+    for lane in range(8):
+        assert abs(kept[:, :, lane::8].mean().item() - 0.5) < 0.03
+    for run in range(8):
+        rows = torch.arange(128).view(2, 8, 8)[:, run].flatten()
+        assert abs(kept[:, :, rows].mean().item() - 0.5) < 0.03
     assert (kept[:, 0] != kept[:, 1]).float().mean() > 0.4
     assert (kept[0] != kept[1]).float().mean() > 0.4
+    assert (kept[:, :, :, 0] != kept[:, :, :, 1]).float().mean() > 0.4
 
 
 def test_dropout_philox_known_answers():
@@ -358,6 +362,22 @@ def test_opcheck_with_terms():
                           (q, k, v, *lists, None, None, None, 32, 0.25, -1, -1), terms)
 
 
+def test_compile_fullgraph_draws_the_seed_as_eager_does():
+    torch._dynamo.reset()
+    case = make_case(torch.float32, 21)
+    q, k, v, layout, _ = make_inputs(case)
+
+    def f(q):
+        return sa.sparse_attention(q, k, v, layout, dropout_p=0.3)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.manual_seed(4)
+    out = compiled(q)
+    torch.manual_seed(4)
+    assert torch.equal(out, f(q))
+    assert torch.isfinite(torch.autograd.grad(out.sum(), q)[0]).all()
+
+
 def test_compile_fullgraph_with_terms():
     torch._dynamo.reset()
     case = make_case(torch.float32, 20)
@@ -374,3 +394,20 @@ def test_compile_fullgraph_with_terms():
     eager = torch.autograd.grad(f(q, k, v).sum(), (q, terms["sinks"], terms["position_bias"]))
     for a, b in zip(grads, eager):
         assert max_error(a, b) < 1e-5
+
+
+def test_the_dense_route_for_kernels_without_terms():
+    """What a CUDA call with terms runs (sparse_attention.attention._dense_terms), here on the
+    CPU: the reference in float32, with a warning once per set of terms."""
+    from sparse_attention import attention
+
+    case = make_case(torch.float32, 22)
+    q, k, v, _, _ = make_inputs(case, requires_grad=False)
+    terms = score_terms.resolve(q, **term_args(("sinks", "softcap"), case.heads, case.batch, 22))
+    pattern = sa.Local(64, block_size=32)
+    attention._DENSE_TERMS_WARNED.discard(terms.names())
+    with pytest.warns(UserWarning, match="sinks, softcap: the CUDA kernels"):
+        out = attention._dense_terms(q, k, v, pattern, terms, return_lse=False, causal=True,
+                                     scale=0.25, window=(None, 0))
+    expected = sa.sparse_attention(q, k, v, pattern, causal=True, scale=0.25, sinks=terms.sinks, softcap=terms.softcap)
+    assert max_error(out, expected) < 1e-5

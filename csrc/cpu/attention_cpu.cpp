@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels,
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
-    double softcap, double dropout_p, int64_t seed) {
+    double softcap, double dropout_p, c10::SymInt seed) {
   parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
                                      window_right, row_offsets, row_indices, row_num_full,
                                      col_num_full);
   const ScoreTermTensors terms = check_score_terms(p, sinks, alibi_slopes, position_bias, position_buckets,
-                                                   softcap, dropout_p, seed, c10::DeviceType::CPU);
+                                                   softcap, dropout_p, seed.expect_int(), c10::DeviceType::CPU);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor mask_bytes;
   std::vector<uint8_t> block_state;
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool /*deterministic: the CPU kernels always are*/, c10::string_view cuda_kernels,
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
-    double softcap, double dropout_p, int64_t seed) {
+    double softcap, double dropout_p, c10::SymInt seed) {
   parse_cuda_kernels(cuda_kernels);  // checked, not used here
   PackedSequences packed;
   Problem p = make_problem_with_rows(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q,
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      window_right, row_offsets, row_indices, row_num_full,
                                      col_num_full);
   const ScoreTermTensors terms = check_score_terms(p, sinks, alibi_slopes, position_bias, position_buckets,
-                                                   softcap, dropout_p, seed, c10::DeviceType::CPU);
+                                                   softcap, dropout_p, seed.expect_int(), c10::DeviceType::CPU);
   check_block_lists("column", col_offsets, col_indices, col_num_full, p, false);
   check_backward_operands(p, q_in, out_in, grad_out_in, lse_in, grad_lse_in, c10::DeviceType::CPU);
   const at::ScalarType acc = accum_dtype(p.dtype);

@@ -12,28 +12,11 @@
 
 #include "../philox.h"
 #include "../score_terms.h"
+#include "philox_lanes.h"
 #include "tile_ops.h"
 
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
-
-// Philox blocks for kLanes consecutive counters c0 at once, laid out so that the compiler
-// vectorises the rounds across lanes.
-template <int kLanes>
-inline void philox_lanes(uint32_t (&c)[4][kLanes], uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < Philox::kRounds; ++round) {
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t p0 = uint64_t{Philox::kMul0} * c[0][l], p1 = uint64_t{Philox::kMul1} * c[2][l];
-      const uint32_t c1 = c[1][l], c3 = c[3][l];
-      c[0][l] = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      c[1][l] = static_cast<uint32_t>(p1);
-      c[2][l] = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c[3][l] = static_cast<uint32_t>(p0);
-    }
-    k0 += Philox::kKeyStep0;
-    k1 += Philox::kKeyStep1;
-  }
-}
 
 // The terms of one (sequence, head), with scratch for one block pair.
 template <typename T>
@@ -46,11 +29,11 @@ struct TileTerms {
   uint32_t threshold = 0;
   T keep_scale = 1;
   std::vector<T> diagonals;   // distance bias of the pair, by diagonal (distance_bias)
-  std::vector<uint32_t> words;  // random words of one query's keys, from a multiple of 4 on
+  std::vector<uint16_t> bits;  // dropout bits of a tile, per key from a multiple of 64 queries on
 
   TileTerms(const ScoreTerms& t, const Problem& problem)
       : terms(t), p(problem), diagonals(t.distance_bias() ? 2 * p.block_size : 0),
-        words(t.dropout() ? p.block_size + 8 : 0) {
+        bits(t.dropout() ? p.block_size * (p.block_size + 2 * kDropoutQueries) : 0) {
     softcap = static_cast<T>(t.softcap);
     threshold = dropout_threshold(t.dropout_p);
     keep_scale = static_cast<T>(1.0 / (1.0 - t.dropout_p));
@@ -104,7 +87,7 @@ struct TileTerms {
         T* row = s + r * ld;
         for (int64_t x = 0; x < cols; x += Vec::size()) {
           const int64_t n = std::min<int64_t>(Vec::size(), cols - x);
-          const Vec t = (Vec::loadu(row + x, n) * inv).tanh();
+          const Vec t = tanh_fast(Vec::loadu(row + x, n) * inv);
           (t * c).store(row + x, n);
           if (cap_grad) (one - t * t).store(cap_grad + r * ld + x, n);
         }
@@ -120,31 +103,49 @@ struct TileTerms {
     }
   }
 
-  // z = keep_scale where element (query q_row0 + i, key k_row0 + j) is kept, else 0: z[i * ld
-  // + j] for row tiles, z[j * ld + i] for column tiles. Rows are those of the q and k tensors.
+  // z = keep_scale where element (query q_row0 + i, key k_row0 + j) is kept, else 0: z[j * ld
+  // + i] for column tiles, z[i * ld + j] for row tiles. Rows are those of the q and k tensors.
+  // The Philox lanes take (key, 64-query group) blocks of kDropoutLanes lanes each, and the
+  // bits come out in runs over queries (philox.h), which column tiles store as they come.
   template <bool kColumns>
   void dropout_scales(int64_t q_row0, int64_t qn, int64_t k_row0, int64_t kn, T* z, int64_t ld) {
-    constexpr int kLanes = 16;
-    const int64_t g0 = k_row0 / 4, g1 = (k_row0 + kn - 1) / 4 + 1, skip = k_row0 - 4 * g0;
-    for (int64_t i = 0; i < qn; ++i) {
-      const uint32_t query = static_cast<uint32_t>(q_row0 + i);
-      for (int64_t g = g0; g < g1; g += kLanes) {
-        uint32_t c[4][kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          c[0][l] = static_cast<uint32_t>(g + l);
-          c[1][l] = query;
-          c[2][l] = coords.head;
-          c[3][l] = coords.batch;
-        }
-        philox_lanes<kLanes>(c, coords.seed_lo, coords.seed_hi);
-        const int64_t lanes = std::min<int64_t>(kLanes, g1 - g);
-        for (int64_t l = 0; l < lanes; ++l) {
-          for (int w = 0; w < 4; ++w) words[(g - g0 + l) * 4 + w] = c[w][l];
+    constexpr int kBlocksPerCall = kPhiloxLanes / kDropoutLanes;
+    const int64_t g0 = q_row0 / kDropoutQueries, groups = (q_row0 + qn - 1) / kDropoutQueries + 1 - g0;
+    const int64_t width = groups * kDropoutQueries, skip = q_row0 - g0 * kDropoutQueries;
+    const int64_t blocks = kn * groups;  // (key, group) pairs, key-major
+    int64_t key = 0, group = 0;          // of the call's first block
+    for (int64_t first = 0; first < blocks; first += kBlocksPerCall) {
+      uint32_t group_lane[kBlocksPerCall], key_row[kBlocksPerCall], c[4][kPhiloxLanes];
+      for (int b = 0, j = static_cast<int>(key), g = static_cast<int>(group); b < kBlocksPerCall; ++b) {
+        group_lane[b] = static_cast<uint32_t>((g0 + g) * kDropoutLanes);
+        key_row[b] = static_cast<uint32_t>(k_row0 + std::min<int64_t>(j, kn - 1));
+        if (++g == groups) g = 0, ++j;
+      }
+      philox_blocks<kDropoutLanes>(group_lane, key_row, coords.head, coords.batch, coords.seed_lo,
+                                   coords.seed_hi, c);
+      uint16_t halves[4][2][kPhiloxLanes];  // [word][low, high][lane]
+      for (int w = 0; w < 4; ++w) {
+        for (int l = 0; l < kPhiloxLanes; ++l) {
+          halves[w][0][l] = static_cast<uint16_t>(c[w][l]);
+          halves[w][1][l] = static_cast<uint16_t>(c[w][l] >> 16);
         }
       }
-      for (int64_t j = 0; j < kn; ++j) {
-        const T keep = words[skip + j] >= threshold ? keep_scale : T(0);
-        (kColumns ? z[j * ld + i] : z[i * ld + j]) = keep;
+      for (int b = 0; b < kBlocksPerCall && first + b < blocks; ++b) {
+        uint16_t* run = bits.data() + key * width + group * kDropoutQueries;
+        for (int r = 0; r < kDropoutQueries / kDropoutLanes; ++r) {  // run r: half r % 2 of word r / 2
+          std::copy_n(&halves[r / 2][r % 2][b * kDropoutLanes], kDropoutLanes, run + r * kDropoutLanes);
+        }
+        if (++group == groups) group = 0, ++key;
+      }
+    }
+    // Branch-free: a kept bit is as likely as not to follow a dropped one.
+    for (int64_t j = 0; j < kn; ++j) {
+      const uint16_t* key_bits = bits.data() + j * width + skip;
+      if constexpr (kColumns) {
+        T* row = z + j * ld;
+        for (int64_t i = 0; i < qn; ++i) row[i] = static_cast<T>(key_bits[i] >= threshold) * keep_scale;
+      } else {
+        for (int64_t i = 0; i < qn; ++i) z[i * ld + j] = static_cast<T>(key_bits[i] >= threshold) * keep_scale;
       }
     }
   }

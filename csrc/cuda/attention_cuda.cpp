@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     bool /*deterministic: the forward always is*/, c10::string_view cuda_kernels,
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
-    double softcap, double dropout_p, int64_t /*seed*/) {
+    double softcap, double dropout_p, c10::SymInt /*seed*/) {
   refuse_score_terms("CUDA", sinks, alibi_slopes, position_bias, position_buckets, softcap, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool deterministic, c10::string_view cuda_kernels,
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& position_bias, const std::optional<at::Tensor>& position_buckets,
-    double softcap, double dropout_p, int64_t /*seed*/) {
+    double softcap, double dropout_p, c10::SymInt /*seed*/) {
   refuse_score_terms("CUDA", sinks, alibi_slopes, position_bias, position_buckets, softcap, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, block_size, scale,

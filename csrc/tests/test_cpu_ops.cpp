@@ -24,7 +24,7 @@ using ForwardFn = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, double, int64_t, int64_t,
     bool, c10::string_view, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, double, double, int64_t);
+    const std::optional<Tensor>&, const std::optional<Tensor>&, double, double, c10::SymInt);
 
 int checks = 0, failures = 0;
 

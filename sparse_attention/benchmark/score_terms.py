@@ -2,12 +2,13 @@
 position bias, dropout; sparse_attention.score_terms) costs on top of the plain kernels.
 
 For each dtype and head dim, one causal call of the "fixed" pattern (from_name("fixed",
-seq_len=N, block_size=--block)) over [1, --heads, N, D] is timed plain, with each term alone
-and with all of them, forward and forward + backward. Beside it, compiled FlexAttention's
-forward over the same blocks, plain and with the same term as a score_mod where Flex has one
-(softcap, ALiBi, the position bias as a table lookup; Flex has no sinks or dropout): what the
-same term costs a user of torch. The table gives times and the overhead against each plain
-call (markdown on stdout; results.md and results.json in --out).
+seq_len=N, block_size=--block)) over [1, --heads, N, D] is timed with each term alone and with
+all of them, forward and forward + backward, each against the plain call timed in alternation
+with it (plain, term, plain, term, ...: a drift of the machine's speed hits both alike). Beside
+it, compiled FlexAttention's forward over the same blocks, plain and with the same term as a
+score_mod where Flex has one (softcap, ALiBi, the position bias as a table lookup; Flex has no
+sinks or dropout), timed the same way: what the same term costs a user of torch. The table
+gives medians and the overhead (markdown on stdout; results.md and results.json in --out).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from sparse_attention import score_terms
 from sparse_attention.benchmark import machine
 from sparse_attention.benchmark.command import csv_of
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
-from sparse_attention.benchmark.layouts import Skipped, Timer, _ms, _progress, add_timing_arguments, publish
+from sparse_attention.benchmark.layouts import _ms, _progress, add_timing_arguments, publish
+from sparse_attention.benchmark.timing import median_time
 
 TERMS = ("plain", "sinks", "alibi_slopes", "softcap", "position_bias", "dropout", "all")
-FLEX_TERMS = ("plain", "alibi_slopes", "softcap", "position_bias")
-PASSES = ("fwd", "fwd+bwd")
+FLEX_TERMS = ("alibi_slopes", "softcap", "position_bias")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +78,18 @@ def _flex_score_mod(term: str, values: dict, n: int, device):
     return lambda score, b, h, q_idx, kv_idx: score + table[h, buckets[kv_idx - q_idx + n - 1]]
 
 
+def alternated(plain, other, repeats: int, warmup: int, device) -> tuple[float, float]:
+    """Median seconds of plain() and other(), timed in alternation after warm-up calls."""
+    for _ in range(warmup):
+        plain(), other()
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((plain, other), times):
+            out.append(median_time(fn, 1, 0, device=device))
+    return tuple(sorted(t)[len(t) // 2] for t in times)
+
+
 def measure(args) -> list[dict]:
-    timer = Timer(args)
     n, device = args.seq_len, args.device
     pattern = sa.from_name("fixed", seq_len=n, block_size=args.block)
     values = term_values(args.heads)
@@ -90,26 +101,35 @@ def measure(args) -> list[dict]:
             q, k, v = (torch.randn(1, args.heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
             grad = torch.randn(q.shape, generator=g).to(device, dtype)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            for term in TERMS:
+
+            def forward(call):
+                return lambda: sa.sparse_attention(q, k, v, pattern, causal=True, **call)
+
+            def training(call):
+                return lambda: sa.sparse_attention(*leaves, pattern, causal=True, **call).backward(grad)
+
+            flex_plain = None if args.no_flex else _flex(pattern, q, k, v, None)
+            for term in TERMS[1:]:
                 call = _call_args(values, term, device)
                 _progress(f"{dtype_name} D={dim} {term}")
                 row = {"dtype": dtype_name, "head_dim": dim, "term": term}
-                row["fwd"] = timer(("fwd", term), n, lambda: sa.sparse_attention(q, k, v, pattern, causal=True, **call))
-                row["fwd+bwd"] = timer(("bwd", term), n, lambda: sa.sparse_attention(
-                    *leaves, pattern, causal=True, **call).backward(grad))
-                if not args.no_flex and term in FLEX_TERMS:
-                    row["flex_fwd"] = _flex(timer, term, pattern, q, k, v, _flex_score_mod(term, values, n, device))
+                row["plain_fwd"], row["fwd"] = alternated(forward({}), forward(call), args.repeats, args.warmup, device)
+                row["plain_fwd+bwd"], row["fwd+bwd"] = alternated(training({}), training(call), args.repeats,
+                                                                   args.warmup, device)
+                if flex_plain is not None and term in FLEX_TERMS:
+                    flex_term = _flex(pattern, q, k, v, _flex_score_mod(term, values, n, device))
+                    row["flex_plain_fwd"], row["flex_fwd"] = alternated(flex_plain, flex_term, args.repeats,
+                                                                        max(2, args.warmup), device)
                 rows.append(row)
     return rows
 
 
-def _flex(timer: Timer, term: str, pattern, q, k, v, score_mod):
+def _flex(pattern, q, k, v, score_mod):
     n = q.shape[2]
     layout = pattern.layout(n, n, num_heads=q.shape[1], causal=True)
     block_mask = flex_block_mask(layout, n, n, True, q.device)
     flex = compiled_flex()
-    return timer(("flex", term), n, lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask),
-                 warmup=2)
+    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 def _overhead(value, plain) -> str:
@@ -119,20 +139,16 @@ def _overhead(value, plain) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dtype | D | term | fwd | vs plain | fwd+bwd | vs plain | Flex fwd | vs Flex plain |",
+    lines = ["| dtype | D | term | fwd ms (plain) | overhead | fwd+bwd ms (plain) | overhead | "
+             "Flex fwd ms (plain) | Flex overhead |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    plain = {}
     for row in rows:
-        key = (row["dtype"], row["head_dim"])
-        if row["term"] == "plain":
-            plain[key] = row
-        base = plain.get(key, {})
-        flex = row.get("flex_fwd")
-        lines.append(
-            f"| {row['dtype']} | {row['head_dim']} | {row['term']} | {_ms(row['fwd'])} | "
-            f"{_overhead(row['fwd'], base.get('fwd'))} | {_ms(row['fwd+bwd'])} | "
-            f"{_overhead(row['fwd+bwd'], base.get('fwd+bwd'))} | "
-            f"{_ms(flex) if flex is not None else 'n/a'} | {_overhead(flex, base.get('flex_fwd'))} |")
+        cells = []
+        for key in ("fwd", "fwd+bwd", "flex_fwd"):
+            plain = row.get(("flex_plain_fwd" if key == "flex_fwd" else f"plain_{key}"))
+            value = row.get(key)
+            cells += ["n/a", ""] if value is None else [f"{_ms(value)} ({_ms(plain)})", _overhead(value, plain)]
+        lines.append(f"| {row['dtype']} | {row['head_dim']} | {row['term']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,10 +159,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = measure(args)
     text = (f"# Score terms: cost over the plain kernels\n\n{machine.one_line(header)}\n\n"
             f"Causal fixed pattern, N = {args.seq_len}, H = {args.heads}, block {args.block}; median "
-            f"of {args.repeats} calls. \"all\" is every term at once. Flex has no sinks or dropout "
+            f"of {args.repeats} calls, each term timed in alternation with the plain call. \"all\" is every term at once. Flex has no sinks or dropout "
             "(n/a).\n\n" + table(rows))
-    return publish(args, header, text, {"rows": [{k: (v.reason if isinstance(v, Skipped) else v)
-                                                  for k, v in row.items()} for row in rows]})
+    return publish(args, header, text, {"rows": rows})
 
 
 def main(argv: list[str] | None = None) -> int:

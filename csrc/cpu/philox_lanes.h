@@ -1,0 +1,91 @@
+// Philox4x32-10 (../philox.h) on kPhiloxLanes counters at once, in the capability's vector
+// registers: 16 lanes with AVX-512, 8 with AVX2, 8 plain ones otherwise. The 32 x 32 -> 64-bit
+// products take two even-lane multiplies (vpmuludq) per vector, which compilers do not find on
+// their own from uint64 arithmetic.
+#pragma once
+
+#include <cstdint>
+
+#include "../philox.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace sparse_attention::cpu {
+inline namespace CPU_CAPABILITY {
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPhiloxLanes = 16;
+using PhiloxVec = __m512i;
+inline PhiloxVec philox_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void philox_store(uint32_t* p, PhiloxVec v) { _mm512_storeu_si512(p, v); }
+inline PhiloxVec philox_set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+inline PhiloxVec philox_xor3(PhiloxVec a, PhiloxVec b, PhiloxVec c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+inline void philox_mulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* lo) {
+  const PhiloxVec even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kPhiloxLanes = 8;
+using PhiloxVec = __m256i;
+inline PhiloxVec philox_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void philox_store(uint32_t* p, PhiloxVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline PhiloxVec philox_set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline PhiloxVec philox_xor3(PhiloxVec a, PhiloxVec b, PhiloxVec c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline void philox_mulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* lo) {
+  const PhiloxVec even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#else
+constexpr int kPhiloxLanes = 8;
+#endif
+
+// Blocks of kBlockLanes consecutive counters: block b's lane l counts (first[b] + l, second[b],
+// third, fourth). out[w][b * kBlockLanes + l] = word w of lane l of block b's Philox output
+// under key (k0, k1). The counters are built in registers: written lane by lane to memory and
+// read back as one vector they would stall on store forwarding.
+template <int kBlockLanes>
+inline void philox_blocks(const uint32_t (&first)[kPhiloxLanes / kBlockLanes],
+                          const uint32_t (&second)[kPhiloxLanes / kBlockLanes], uint32_t third,
+                          uint32_t fourth, uint32_t k0, uint32_t k1, uint32_t (&out)[4][kPhiloxLanes]) {
+  static_assert(kPhiloxLanes % kBlockLanes == 0, "blocks fill the lanes");
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  alignas(64) uint32_t lane_first[kPhiloxLanes], lane_second[kPhiloxLanes];
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    lane_first[l] = first[l / kBlockLanes] + static_cast<uint32_t>(l % kBlockLanes);
+    lane_second[l] = second[l / kBlockLanes];
+  }
+  PhiloxVec c0 = philox_load(lane_first), c1 = philox_load(lane_second);
+  PhiloxVec c2 = philox_set1(third), c3 = philox_set1(fourth);
+  const PhiloxVec m0 = philox_set1(Philox::kMul0), m1 = philox_set1(Philox::kMul1);
+  for (int round = 0; round < Philox::kRounds; ++round) {
+    PhiloxVec hi0, lo0, hi1, lo1;
+    philox_mulhilo(c0, m0, &hi0, &lo0);
+    philox_mulhilo(c2, m1, &hi1, &lo1);
+    c0 = philox_xor3(hi1, c1, philox_set1(k0));
+    c1 = lo1;
+    c2 = philox_xor3(hi0, c3, philox_set1(k1));
+    c3 = lo0;
+    k0 += Philox::kKeyStep0;
+    k1 += Philox::kKeyStep1;
+  }
+  philox_store(out[0], c0);
+  philox_store(out[1], c1);
+  philox_store(out[2], c2);
+  philox_store(out[3], c3);
+#else
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    out[0][l] = first[l / kBlockLanes] + static_cast<uint32_t>(l % kBlockLanes);
+    out[1][l] = second[l / kBlockLanes];
+    out[2][l] = third;
+    out[3][l] = fourth;
+    Philox::block(out[0][l], out[1][l], out[2][l], out[3][l], k0, k1);
+  }
+#endif
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace sparse_attention::cpu
