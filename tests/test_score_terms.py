@@ -179,24 +179,34 @@ def test_gradcheck_fp64_all_terms():
 # --- dropout
 
 
-def dropout_probe(p: float, seed: int, q_len=64, k_len=128, heads=3, batch=2, **call):
+def dropout_probe(p: float, seed: int, q_len=64, k_len=128, heads=3, batch=2, block_size=32, **call):
     """The kernels' dropout pattern read off their output: with q = 0 every visible key gets
     the same probability, and v = I makes out[..., i, j] = P_ij * keep_ij / (1 - p)."""
     q = torch.zeros(batch, heads, q_len, k_len, dtype=torch.float64)
     v = torch.eye(k_len, dtype=torch.float64).expand(batch, 1, k_len, k_len)
     k = torch.randn(batch, 1, k_len, k_len, dtype=torch.float64)
-    out = sa.sparse_attention(q, k, v, sa.Dense(block_size=32), dropout_p=p, seed=seed, **call)
+    out = sa.sparse_attention(q, k, v, sa.Dense(block_size=block_size), dropout_p=p, seed=seed, **call)
     return out != 0
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_bits_are_the_reference_bits_and_keep_at_rate(p):
-    kept = dropout_probe(p, seed=2024)
-    expected = score_terms.dropout_keep(2024, p, 2, 3, torch.arange(64), torch.arange(128))
+@pytest.mark.parametrize("p,block_size,q_len", [(0.1, 32, 64), (0.5, 64, 200), (0.9, 128, 256), (0.3, 16, 100)])
+def test_dropout_bits_are_the_reference_bits_and_keep_at_rate(p, block_size, q_len):
+    """Whole 64-query groups (vectorised) and group edges (element by element) alike."""
+    kept = dropout_probe(p, seed=2024, q_len=q_len, block_size=block_size)
+    expected = score_terms.dropout_keep(2024, p, 2, 3, torch.arange(q_len), torch.arange(128))
     assert torch.equal(kept, expected)
     n = kept.numel()
     bound = 5 * math.sqrt(n * p * (1 - p))  # five standard deviations of the binomial count
     assert abs(kept.sum().item() - n * (1 - p)) <= bound
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_gradients_on_whole_query_groups(block_size, dtype):
+    """Blocks of 64 queries or more take dropout's vector path in both passes."""
+    case = make_case(dtype, 23, q_len=200, k_len=256, block_size=block_size, density=0.7)
+    q, k, v, layout, _ = make_inputs(case)
+    check_terms(q, k, v, layout, dict(causal=True), term_args(("dropout", "sinks"), case.heads, case.batch, 23))
 
 
 def test_dropout_bits_have_no_structure_across_runs_lanes_heads_or_batch():

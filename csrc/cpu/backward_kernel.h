@@ -262,7 +262,7 @@ void backward_kernel(const BackwardParams& g) {
               row_scores(p, seq, blk, q, k_t.data(), s.data(), edit);
             }
             if (!keep.empty()) {
-              terms.template dropout_scales<false>(seq.q_begin + blk.q0, qn, seq.k_begin + k0, kn, keep.data(), kn);
+              terms.template dropout<false>(seq.q_begin + blk.q0, qn, seq.k_begin + k0, kn, keep.data(), kn);
             }
             const TileGradTerms<T> tile_terms{keep.empty() ? nullptr : keep.data(), cap,
                                               distance_sums.at(p, task, head, seq, blk)};

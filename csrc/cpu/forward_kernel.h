@@ -40,7 +40,6 @@ void forward_kernel(const ForwardParams& f) {
         shift(bs), block_sum(bs), correction(bs);
     std::vector<Pair> v_pairs(kPairs ? pairs_of(bs) * dim : 0), p_pairs(kPairs ? pairs_of(bs) * bs : 0);
     TileTerms<T> terms(f.terms, p);
-    std::vector<T> drop(f.terms.dropout() ? bs * bs : 0);
     for (int64_t task = next(); task >= 0; task = next()) {
       const RowTask row = row_task(p, task);
       const Sequence& seq = row.seq;
@@ -74,9 +73,7 @@ void forward_kernel(const ForwardParams& f) {
           if (correction[i] != T(1)) scale_row(acc.data() + i * dim, dim, correction[i]);
         }
         if (f.terms.dropout()) {  // the sums above took P whole
-          terms.template dropout_scales<true>(seq.q_begin + q0, qn, seq.k_begin + blk.k0, kn, drop.data(), qn);
-          at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, s_t.data(), s_t.data(),
-                        drop.data(), kn * qn);
+          terms.template dropout<true>(seq.q_begin + q0, qn, seq.k_begin + blk.k0, kn, s_t.data(), qn);
         }
         // O += P V, with P read from its transposed tile. A masked tile whose V holds inf or NaN
         // takes its products pair by pair, with V in the accumulation type.

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../philox.h"
@@ -29,11 +30,11 @@ struct TileTerms {
   uint32_t threshold = 0;
   T keep_scale = 1;
   std::vector<T> diagonals;   // distance bias of the pair, by diagonal (distance_bias)
-  std::vector<uint16_t> bits;  // dropout bits of a tile, per key from a multiple of 64 queries on
+  std::vector<T> columns;  // a row tile's dropout scales as a column tile
 
   TileTerms(const ScoreTerms& t, const Problem& problem)
       : terms(t), p(problem), diagonals(t.distance_bias() ? 2 * p.block_size : 0),
-        bits(t.dropout() ? p.block_size * (p.block_size + 2 * kDropoutQueries) : 0) {
+        columns(t.dropout() ? p.block_size * p.block_size : 0) {
     softcap = static_cast<T>(t.softcap);
     threshold = dropout_threshold(t.dropout_p);
     keep_scale = static_cast<T>(1.0 / (1.0 - t.dropout_p));
@@ -103,15 +104,28 @@ struct TileTerms {
     }
   }
 
-  // z = keep_scale where element (query q_row0 + i, key k_row0 + j) is kept, else 0: z[j * ld
-  // + i] for column tiles, z[i * ld + j] for row tiles. Rows are those of the q and k tensors.
-  // The Philox lanes take (key, 64-query group) blocks of kDropoutLanes lanes each, and the
-  // bits come out in runs over queries (philox.h), which column tiles store as they come.
+  // Dropout's scales, keep_scale where element (query q_row0 + i, key k_row0 + j) is kept, else
+  // 0: column tiles (kColumns) z[j * ld + i] are multiplied by them in place, row tiles
+  // z[i * ld + j] are set to them. Rows are those of the q and k tensors.
   template <bool kColumns>
-  void dropout_scales(int64_t q_row0, int64_t qn, int64_t k_row0, int64_t kn, T* z, int64_t ld) {
+  void dropout(int64_t q_row0, int64_t qn, int64_t k_row0, int64_t kn, T* z, int64_t ld) {
+    if constexpr (kColumns) {
+      keep_columns<true>(q_row0, qn, k_row0, kn, z, ld);
+    } else {  // the bits run over queries: made as a column tile, then transposed
+      keep_columns<false>(q_row0, qn, k_row0, kn, columns.data(), qn);
+      for (int64_t i = 0; i < qn; ++i) {
+        for (int64_t j = 0; j < kn; ++j) z[i * ld + j] = columns[j * qn + i];
+      }
+    }
+  }
+
+  // Column tile z[j * ld + i] (key j, query i) times dropout's scales (kMultiply), or set to
+  // them. The Philox lanes take (key, 64-query group) blocks of kDropoutLanes lanes each;
+  // whole groups inside the tile go 16 queries at a time, group edges element by element.
+  template <bool kMultiply>
+  void keep_columns(int64_t q_row0, int64_t qn, int64_t k_row0, int64_t kn, T* z, int64_t ld) {
     constexpr int kBlocksPerCall = kPhiloxLanes / kDropoutLanes;
     const int64_t g0 = q_row0 / kDropoutQueries, groups = (q_row0 + qn - 1) / kDropoutQueries + 1 - g0;
-    const int64_t width = groups * kDropoutQueries, skip = q_row0 - g0 * kDropoutQueries;
     const int64_t blocks = kn * groups;  // (key, group) pairs, key-major
     int64_t key = 0, group = 0;          // of the call's first block
     for (int64_t first = 0; first < blocks; first += kBlocksPerCall) {
@@ -123,29 +137,26 @@ struct TileTerms {
       }
       philox_blocks<kDropoutLanes>(group_lane, key_row, coords.head, coords.batch, coords.seed_lo,
                                    coords.seed_hi, c);
-      uint16_t halves[4][2][kPhiloxLanes];  // [word][low, high][lane]
-      for (int w = 0; w < 4; ++w) {
-        for (int l = 0; l < kPhiloxLanes; ++l) {
-          halves[w][0][l] = static_cast<uint16_t>(c[w][l]);
-          halves[w][1][l] = static_cast<uint16_t>(c[w][l] >> 16);
-        }
-      }
       for (int b = 0; b < kBlocksPerCall && first + b < blocks; ++b) {
-        uint16_t* run = bits.data() + key * width + group * kDropoutQueries;
-        for (int r = 0; r < kDropoutQueries / kDropoutLanes; ++r) {  // run r: half r % 2 of word r / 2
-          std::copy_n(&halves[r / 2][r % 2][b * kDropoutLanes], kDropoutLanes, run + r * kDropoutLanes);
+        T* row = z + key * ld;
+        const int64_t i0 = (g0 + group) * kDropoutQueries - q_row0;  // the group's first query
+        if (kDropoutSixteen && std::is_same_v<T, float> && i0 >= 0 && i0 + kDropoutQueries <= qn) {
+          for (int w = 0; w < 4; ++w) {
+            dropout_sixteen<kMultiply>(&c[w][b * kDropoutLanes], threshold, static_cast<float>(keep_scale),
+                                       reinterpret_cast<float*>(row + i0 + 16 * w));
+          }
+        } else {
+          for (int r = 0; r < kDropoutQueries / kDropoutLanes; ++r) {  // run r: half r % 2 of word r / 2
+            for (int l = 0; l < kDropoutLanes; ++l) {
+              const int64_t i = i0 + r * kDropoutLanes + l;
+              if (i < 0 || i >= qn) continue;
+              const uint32_t bits = (c[r / 2][b * kDropoutLanes + l] >> (16 * (r % 2))) & 0xFFFF;
+              const T scale = bits >= threshold ? keep_scale : T(0);
+              row[i] = kMultiply ? row[i] * scale : scale;
+            }
+          }
         }
         if (++group == groups) group = 0, ++key;
-      }
-    }
-    // Branch-free: a kept bit is as likely as not to follow a dropped one.
-    for (int64_t j = 0; j < kn; ++j) {
-      const uint16_t* key_bits = bits.data() + j * width + skip;
-      if constexpr (kColumns) {
-        T* row = z + j * ld;
-        for (int64_t i = 0; i < qn; ++i) row[i] = static_cast<T>(key_bits[i] >= threshold) * keep_scale;
-      } else {
-        for (int64_t i = 0; i < qn; ++i) z[i * ld + j] = static_cast<T>(key_bits[i] >= threshold) * keep_scale;
       }
     }
   }

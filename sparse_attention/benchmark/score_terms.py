@@ -22,7 +22,7 @@ from sparse_attention import score_terms
 from sparse_attention.benchmark import machine
 from sparse_attention.benchmark.command import csv_of
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
-from sparse_attention.benchmark.layouts import _ms, _progress, add_timing_arguments, publish
+from sparse_attention.benchmark.layouts import Skipped, _ms, _progress, add_timing_arguments, publish
 from sparse_attention.benchmark.timing import median_time
 
 TERMS = ("plain", "sinks", "alibi_slopes", "softcap", "position_bias", "dropout", "all")
@@ -78,14 +78,19 @@ def _flex_score_mod(term: str, values: dict, n: int, device):
     return lambda score, b, h, q_idx, kv_idx: score + table[h, buckets[kv_idx - q_idx + n - 1]]
 
 
-def alternated(plain, other, repeats: int, warmup: int, device) -> tuple[float, float]:
-    """Median seconds of plain() and other(), timed in alternation after warm-up calls."""
-    for _ in range(warmup):
-        plain(), other()
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, out in zip((plain, other), times):
-            out.append(median_time(fn, 1, 0, device=device))
+def alternated(plain, other, repeats: int, warmup: int, device) -> tuple:
+    """Median seconds of plain() and other(), timed in alternation after warm-up calls; a
+    failure is a result (its cells say why), the run goes on."""
+    try:
+        for _ in range(warmup):
+            plain(), other()
+        times = ([], [])
+        for _ in range(repeats):
+            for fn, out in zip((plain, other), times):
+                out.append(median_time(fn, 1, 0, device=device))
+    except Exception as error:
+        failed = Skipped(f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}")
+        return failed, failed
     return tuple(sorted(t)[len(t) // 2] for t in times)
 
 
@@ -161,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
             f"Causal fixed pattern, N = {args.seq_len}, H = {args.heads}, block {args.block}; median "
             f"of {args.repeats} calls, each term timed in alternation with the plain call. \"all\" is every term at once. Flex has no sinks or dropout "
             "(n/a).\n\n" + table(rows))
-    return publish(args, header, text, {"rows": rows})
+    return publish(args, header, text, {"rows": [{k: str(v) if isinstance(v, Skipped) else v
+                                                  for k, v in row.items()} for row in rows]})
 
 
 def main(argv: list[str] | None = None) -> int:
