@@ -254,7 +254,7 @@ void backward_kernel(const BackwardParams& g) {
             // key get 0.
             const T* bias = terms.template distance_bias<false>(seq, blk.q0, qn, blk.k0, kn);
             T* cap = cap_grad.empty() ? nullptr : cap_grad.data();
-            const auto edit = [&](T* tile, int64_t ld) { terms.template edit_scores<false>(qn, kn, bias, tile, ld, cap); };
+            const auto edit = [&](T* tile, int64_t ld) { terms.edit_scores(qn, kn, bias, tile, ld, cap); };
             if constexpr (kPairs) {
               pack_pairs(qn, dim, q_src, g.q.row_stride, q_pairs.data());
               row_scores(p, seq, blk, q_pairs.data(), k_t_pairs.data(), s.data(), edit);

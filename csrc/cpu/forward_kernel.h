@@ -54,7 +54,7 @@ void forward_kernel(const ForwardParams& f) {
       for_each_block_pair<true>(p, f.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         const int64_t kn = blk.kn;
         const T* bias = terms.template distance_bias<true>(seq, q0, qn, blk.k0, kn);
-        const auto edit = [&](T* s, int64_t ld) { terms.template edit_scores<true>(kn, qn, bias, s, ld, nullptr); };
+        const auto edit = [&](T* s, int64_t ld) { terms.edit_scores(kn, qn, bias, s, ld, nullptr); };
         scorer.scores(p, seq, blk, operand_rows<scalar_t>(f.k, batch, kv_head, seq.k_begin + blk.k0),
                       f.k.row_stride, s_t.data(), edit);
         const scalar_t* v_src = operand_rows<scalar_t>(f.v, batch, kv_head, seq.k_begin + blk.k0);

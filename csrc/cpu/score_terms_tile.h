@@ -76,10 +76,10 @@ struct TileTerms {
     return diagonals.data();
   }
 
-  // Scores of a tile (rows x cols, leading dimension ld) edited in place: soft-capped, with
-  // cap_grad (when given, same layout) = d capped / d raw = 1 - tanh^2; then the distance bias
-  // from distance_bias<kColumns> added. The element mask comes after.
-  template <bool kColumns>
+  // Scores of a tile (rows x cols, leading dimension ld, either orientation) edited in place:
+  // soft-capped, with cap_grad (when given, same layout) = d capped / d raw = 1 - tanh^2; then
+  // the distance bias from distance_bias of the tile's orientation added. The element mask
+  // comes after.
   void edit_scores(int64_t rows, int64_t cols, const T* bias, T* s, int64_t ld, T* cap_grad) const {
     using Vec = Vectorized<T>;
     if (softcap > 0) {

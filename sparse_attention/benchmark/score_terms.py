@@ -89,7 +89,7 @@ def alternated(plain, other, repeats: int, warmup: int, device) -> tuple:
             for fn, out in zip((plain, other), times):
                 out.append(median_time(fn, 1, 0, device=device))
     except Exception as error:
-        failed = Skipped(f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}")
+        failed = Skipped(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}")
         return failed, failed
     return tuple(sorted(t)[len(t) // 2] for t in times)
 
@@ -147,14 +147,21 @@ def table(rows: list[dict]) -> str:
     lines = ["| dtype | D | term | fwd ms (plain) | overhead | fwd+bwd ms (plain) | overhead | "
              "Flex fwd ms (plain) | Flex overhead |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    failures: list[str] = []
     for row in rows:
         cells = []
         for key in ("fwd", "fwd+bwd", "flex_fwd"):
             plain = row.get(("flex_plain_fwd" if key == "flex_fwd" else f"plain_{key}"))
             value = row.get(key)
-            cells += ["n/a", ""] if value is None else [f"{_ms(value)} ({_ms(plain)})", _overhead(value, plain)]
+            if isinstance(value, Skipped):
+                if value.reason not in failures:
+                    failures.append(value.reason)
+                cells += [f"failed ({failures.index(value.reason) + 1})", ""]
+            else:
+                cells += ["n/a", ""] if value is None else [f"{_ms(value)} ({_ms(plain)})", _overhead(value, plain)]
         lines.append(f"| {row['dtype']} | {row['head_dim']} | {row['term']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"({n}) {reason}" for n, reason in enumerate(failures, 1)]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def run(args: argparse.Namespace) -> dict:
