@@ -52,7 +52,8 @@ if [ "$#" -eq 0 ]; then
   # The kernels' own tests; the build-inspection, CLI and torch.compile tests add only time.
   set -- tests/test_correctness.py tests/test_edge_cases.py tests/test_errors.py \
     tests/test_layout.py tests/test_numerics.py tests/test_threads.py tests/test_fuzz.py \
-    tests/test_tensor_layout.py tests/test_block_mass.py tests/test_score_terms.py
+    tests/test_tensor_layout.py tests/test_block_mass.py tests/test_score_terms.py \
+    tests/test_decode_split.py
 fi
 echo "== running pytest $* under ASan + UBSan"
 "$python" -m pytest -q -p no:cacheprovider "$@"

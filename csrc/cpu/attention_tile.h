@@ -296,11 +296,14 @@ inline bool make_block_pair(const Problem& p, const Sequence& seq, int64_t qb, i
 
 // Calls fn(const BlockPair&) for each entry of list `list` that padding leaves visible:
 // entries are key blocks of query block `fixed` (kRows) or query blocks of key block `fixed`.
+// `part`: only entries [part.p0, part.p1) of the list (p1 < 0: to its end).
 template <bool kRows, typename Fn>
 inline void for_each_block_pair(const Problem& p, const BlockLists& lists, int64_t list,
-                                const Sequence& seq, int64_t fixed, const Fn& fn) {
-  const int64_t begin = lists.offsets[list], end = lists.offsets[list + 1];
-  const int64_t full_end = begin + lists.num_full[list];
+                                const Sequence& seq, int64_t fixed, const Fn& fn,
+                                const Span& part = {0, -1}) {
+  const int64_t begin = lists.offsets[list] + part.p0;
+  const int64_t end = part.p1 < 0 ? lists.offsets[list + 1] : lists.offsets[list] + part.p1;
+  const int64_t full_end = lists.offsets[list] + lists.num_full[list];
   for (int64_t e = begin; e < end; ++e) {
     const int64_t qb = kRows ? fixed : lists.indices[e], kb = kRows ? lists.indices[e] : fixed;
     BlockPair blk;

@@ -4,13 +4,16 @@
 // (bfloat16 inputs where the processor multiplies them natively) the two tile products run on
 // bfloat16 pairs (pair_products.h), P rounded to bfloat16 as the second one reads it.
 // Score terms (score_terms_tile.h) edit each tile before the element mask; dropout scales P
-// after the row statistics took it, and a sink joins the denominator at the end.
+// after the row statistics took it, and a sink joins the denominator at the end. Rows of calls
+// with few queries are walked in pieces and merged (row_pieces).
 #pragma once
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "attention_tile.h"
@@ -21,6 +24,62 @@
 namespace sparse_attention::cpu {
 inline namespace CPU_CAPABILITY {
 
+// Decode steps and short query blocks (speculative verification) make few row tasks, too few
+// to keep a many-core CPU busy: the rows of calls of at most kSplitQueries queries are cut into
+// up to kMaxRowPieces pieces of about kSplitKeys keys each, walked as tasks of their own and
+// merged by their softmax statistics after. The cut depends on the lists alone, never on the
+// thread count or the batch, so neither changes a result; it is skipped (for every row) when
+// the pieces' partial sums would pass kMaxSplitBytes.
+constexpr int64_t kSplitQueries = 64, kSplitKeys = 1024, kMaxRowPieces = 16;
+constexpr int64_t kMaxSplitBytes = int64_t{256} << 20;
+
+// Pieces of the row tasks: piece r walks entries parts[r] of task task[r]'s list; the pieces of
+// task t are first[t] .. first[t + 1] - 1.
+struct RowPieces {
+  std::vector<int64_t> task, first;
+  std::vector<Span> parts;
+  bool split(int64_t t) const { return first[t + 1] - first[t] > 1; }
+};
+
+inline RowPieces row_pieces(const Problem& p, const BlockLists& rows, int64_t partial_bytes_per_query) {
+  const int64_t tasks = num_row_tasks(p);
+  std::vector<int64_t> counts(tasks, 1);
+  if (p.q_len <= kSplitQueries) {
+    const int64_t blocks_per_piece = std::max<int64_t>(1, kSplitKeys / p.block_size);
+    int64_t bytes = 0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = list_length(rows, row_task(p, t).list(p));
+      counts[t] = std::clamp<int64_t>((n + blocks_per_piece - 1) / blocks_per_piece, 1, kMaxRowPieces);
+      if (counts[t] > 1) bytes += counts[t] * std::min(p.q_len, p.block_size) * partial_bytes_per_query;
+    }
+    if (bytes > kMaxSplitBytes) std::fill(counts.begin(), counts.end(), 1);
+  }
+  RowPieces pieces;
+  pieces.first.push_back(0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n = list_length(rows, row_task(p, t).list(p));
+    for (int64_t r = 0; r < counts[t]; ++r) {
+      pieces.task.push_back(t);
+      pieces.parts.push_back(counts[t] == 1 ? Span{0, -1} : Span{r * n / counts[t], (r + 1) * n / counts[t]});
+    }
+    pieces.first.push_back(static_cast<int64_t>(pieces.task.size()));
+  }
+  return pieces;
+}
+
+// The online softmax's state of one piece of a row task: per query the running maximum m and
+// sum l, and the accumulated output acc [qn x D].
+template <typename T>
+struct RowState {
+  std::vector<T> acc, m, l;
+  RowState(int64_t bs, int64_t dim) : acc(bs * dim), m(bs), l(bs) {}
+  void reset() {
+    std::fill(acc.begin(), acc.end(), T(0));
+    std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+    std::fill(l.begin(), l.end(), T(0));
+  }
+};
+
 template <typename scalar_t, bool kPairs = false>
 void forward_kernel(const ForwardParams& f) {
   using T = at::opmath_type<scalar_t>;
@@ -30,25 +89,62 @@ void forward_kernel(const ForwardParams& f) {
   auto* out = static_cast<scalar_t*>(f.out);
   auto* lse = static_cast<T*>(f.lse);
 
-  const auto cost = [&](int64_t task) { return row_task_cost(p, f.rows, task); };
-  const auto section = [&](int64_t task) { return row_task_section(p, task, sizeof(scalar_t)); };
-  run_parallel_longest_first(num_row_tasks(p), cost, [&](const NextTask& next) {
+  // Writes out and lse of row task `task` from its state (acc, m, l over the whole row).
+  const auto finish = [&](int64_t task, const RowState<T>& state, const TileTerms<T>& terms) {
+    const RowTask row = row_task(p, task);
+    const int64_t q0 = row.qb * bs, qn = std::min(bs, row.seq.q_len - q0);
+    const int64_t row0 = p.q_row(row.seq, row.head, q0);
+    const T* acc = state.acc.data();
+    const T* m = state.m.data();
+    const T* l = state.l.data();
+    for (int64_t i = 0; i < qn; ++i) {
+      // A row that saw no key returns 0 with lse = -inf (the sink's logit with a sink); a NaN
+      // sum (NaN inputs) is not "no key": that row returns NaN.
+      const bool seen = !(l[i] == T(0));
+      T mul = seen ? T(1) / l[i] : T(0);
+      if (!f.terms.sinks) {
+        lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
+      } else if (!seen) {
+        lse[row0 + i] = terms.sink;
+      } else {  // lse = log(l e^m + e^sink), shifted by the larger of m and the sink
+        const T top = std::max(m[i], terms.sink);
+        lse[row0 + i] = top + std::log(l[i] * std::exp(m[i] - top) + std::exp(terms.sink - top));
+        mul = std::exp(m[i] - lse[row0 + i]);
+      }
+      store_rows(1, dim, acc + i * dim, mul, out + (row0 + i) * dim, dim);
+    }
+  };
+
+  const RowPieces pieces = row_pieces(p, f.rows, (dim + 2) * static_cast<int64_t>(sizeof(T)));
+  const int64_t num_pieces = static_cast<int64_t>(pieces.task.size());
+  // The states of the pieces of split rows, until they are merged.
+  std::vector<std::unique_ptr<RowState<T>>> partial(num_pieces);
+  const auto cost = [&](int64_t r) {
+    const Span part = pieces.parts[r];
+    return part.p1 < 0 ? row_task_cost(p, f.rows, pieces.task[r]) : 1 + part.p1 - part.p0;
+  };
+  const auto section = [&](int64_t r) { return row_task_section(p, pieces.task[r], sizeof(scalar_t)); };
+  run_parallel_longest_first(num_pieces, cost, [&](const NextTask& next) {
     // s_t is a column tile [kn x qn] (see attention_tile.h); m, l, shift, correction and
     // block_sum are per query.
     ColumnScorer<T, kPairs> scorer(bs, dim);
-    std::vector<T> v_rows(bs * dim), s_t(bs * bs), acc(bs * dim), m(bs), l(bs), new_max(bs),
-        shift(bs), block_sum(bs), correction(bs);
+    std::vector<T> v_rows(bs * dim), s_t(bs * bs), new_max(bs), shift(bs), block_sum(bs), correction(bs);
     std::vector<Pair> v_pairs(kPairs ? pairs_of(bs) * dim : 0), p_pairs(kPairs ? pairs_of(bs) * bs : 0);
     TileTerms<T> terms(f.terms, p);
-    for (int64_t task = next(); task >= 0; task = next()) {
+    RowState<T> whole(bs, dim);
+    for (int64_t piece = next(); piece >= 0; piece = next()) {
+      const int64_t task = pieces.task[piece];
       const RowTask row = row_task(p, task);
       const Sequence& seq = row.seq;
       const int64_t batch = seq.batch, head = row.head, qb = row.qb;
       const int64_t kv_head = head / p.group(), q0 = qb * bs, qn = std::min(bs, seq.q_len - q0);
       scorer.load_queries(p, qn, operand_rows<scalar_t>(f.q, batch, head, seq.q_begin + q0), f.q.row_stride);
-      std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), T(0));
+      if (pieces.split(task)) partial[piece] = std::make_unique<RowState<T>>(bs, dim);
+      RowState<T>& state = pieces.split(task) ? *partial[piece] : whole;
+      state.reset();
+      T* acc = state.acc.data();
+      T* m = state.m.data();
+      T* l = state.l.data();
       terms.set_head(batch, head);
 
       for_each_block_pair<true>(p, f.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
@@ -61,16 +157,16 @@ void forward_kernel(const ForwardParams& f) {
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
         // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
         // rescaling of what was accumulated under the old maximum.
-        std::copy_n(m.begin(), qn, new_max.begin());
+        std::copy_n(m, qn, new_max.begin());
         for (int64_t j = 0; j < kn; ++j) max_into(new_max.data(), s_t.data() + j * qn, qn);
         for (int64_t i = 0; i < qn; ++i) shift[i] = new_max[i] == kNegInf ? T(0) : new_max[i];
         std::fill_n(block_sum.begin(), qn, T(0));
         for (int64_t j = 0; j < kn; ++j) {
           exp_shift_columns(s_t.data() + j * qn, shift.data(), block_sum.data(), qn);
         }
-        online_softmax_step(m.data(), new_max.data(), l.data(), block_sum.data(), correction.data(), qn);
+        online_softmax_step(m, new_max.data(), l, block_sum.data(), correction.data(), qn);
         for (int64_t i = 0; i < qn; ++i) {
-          if (correction[i] != T(1)) scale_row(acc.data() + i * dim, dim, correction[i]);
+          if (correction[i] != T(1)) scale_row(acc + i * dim, dim, correction[i]);
         }
         if (f.terms.dropout()) {  // the sums above took P whole
           terms.template dropout<true>(seq.q_begin + q0, qn, seq.k_begin + blk.k0, kn, s_t.data(), qn);
@@ -81,37 +177,54 @@ void forward_kernel(const ForwardParams& f) {
         const RowsView<T> v = pairs && !blk.masked ? RowsView<T>{nullptr, 0}
                                                    : rows_as(v_src, f.v.row_stride, kn, dim, v_rows.data());
         if (blk.masked && !all_finite(v.data, v.ld, kn, dim)) {
-          add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc.data());
+          add_visible_products(qn, kn, dim, s_t.data(), v.data, v.ld, acc);
         } else if (!pairs) {
-          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc.data(), dim,
+          gemm<true, true>(qn, dim, kn, s_t.data(), qn, v.data, v.ld, acc, dim,
                            SeenColumns<false>{seq, blk});
         } else if constexpr (kPairs) {
           pack_row_pairs(kn, dim, v_src, f.v.row_stride, v_pairs.data());
           pack_row_pairs(kn, qn, s_t.data(), qn, p_pairs.data());
-          gemm_pairs<true, true>(qn, dim, pairs_of(kn), p_pairs.data(), qn, v_pairs.data(), dim, acc.data(), dim);
+          gemm_pairs<true, true>(qn, dim, pairs_of(kn), p_pairs.data(), qn, v_pairs.data(), dim, acc, dim);
         }
-      });
-
-      const int64_t row0 = p.q_row(seq, head, q0);
-      for (int64_t i = 0; i < qn; ++i) {
-        // A row that saw no key returns 0 with lse = -inf (the sink's logit with a sink); a NaN
-        // sum (NaN inputs) is not "no key": that row returns NaN.
-        const bool seen = !(l[i] == T(0));
-        T mul = seen ? T(1) / l[i] : T(0);
-        if (!f.terms.sinks) {
-          lse[row0 + i] = seen ? m[i] + std::log(l[i]) : kNegInf;
-        } else if (!seen) {
-          lse[row0 + i] = terms.sink;
-        } else {  // lse = log(l e^m + e^sink), shifted by the larger of m and the sink
-          const T top = std::max(m[i], terms.sink);
-          lse[row0 + i] = top + std::log(l[i] * std::exp(m[i] - top) + std::exp(terms.sink - top));
-          mul = std::exp(m[i] - lse[row0 + i]);
-        }
-        store_rows(1, dim, acc.data() + i * dim, mul, out + (row0 + i) * dim, dim);
-      }
+      }, pieces.parts[piece]);
+      if (!pieces.split(task)) finish(task, state, terms);
     }
   }, section);
+
+  // Split rows: the pieces' states merged in piece order, as one walk of the row would have
+  // left them (up to rounding), then finished.
+  std::vector<int64_t> split_tasks;
+  for (int64_t t = 0; t < num_row_tasks(p); ++t) {
+    if (pieces.split(t)) split_tasks.push_back(t);
+  }
+  run_parallel(static_cast<int64_t>(split_tasks.size()), [&](const NextTask& next) {
+    TileTerms<T> terms(f.terms, p);
+    RowState<T> merged(bs, dim);
+    for (int64_t k = next(); k >= 0; k = next()) {
+      const int64_t task = split_tasks[k];
+      const RowTask row = row_task(p, task);
+      const int64_t qn = std::min(bs, row.seq.q_len - row.qb * bs);
+      terms.set_head(row.seq.batch, row.head);
+      merged.reset();
+      for (int64_t r = pieces.first[task]; r < pieces.first[task + 1]; ++r) {
+        const RowState<T>& part = *partial[r];
+        for (int64_t i = 0; i < qn; ++i) {
+          const T top = std::max(merged.m[i], part.m[i]);
+          if (top == kNegInf) continue;  // neither has seen a key yet
+          const T keep = std::exp(merged.m[i] - top), add = std::exp(part.m[i] - top);
+          merged.l[i] = merged.l[i] * keep + part.l[i] * add;
+          T* a = merged.acc.data() + i * dim;
+          const T* b = part.acc.data() + i * dim;
+          for (int64_t d = 0; d < dim; ++d) a[d] = a[d] * keep + b[d] * add;
+          merged.m[i] = top;
+        }
+        partial[r].reset();
+      }
+      finish(task, merged, terms);
+    }
+  });
 }
+
 
 }  // namespace CPU_CAPABILITY
 }  // namespace sparse_attention::cpu
