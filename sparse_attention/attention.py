@@ -355,8 +355,8 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if q.shape[0] != 1:  # k and v have q's batch (_check_inputs)
         raise ValueError(f"q: packed documents (cu_seqlens) take one row [1, heads, total "
                          f"tokens, head_dim], got shape {tuple(q.shape)}")
-    terms = score_terms.resolve(q, causal=call_rules(layout, q.shape[-1], causal=causal, scale=scale,
-                                                     window=window)[1], **term_args)
+    rules = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
+    terms = score_terms.resolve(q, causal=rules[1], **term_args)
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
@@ -367,7 +367,7 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
         return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
                                        scale=scale, window=window, return_lse=return_lse,
                                        deterministic=deterministic, cuda_kernels=cuda_kernels)
-    scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
+    scale, causal, window = rules
     window = _static_window(window)
     num_heads = operator.index(q.shape[1])
     _check_device_kernels(q, layout.block_size)

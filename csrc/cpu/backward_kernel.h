@@ -282,22 +282,22 @@ void backward_kernel(const BackwardParams& g) {
             }
             // dV += (P z)^T dO; dS = P (z dO V^T - delta), times the cap's derivative; dK += dS^T Q;
             // dQ += dS K.
-            using Vec = Vectorized<T>;
-            const auto multiply = [&](T* x, const T* y) {
-              at::vec::map2([](Vec a, Vec b) { return a * b; }, x, x, y, qn * kn);
+            // dst = x * y over the tile.
+            const auto product = [&](T* dst, const T* x, const T* y) {
+              at::vec::map2([](Vectorized<T> a, Vectorized<T> b) { return a * b; }, dst, x, y, qn * kn);
             };
             const T* probs = s.data();
             if (!keep.empty()) {
-              at::vec::map2([](Vec a, Vec b) { return a * b; }, kept_p.data(), s.data(), keep.data(), qn * kn);
+              product(kept_p.data(), s.data(), keep.data());
               probs = kept_p.data();
             }
             const auto softmax_grad = [&] {
-              if (!keep.empty()) multiply(dp.data(), keep.data());
+              if (!keep.empty()) product(dp.data(), dp.data(), keep.data());
               for (int64_t i = 0; i < qn; ++i) {
                 softmax_grad_row(s.data() + i * kn, dp.data() + i * kn, kn, delta[row0 + i]);
               }
               if (tile_terms.diagonal_sums) add_diagonal_sums(qn, kn, dp.data(), kn, tile_terms.diagonal_sums);
-              if (cap) multiply(dp.data(), cap);
+              if (cap) product(dp.data(), dp.data(), cap);
             };
             if (!pairs) {
               // Sums over what the window hides (P = dS = 0) left out; dP is whole, so that

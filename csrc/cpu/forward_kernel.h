@@ -43,13 +43,13 @@ struct RowPieces {
 
 inline RowPieces row_pieces(const Problem& p, const BlockLists& rows, int64_t partial_bytes_per_query) {
   const int64_t tasks = num_row_tasks(p);
-  std::vector<int64_t> counts(tasks, 1);
+  std::vector<int64_t> counts(tasks, 1), lengths(tasks, 0);
   if (p.q_len <= kSplitQueries) {
     const int64_t blocks_per_piece = std::max<int64_t>(1, kSplitKeys / p.block_size);
     int64_t bytes = 0;
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = list_length(rows, row_task(p, t).list(p));
-      counts[t] = std::clamp<int64_t>((n + blocks_per_piece - 1) / blocks_per_piece, 1, kMaxRowPieces);
+      lengths[t] = list_length(rows, row_task(p, t).list(p));
+      counts[t] = std::clamp<int64_t>((lengths[t] + blocks_per_piece - 1) / blocks_per_piece, 1, kMaxRowPieces);
       if (counts[t] > 1) bytes += counts[t] * std::min(p.q_len, p.block_size) * partial_bytes_per_query;
     }
     if (bytes > kMaxSplitBytes) std::fill(counts.begin(), counts.end(), 1);
@@ -57,10 +57,10 @@ inline RowPieces row_pieces(const Problem& p, const BlockLists& rows, int64_t pa
   RowPieces pieces;
   pieces.first.push_back(0);
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t n = list_length(rows, row_task(p, t).list(p));
-    for (int64_t r = 0; r < counts[t]; ++r) {
+    const int64_t n = lengths[t], count = counts[t];
+    for (int64_t r = 0; r < count; ++r) {
       pieces.task.push_back(t);
-      pieces.parts.push_back(counts[t] == 1 ? Span{0, -1} : Span{r * n / counts[t], (r + 1) * n / counts[t]});
+      pieces.parts.push_back(count == 1 ? Span{0, -1} : Span{r * n / count, (r + 1) * n / count});
     }
     pieces.first.push_back(static_cast<int64_t>(pieces.task.size()));
   }

@@ -18,7 +18,6 @@ inline namespace CPU_CAPABILITY {
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kPhiloxLanes = 16;
 using PhiloxVec = __m512i;
-inline PhiloxVec philox_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
 inline void philox_store(uint32_t* p, PhiloxVec v) { _mm512_storeu_si512(p, v); }
 inline PhiloxVec philox_set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
 inline PhiloxVec philox_xor3(PhiloxVec a, PhiloxVec b, PhiloxVec c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
@@ -30,7 +29,6 @@ inline void philox_mulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* l
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr int kPhiloxLanes = 8;
 using PhiloxVec = __m256i;
-inline PhiloxVec philox_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline void philox_store(uint32_t* p, PhiloxVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 inline PhiloxVec philox_set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
 inline PhiloxVec philox_xor3(PhiloxVec a, PhiloxVec b, PhiloxVec c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
