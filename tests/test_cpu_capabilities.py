@@ -19,6 +19,12 @@ print(sa.cpu_capability())
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     run_case(Case(batch=2, heads=4, kv_heads=2, q_len=150, k_len=170, head_dim=40, block_size=32,
                   density=0.5, per_head=True, causal=True, padding=True, dtype=dtype, seed=31))
+    # Whole and partial register groups of the column walks and the tile transposes: query
+    # blocks of 64 and 128 with tails, head dims off the vector width.
+    run_case(Case(batch=1, heads=2, kv_heads=1, q_len=230, k_len=300, head_dim=72, block_size=64,
+                  density=0.6, causal=True, dtype=dtype, seed=32))
+    run_case(Case(batch=1, heads=2, kv_heads=2, q_len=300, k_len=300, head_dim=13, block_size=128,
+                  density=0.7, padding=True, dtype=dtype, seed=33))
 """
 
 ORDER = ["DEFAULT", "AVX2", "AVX512"]

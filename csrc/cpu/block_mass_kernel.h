@@ -42,10 +42,7 @@ void block_mass_kernel(const BlockMassParams& m) {
       for_each_block_pair<true>(p, m.rows, row.list(p), seq, qb, [&](const BlockPair& blk) {
         scorer.scores(p, seq, blk, operand_rows<scalar_t>(m.k, batch, kv_head, seq.k_begin + blk.k0),
                       m.k.row_stride, s_t.data());
-        std::fill_n(sum.begin(), qn, T(0));
-        for (int64_t j = 0; j < blk.kn; ++j) {
-          exp_shift_columns(s_t.data() + j * qn, shift.data(), sum.data(), qn);
-        }
+        exp_shift_columns(s_t.data(), blk.kn, qn, shift.data(), sum.data());
         T total = 0;
         for (int64_t i = 0; i < qn; ++i) total += sum[i];
         out[blk.k0 / bs] = static_cast<float>(total);

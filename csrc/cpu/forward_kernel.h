@@ -157,13 +157,9 @@ void forward_kernel(const ForwardParams& f) {
         // Online softmax, vectorised across queries: new running maximum, P^T = exp(S^T - max)
         // (a query that has seen nothing yet shifts by 0 and gets exp(-inf) = 0), and the
         // rescaling of what was accumulated under the old maximum.
-        std::copy_n(m, qn, new_max.begin());
-        for (int64_t j = 0; j < kn; ++j) max_into(new_max.data(), s_t.data() + j * qn, qn);
+        column_max(s_t.data(), kn, qn, m, new_max.data());
         for (int64_t i = 0; i < qn; ++i) shift[i] = new_max[i] == kNegInf ? T(0) : new_max[i];
-        std::fill_n(block_sum.begin(), qn, T(0));
-        for (int64_t j = 0; j < kn; ++j) {
-          exp_shift_columns(s_t.data() + j * qn, shift.data(), block_sum.data(), qn);
-        }
+        exp_shift_columns(s_t.data(), kn, qn, shift.data(), block_sum.data());
         online_softmax_step(m, new_max.data(), l, block_sum.data(), correction.data(), qn);
         for (int64_t i = 0; i < qn; ++i) {
           if (correction[i] != T(1)) scale_row(acc + i * dim, dim, correction[i]);

@@ -126,9 +126,26 @@ inline void gemm_with(int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, 
                                                               b_strip, ldb, c + i * ldc + j, ldc);
     }
   };
+  constexpr int64_t kLine = 64;  // bytes
   for (int64_t j = 0; j < n; j += Kernel::template width<C>()) {
     const int64_t panel = std::min<int64_t>(Kernel::template width<C>(), n - j);
-    for (int64_t i = 0; i < m; i += kGemmRows) strip(i, std::min<int64_t>(kGemmRows, m - i), j, panel);
+    // Operands stream in from L2 or beyond (key and value rows of blocks far apart): ask for
+    // the next panel of B, and in the first panel the next strip's rows of A, a strip ahead.
+    if (j + panel < n) {
+      const int64_t next_bytes = std::min<int64_t>(Kernel::template width<C>(), n - j - panel) * sizeof(B);
+      for (int64_t p = 0; p < k; ++p) {
+        const char* row = reinterpret_cast<const char*>(b + p * ldb + j + panel);
+        for (int64_t c = 0; c < next_bytes; c += kLine) __builtin_prefetch(row + c);
+      }
+    }
+    for (int64_t i = 0; i < m; i += kGemmRows) {
+      if (!kTransA && j == 0) {
+        for (int64_t r = i + kGemmRows; r < std::min<int64_t>(m, i + 2 * kGemmRows); ++r) {
+          for (int64_t p = 0; p < k; p += kLine / int64_t(sizeof(A))) __builtin_prefetch(a + r * lda + p);
+        }
+      }
+      strip(i, std::min<int64_t>(kGemmRows, m - i), j, panel);
+    }
   }
 }
 
@@ -161,23 +178,44 @@ inline void load_rows(int64_t rows, int64_t dim, const scalar_t* src, int64_t ro
   }
 }
 
+// dst[n x m] = src[m x n]^T for float tiles: at::vec's register transposes (16 x 16 blocks of
+// any size with AVX-512, whole 8 x 8 blocks with AVX2), element by element elsewhere.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n) {
+  int64_t i0 = 0, j0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(m), static_cast<int>(n));
+#elif defined(CPU_CAPABILITY_AVX2)
+    i0 = m / 8 * 8, j0 = n / 8 * 8;
+    for (int64_t i = 0; i < i0; i += 8) {
+      for (int64_t j = 0; j < j0; j += 8) {
+        at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      }
+    }
+#endif
+  }
+  // What the blocks left: columns [j0, n) of rows [0, i0), then rows [i0, m).
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = i < i0 ? j0 : 0; j < n; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
 // dst[D x r] = mul * (src rows converted to T)^T: loaded once per task, so that products with
 // src^T become plain row-major products.
 template <typename T, typename scalar_t>
 inline void load_rows_transposed(int64_t rows, int64_t dim, const scalar_t* src,
                                  int64_t row_stride, T mul, T* dst, int64_t ld_dst) {
-  // Eight rows at a time, so that each column goes out as one contiguous store of eight.
-  constexpr int64_t kRows = 8;
-  int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows) {
-    for (int64_t j = 0; j < dim; ++j) {
-      T column[kRows];
-      for (int64_t r = 0; r < kRows; ++r) column[r] = static_cast<T>(src[(i + r) * row_stride + j]) * mul;
-      std::copy_n(column, kRows, dst + j * ld_dst + i);
+  // Sixteen rows at a time converted and scaled into a tile that stays in L1, then transposed.
+  constexpr int64_t kRows = 16, kMaxDim = 256;
+  alignas(64) T tile[kRows * kMaxDim];
+  for (int64_t i = 0; i < rows; i += kRows) {
+    const int64_t r = std::min(kRows, rows - i);
+    for (int64_t d = 0; d < dim; d += kMaxDim) {
+      const int64_t cols = std::min(kMaxDim, dim - d);
+      load_rows(r, cols, src + i * row_stride + d, row_stride, mul, tile);
+      transpose_tile(tile, cols, dst + d * ld_dst + i, ld_dst, r, cols);
     }
-  }
-  for (; i < rows; ++i) {
-    for (int64_t j = 0; j < dim; ++j) dst[j * ld_dst + i] = static_cast<T>(src[i * row_stride + j]) * mul;
   }
 }
 
@@ -212,6 +250,30 @@ inline void store_rows(int64_t rows, int64_t dim, const T* src, T mul, scalar_t*
   }
 }
 
+// exp(x) for the softmax's probabilities. With AVX-512, 2^n e^r for n = round(x log2 e) and
+// r = x - n ln 2 (in two parts), e^r by its Taylor series to r^7 (|r| <= ln 2 / 2: within 2
+// ulp), times 2^n by vscalefps, which also gives 0 below the float range, inf above it and NaN
+// for NaN: 12 instructions against exp_u20's 18. Elsewhere at::vec's exp_u20 (20 ulp).
+template <typename T>
+inline Vectorized<T> exp_softmax(const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr float kCoefficients[] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+    // e^-110 rounds to 0, as e^-inf must (hidden keys); the clamp keeps n finite, and max
+    // returns its second operand, x, when x is NaN.
+    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-110.f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), v);  // ln 2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);       // and the rest
+    __m512 poly = _mm512_set1_ps(kCoefficients[7]);
+    for (int t = 6; t >= 0; --t) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kCoefficients[t]));
+    return _mm512_scalef_ps(poly, n);
+  }
+#endif
+  return x.exp_u20();
+}
+
 // x[j] = exp(x[j] - shift) in place; returns the sum. shift must be finite.
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {
@@ -221,7 +283,7 @@ inline T exp_shift_sum(T* x, int64_t n, T shift) {
   Vec vsum(T(0));
   int64_t j = 0;
   for (; j + kV <= n; j += kV) {
-    const Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    const Vec e = exp_softmax(Vec::loadu(x + j) - vshift);
     e.store(x + j);
     vsum = vsum + e;
   }
@@ -273,24 +335,71 @@ inline void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
 }
 
 // Column-wise forms, for tiles stored transposed (one row per key, one column per query).
+// A walk over such a tile keeps each column's running value in registers across all its rows:
+// kColumnVectors vectors of columns at a time, then one vector at a time, the last partial.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kColumnVectors = 4;
+#else
+constexpr int kColumnVectors = 2;
+#endif
 
-// m[i] = max(m[i], x[i]).
-template <typename T>
-inline void max_into(T* m, const T* x, int64_t n) {
-  at::vec::map2([](Vectorized<T> a, Vectorized<T> b) { return at::vec::maximum(a, b); }, m, m, x, n);
+// group(vectors, i, count) for the groups of columns [0, n): `vectors` (an integral_constant)
+// vectors from column i, the last of them holding `count` columns.
+template <typename T, typename Group>
+inline void for_column_groups(int64_t n, const Group& group) {
+  constexpr int64_t kV = Vectorized<T>::size();
+  int64_t i = 0;
+  for (; i + kColumnVectors * kV <= n; i += kColumnVectors * kV) {
+    group(std::integral_constant<int, kColumnVectors>{}, i, kV);
+  }
+  for (; i < n; i += kV) group(std::integral_constant<int, 1>{}, i, std::min<int64_t>(kV, n - i));
 }
 
-// x[i] = exp(x[i] - shift[i]); sum[i] += x[i] when sum is given.
+// new_max[i] = max(m[i], x[r][i] over rows r) of x [rows x n]. A NaN wins: exp_u20 (the
+// softmax's exp without AVX-512) takes NaN for a large number, so there a NaN score reaches the
+// row's sum and lse only through its maximum.
 template <typename T>
-inline void exp_shift_columns(T* x, const T* shift, T* sum, int64_t n) {
+inline void column_max(const T* x, int64_t rows, int64_t n, const T* m, T* new_max) {
   using Vec = Vectorized<T>;
   constexpr int64_t kV = Vec::size();
-  for (int64_t i = 0; i < n; i += kV) {
-    const int64_t count = std::min<int64_t>(kV, n - i);
-    const Vec e = (Vec::loadu(x + i, count) - Vec::loadu(shift + i, count)).exp_u20();
-    e.store(x + i, count);
-    if (sum) (Vec::loadu(sum + i, count) + e).store(sum + i, count);
-  }
+  for_column_groups<T>(n, [&](auto vectors, int64_t i, int64_t count) {
+    constexpr int kNV = decltype(vectors)::value;
+    const auto load = [&](const T* at) { return count == kV ? Vec::loadu(at) : Vec::loadu(at, count); };
+    Vec top[kNV];
+    for (int v = 0; v < kNV; ++v) top[v] = load(m + i + v * kV);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int v = 0; v < kNV; ++v) top[v] = at::vec::maximum(top[v], load(x + r * n + i + v * kV));
+    }
+    for (int v = 0; v < kNV; ++v) top[v].store(new_max + i + v * kV, count);
+  });
+}
+
+// x[r][i] = exp(x[r][i] - shift[i]) in place over x [rows x n]; sum[i] = the column's sum, in
+// row order, when sum is given.
+template <typename T>
+inline void exp_shift_columns(T* x, int64_t rows, int64_t n, const T* shift, T* sum) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  for_column_groups<T>(n, [&](auto vectors, int64_t i, int64_t count) {
+    constexpr int kNV = decltype(vectors)::value;
+    const auto load = [&](const T* at) { return count == kV ? Vec::loadu(at) : Vec::loadu(at, count); };
+    Vec shifts[kNV], sums[kNV];
+    for (int v = 0; v < kNV; ++v) {
+      shifts[v] = load(shift + i + v * kV);
+      sums[v] = Vec(T(0));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int v = 0; v < kNV; ++v) {
+        T* at = x + r * n + i + v * kV;
+        const Vec e = exp_softmax(load(at) - shifts[v]);
+        e.store(at, count);
+        sums[v] = sums[v] + e;
+      }
+    }
+    if (sum) {
+      for (int v = 0; v < kNV; ++v) sums[v].store(sum + i + v * kV, count);
+    }
+  });
 }
 
 // The online softmax's step for n queries with a block's maximum new_max[i] and sum
