@@ -250,25 +250,36 @@ inline void store_rows(int64_t rows, int64_t dim, const T* src, T mul, scalar_t*
   }
 }
 
-// exp(x) for the softmax's probabilities. With AVX-512, 2^n e^r for n = round(x log2 e) and
-// r = x - n ln 2 (in two parts), e^r by its Taylor series to r^7 (|r| <= ln 2 / 2: within 2
-// ulp), times 2^n by vscalefps, which also gives 0 below the float range, inf above it and NaN
-// for NaN: 12 instructions against exp_u20's 18. Elsewhere at::vec's exp_u20 (20 ulp).
+// exp(x) for the softmax's probabilities, in float with AVX2 or AVX-512: 2^n e^r for
+// n = round(x log2 e) and r = x - n ln 2 (ln 2 in two parts, so that n ln 2's first part is
+// exact), e^r by its Taylor series to r^7 (|r| <= ln 2 / 2: within 2 ulp), then times 2^n,
+// 14 instructions against at::vec's exp_u20's 18 (which is within 20 ulp, and the fallback for
+// other types and builds). Both keep NaN, and give 0 at -inf, as hidden keys need. The softmax
+// passes x <= 0 (scores less their maximum or lse); with AVX2, x above 88 gives e^88.
 template <typename T>
 inline Vectorized<T> exp_softmax(const Vectorized<T>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    constexpr float kCoefficients[] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
-    // e^-110 rounds to 0, as e^-inf must (hidden keys); the clamp keeps n finite, and max
-    // returns its second operand, x, when x is NaN.
-    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-110.f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), v);  // ln 2, high bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);       // and the rest
-    __m512 poly = _mm512_set1_ps(kCoefficients[7]);
-    for (int t = 6; t >= 0; --t) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kCoefficients[t]));
-    return _mm512_scalef_ps(poly, n);
+    using Vec = Vectorized<float>;
+    constexpr float kTaylor[] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+    // Clamped where e^x rounds to 0 (e^-110; with AVX2 at -88.3, where n = -127 makes the
+    // exponent bits of 2^n those of +0) and, with AVX2, at 88, below n = 128 (vscalefps gives
+    // inf itself). The clamps return x where x is NaN.
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec v = at::vec::clamp_min(x, Vec(-110.f));
+#else
+    const Vec v = at::vec::clamp(x, Vec(-88.3f), Vec(88.f));
+#endif
+    const Vec n = (v * Vec(1.44269504f)).round();
+    const Vec r = at::vec::fmadd(n, Vec(-1.42860677e-6f), at::vec::fmadd(n, Vec(-0.693145752f), v));
+    Vec e(kTaylor[7]);
+    for (int t = 6; t >= 0; --t) e = at::vec::fmadd(e, r, Vec(kTaylor[t]));
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_scalef_ps(e, n);
+#else
+    const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return e * Vec(_mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+#endif
   }
 #endif
   return x.exp_u20();
@@ -355,9 +366,8 @@ inline void for_column_groups(int64_t n, const Group& group) {
   for (; i < n; i += kV) group(std::integral_constant<int, 1>{}, i, std::min<int64_t>(kV, n - i));
 }
 
-// new_max[i] = max(m[i], x[r][i] over rows r) of x [rows x n]. A NaN wins: exp_u20 (the
-// softmax's exp without AVX-512) takes NaN for a large number, so there a NaN score reaches the
-// row's sum and lse only through its maximum.
+// new_max[i] = max(m[i], x[r][i] over rows r) of x [rows x n]. A NaN score need not win:
+// exp_softmax keeps it, so it makes the row's sum, lse and output NaN all the same.
 template <typename T>
 inline void column_max(const T* x, int64_t rows, int64_t n, const T* m, T* new_max) {
   using Vec = Vectorized<T>;
@@ -368,7 +378,7 @@ inline void column_max(const T* x, int64_t rows, int64_t n, const T* m, T* new_m
     Vec top[kNV];
     for (int v = 0; v < kNV; ++v) top[v] = load(m + i + v * kV);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int v = 0; v < kNV; ++v) top[v] = at::vec::maximum(top[v], load(x + r * n + i + v * kV));
+      for (int v = 0; v < kNV; ++v) top[v] = at::vec::clamp_min(load(x + r * n + i + v * kV), top[v]);
     }
     for (int v = 0; v < kNV; ++v) top[v].store(new_max + i + v * kV, count);
   });
