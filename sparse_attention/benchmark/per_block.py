@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,9 +199,13 @@ def run(args) -> list[Cell]:
     cells, machines, loads = [], {}, [_load()]
     for build in args.builds:
         path = args.out / f"per_block_{build}.json"
-        env = {**os.environ, **BUILDS[build]}
-        subprocess.run([sys.executable, "-m", "sparse_attention.benchmark.per_block", *forwarded,
-                        "--build", build, "--worker-out", str(path)], env=env, check=True)
+        # Each build compiles Flex into an Inductor cache of its own: the cache's keys leave out
+        # ATEN_CPU_CAPABILITY, and kernels compiled under one instruction set, loaded by a later
+        # process under the other, returned wrong values or aborted.
+        with tempfile.TemporaryDirectory(prefix=f"sparse-attention-inductor-{build}-") as cache:
+            env = {**os.environ, **BUILDS[build], "TORCHINDUCTOR_CACHE_DIR": cache}
+            subprocess.run([sys.executable, "-m", "sparse_attention.benchmark.per_block", *forwarded,
+                            "--build", build, "--worker-out", str(path)], env=env, check=True)
         data = json.loads(path.read_text())
         path.unlink()
         machines[build] = data["machine"]
