@@ -146,23 +146,42 @@ inline void row_scores(const Problem& p, const Sequence& seq, const BlockPair& b
   if (blk.masked) apply_element_mask<false>(p, seq, blk, s, blk.kn);
 }
 
+// Query blocks of at most kFewQueries queries (decode steps, speculative verification) take
+// their products as dot products along D (gemm_dots, add_products_few_rows), in the
+// accumulation type also where pairs would be used. So do the query blocks of several heads
+// of a GQA group taken together (at most kPackedQueries rows in all; see packed_heads).
+constexpr int64_t kFewQueries = 4, kPackedQueries = 16;
+
 // Scratch and the task's query operand for column tiles, in either form of the products:
-// (scale Q)^T [D x qn] in the accumulation type, or Q^T as pairs.
+// (scale Q)^T [D x qn] in the accumulation type, or Q^T as pairs; for few queries the rows
+// of scale Q [heads * qn x D] in the accumulation type, head by head.
 template <typename T, bool kPairs>
 struct ColumnScorer {
-  std::vector<T> q_t, k_rows;
+  std::vector<T> q_t, q_rows, k_rows;
   std::vector<Pair> q_pairs, k_pairs;
+  bool few_queries = false;
+  int64_t heads = 1;
 
   ColumnScorer(int64_t bs, int64_t dim)
-      : q_t(kPairs ? 0 : dim * bs), k_rows(kPairs ? 0 : bs * dim),
+      : q_t(kPairs ? 0 : dim * bs), q_rows(kPackedQueries * dim), k_rows(bs * dim),
         q_pairs(kPairs ? pairs_of(dim) * bs : 0), k_pairs(kPairs ? bs * pairs_of(dim) : 0) {}
 
+  // qn query rows from q (row_stride apart), of `num_heads` heads (head_stride apart; more
+  // than one only with at most kPackedQueries rows in all).
   template <typename scalar_t>
-  void load_queries(const Problem& p, int64_t qn, const scalar_t* q, int64_t stride) {
-    if constexpr (kPairs) {
-      pack_pairs_transposed(qn, p.head_dim, q, stride, q_pairs.data());
+  void load_queries(const Problem& p, int64_t qn, const scalar_t* q, int64_t row_stride,
+                    int64_t num_heads = 1, int64_t head_stride = 0) {
+    heads = num_heads;
+    few_queries = num_heads > 1 || qn <= kFewQueries;
+    if (few_queries) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        load_rows(qn, p.head_dim, q + h * head_stride, row_stride, static_cast<T>(p.scale),
+                  q_rows.data() + h * qn * p.head_dim);
+      }
+    } else if constexpr (kPairs) {
+      pack_pairs_transposed(qn, p.head_dim, q, row_stride, q_pairs.data());
     } else {
-      load_rows_transposed(qn, p.head_dim, q, stride, static_cast<T>(p.scale), q_t.data(), qn);
+      load_rows_transposed(qn, p.head_dim, q, row_stride, static_cast<T>(p.scale), q_t.data(), qn);
     }
   }
 
@@ -170,7 +189,15 @@ struct ColumnScorer {
   template <typename scalar_t, typename Edit = NoEdit>
   void scores(const Problem& p, const Sequence& seq, const BlockPair& blk, const scalar_t* k,
               int64_t stride, T* s_t, const Edit& edit = {}) {
-    if constexpr (kPairs) {
+    if (few_queries) {  // S^T [kn x heads * qn], the columns of each head after another's
+      const RowsView<T> keys = rows_as(k, stride, blk.kn, p.head_dim, k_rows.data());
+      const int64_t columns = heads * blk.qn;
+      gemm_dots(blk.kn, columns, p.head_dim, keys.data, keys.ld, q_rows.data(), p.head_dim, s_t, columns);
+      for (int64_t h = 0; h < heads; ++h) {
+        edit(s_t + h * blk.qn, columns);
+        if (blk.masked) apply_element_mask<true>(p, seq, blk, s_t + h * blk.qn, columns);
+      }
+    } else if constexpr (kPairs) {
       pack_pairs(blk.kn, p.head_dim, k, stride, k_pairs.data());
       column_scores(p, seq, blk, k_pairs.data(), q_pairs.data(), s_t, edit);
     } else {
@@ -290,7 +317,11 @@ inline bool make_block_pair(const Problem& p, const Sequence& seq, int64_t qb, i
   blk->qn = std::min(p.block_size, seq.q_len - blk->q0);
   blk->k0 = kb * p.block_size;
   blk->kn = std::min(p.block_size, seq.k_len - blk->k0);
-  blk->masked = listed_partial || state == KeyBlockState::kMixed;
+  // A tail block is listed partial, but once clipped the window may show all of it (every
+  // block of a decode step's row): then it needs no element mask.
+  blk->masked = state == KeyBlockState::kMixed ||
+                (listed_partial && !window_covers(blk->q0, blk->q0 + blk->qn - 1, blk->k0,
+                                                  blk->k0 + blk->kn - 1, seq.window));
   return true;
 }
 

@@ -164,6 +164,92 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
   gemm_with<VecRows, kAccumulate, kTransA>(m, n, k, a, lda, b, ldb, c, ldc, extent);
 }
 
+// Products with few queries (decode steps, speculative verification), where the register
+// blocking above would fill one lane of each vector with a query and leave the rest idle.
+
+// C[m x n] = A[m x k] B[n x k]^T for a small n: each element a dot product along k, vectorised
+// along k and reduced across lanes, kDotRows rows of A at a time so that their FMA chains
+// overlap. The vectors past k load zeros from A and B alike.
+template <typename T>
+inline void gemm_dots(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                      int64_t ldb, T* c, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  constexpr int kDotRows = 8;
+  const auto load = [&](const T* at, int64_t p) { return p + kV <= k ? Vec::loadu(at + p) : Vec::loadu(at + p, k - p); };
+  const auto sum = [](const Vec& x) { return at::vec::vec_reduce_all<T>([](Vec& u, Vec& v) { return u + v; }, x); };
+  int64_t r = 0;
+  for (; r + kDotRows <= m; r += kDotRows) {
+    for (int64_t i = 0; i < n; ++i) {
+      Vec acc[kDotRows];
+      for (int t = 0; t < kDotRows; ++t) acc[t] = Vec(T(0));
+      for (int64_t p = 0; p < k; p += kV) {
+        const Vec bv = load(b + i * ldb, p);
+        for (int t = 0; t < kDotRows; ++t) acc[t] = at::vec::fmadd(load(a + (r + t) * lda, p), bv, acc[t]);
+      }
+      for (int t = 0; t < kDotRows; ++t) c[(r + t) * ldc + i] = sum(acc[t]);
+    }
+  }
+  for (; r < m; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      Vec acc(T(0));
+      for (int64_t p = 0; p < k; p += kV) acc = at::vec::fmadd(load(a + r * lda, p), load(b + i * ldb, p), acc);
+      c[r * ldc + i] = sum(acc);
+    }
+  }
+}
+
+// C[m x n] += A[m x k] B[k x n] for a small m, A stored transposed (a_t [k x m]): each row of
+// C held in up to kHeldVectors registers across all of k, so that many FMA chains overlap
+// where the blocking above would have two.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr int kHeldVectors = 8;
+#else
+constexpr int kHeldVectors = 4;
+#endif
+
+template <int kVectors, typename T>
+inline void add_products_held(int64_t k, const T* a_t, int64_t lda, const T* b, int64_t ldb,
+                              T* c, int64_t last_count) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const auto count = [&](int v) { return v + 1 == kVectors ? last_count : kV; };
+  Vec acc[kVectors];
+  for (int v = 0; v < kVectors; ++v) acc[v] = Vec::loadu(c + v * kV, count(v));
+  for (int64_t p = 0; p < k; ++p) {
+    const Vec w(a_t[p * lda]);
+    for (int v = 0; v < kVectors; ++v) {
+      const Vec bv = count(v) == kV ? Vec::loadu(b + p * ldb + v * kV) : Vec::loadu(b + p * ldb + v * kV, count(v));
+      acc[v] = at::vec::fmadd(w, bv, acc[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) acc[v].store(c + v * kV, count(v));
+}
+
+template <int kVectors = kHeldVectors, typename T>
+inline void add_products_held_upto(int vectors, int64_t k, const T* a_t, int64_t lda, const T* b,
+                                   int64_t ldb, T* c, int64_t last_count) {
+  if constexpr (kVectors > 1) {
+    if (vectors < kVectors) {
+      return add_products_held_upto<kVectors - 1>(vectors, k, a_t, lda, b, ldb, c, last_count);
+    }
+  }
+  add_products_held<kVectors>(k, a_t, lda, b, ldb, c, last_count);
+}
+
+template <typename T>
+inline void add_products_few_rows(int64_t m, int64_t n, int64_t k, const T* a_t, int64_t lda,
+                                  const T* b, int64_t ldb, T* c, int64_t ldc) {
+  constexpr int64_t kV = Vectorized<T>::size(), kPanel = kHeldVectors * kV;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; j += kPanel) {
+      const int64_t cols = std::min(kPanel, n - j);
+      const int vectors = static_cast<int>((cols + kV - 1) / kV);
+      add_products_held_upto(vectors, k, a_t + i, lda, b + j, ldb, c + i * ldc + j, cols - (vectors - 1) * kV);
+    }
+  }
+}
+
 // dst[r x D] = src rows converted to T and multiplied by `mul`.
 template <typename T, typename scalar_t>
 inline void load_rows(int64_t rows, int64_t dim, const scalar_t* src, int64_t row_stride,
@@ -306,12 +392,13 @@ inline T exp_shift_sum(T* x, int64_t n, T shift) {
     e.store(x + j);
     vsum = vsum + e;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
+  if (j < n) {
+    const int64_t count = n - j;
+    const Vec e = exp_softmax(Vec::loadu(x + j, count) - vshift);
+    e.store(x + j, count);
+    vsum = vsum + Vec::set(Vec(T(0)), e, count);
   }
-  return sum;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
 // tanh(x) for the soft cap, several times faster than Sleef's for float: tanh's odd series
@@ -380,6 +467,15 @@ template <typename T>
 inline void column_max(const T* x, int64_t rows, int64_t n, const T* m, T* new_max) {
   using Vec = Vectorized<T>;
   constexpr int64_t kV = Vec::size();
+  if (n == 1) {  // one query: its column is contiguous, walked along the keys
+    Vec top(m[0]);
+    for (int64_t r = 0; r < rows; r += kV) {
+      const int64_t count = std::min(kV, rows - r);
+      top = at::vec::clamp_min(Vec::set(top, Vec::loadu(x + r, count), count), top);
+    }
+    new_max[0] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::clamp_min(a, b); }, top);
+    return;
+  }
   for_column_groups<T>(n, [&](auto vectors, int64_t i, int64_t count) {
     constexpr int kNV = decltype(vectors)::value;
     const auto load = [&](const T* at) { return count == kV ? Vec::loadu(at) : Vec::loadu(at, count); };
@@ -398,6 +494,11 @@ template <typename T>
 inline void exp_shift_columns(T* x, int64_t rows, int64_t n, const T* shift, T* sum) {
   using Vec = Vectorized<T>;
   constexpr int64_t kV = Vec::size();
+  if (n == 1) {  // one query: its column is contiguous
+    const T total = exp_shift_sum(x, rows, shift[0]);
+    if (sum) sum[0] = total;
+    return;
+  }
   for_column_groups<T>(n, [&](auto vectors, int64_t i, int64_t count) {
     constexpr int kNV = decltype(vectors)::value;
     const auto load = [&](const T* at) { return count == kV ? Vec::loadu(at) : Vec::loadu(at, count); };
