@@ -34,12 +34,6 @@ enum class BlockKind : uint8_t {
   kPartial = 2,  // some elements are visible: computed with the element mask
 };
 
-// Whether window w shows every element of queries [q0, q1] x keys [k0, k1] (inclusive).
-SA_HOST_DEVICE bool window_covers(int64_t q0, int64_t q1, int64_t k0, int64_t k1, const Window& w) {
-  const int64_t d_min = k0 - q1 - w.offset, d_max = k1 - q0 - w.offset;
-  return (w.right < 0 || d_max <= w.right) && (w.left < 0 || d_min >= -w.left);
-}
-
 // Classifies block (qb, kb). Tail blocks (past q_len or k_len) count as partial so kernels
 // that rely on the mask for bounds stay correct.
 SA_HOST_DEVICE BlockKind classify_block(int64_t qb, int64_t kb, int64_t q_len, int64_t k_len,
@@ -51,8 +45,9 @@ SA_HOST_DEVICE BlockKind classify_block(int64_t qb, int64_t kb, int64_t q_len, i
   if ((w.right >= 0 && d_min > w.right) || (w.left >= 0 && d_max < -w.left)) {
     return BlockKind::kSkip;
   }
+  const bool band_covers = (w.right < 0 || d_max <= w.right) && (w.left < 0 || d_min >= -w.left);
   const bool whole = (q1 - q0 + 1 == block_size) && (k1 - k0 + 1 == block_size);
-  return whole && window_covers(q0, q1, k0, k1, w) ? BlockKind::kFull : BlockKind::kPartial;
+  return band_covers && whole ? BlockKind::kFull : BlockKind::kPartial;
 }
 
 // Index of the block list of (batch entry, query head, block) among lists laid out over

@@ -26,6 +26,15 @@ struct BlockPair {
   bool masked;  // element rules must be applied (partial block or mixed padding)
 };
 
+// Whether window w shows every element of blk (classify_block's test for whole blocks, on the
+// clipped block: the CUDA kernels keep their own copy, whose register allocation was
+// validated on a GPU).
+inline bool window_covers(const BlockPair& blk, const Window& w) {
+  const int64_t d_min = blk.k0 - (blk.q0 + blk.qn - 1) - w.offset;
+  const int64_t d_max = blk.k0 + blk.kn - 1 - blk.q0 - w.offset;
+  return (w.right < 0 || d_max <= w.right) && (w.left < 0 || d_min >= -w.left);
+}
+
 // Columns [lo, hi) of stored row r of a tile of blk that the window shows: along each stored
 // row (a query of a row tile, a key of a column tile: kColumns) Window::visible holds on one
 // interval, and lo and hi never decrease from one row to the next.
@@ -320,8 +329,7 @@ inline bool make_block_pair(const Problem& p, const Sequence& seq, int64_t qb, i
   // A tail block is listed partial, but once clipped the window may show all of it (every
   // block of a decode step's row): then it needs no element mask.
   blk->masked = state == KeyBlockState::kMixed ||
-                (listed_partial && !window_covers(blk->q0, blk->q0 + blk->qn - 1, blk->k0,
-                                                  blk->k0 + blk->kn - 1, seq.window));
+                (listed_partial && !window_covers(*blk, seq.window));
   return true;
 }
 
