@@ -10,7 +10,7 @@ import torch
 
 from sparse_attention import ops, packing, score_terms
 from sparse_attention.compile_constants import eager_constant
-from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES
+from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES, cuda_kernel_head_dim
 from sparse_attention.layout import BlockLayout, BlockLists
 from sparse_attention.patterns.base import Pattern
 from sparse_attention.patterns.grid import whole_block_pieces
@@ -62,6 +62,37 @@ def _check_device_kernels(q: torch.Tensor, block_size: int) -> None:
     if reasons:
         error = TypeError if reasons[0].startswith("dtype") else ValueError
         raise error("q: " + "; ".join(reasons))
+
+
+def _kernel_head_dim(device_type: str, head_dim: int) -> int:
+    """The head dim the device's kernels run a call of head dim D at: on CUDA the next
+    compiled width (kernel_table.cuda_kernel_head_dim; D itself when none fits, for the error
+    to name), on the CPU D itself."""
+    if device_type != "cuda" or head_dim < 1:
+        return head_dim
+    return cuda_kernel_head_dim(head_dim) or head_dim
+
+
+def _zero_padded_head_dims(q, k, v, layout, width: int, *, scale, return_lse, **call):
+    """A call run at head dim `width` for both q k^T and the values: q, k, v zero-padded along
+    D (zero columns add nothing to the scores, and the output's extra columns are zero and cut
+    off), with the scale of the true D. This runs head dims the kernels are not compiled for,
+    and values of another head dim than q and k (Dv != Dqk). Differentiable: the padding's
+    gradient is the slice."""
+    _check_tensor("k", k)
+    _check_tensor("v", v)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head_dim {q.shape[-1]} (that of q), got {k.shape[-1]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k, v: expected the same shape but for the head dim, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    value_dim = v.shape[-1]
+    q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    out, lse = sparse_attention(q, k, v, layout, scale=scale, return_lse=True, **call)
+    out = out[..., :value_dim].contiguous()
+    return (out, lse) if return_lse else out
 
 
 def _autocast(*tensors):
@@ -198,7 +229,10 @@ def sparse_attention(
     """Block-sparse scaled dot-product attention.
 
     Args:
-        q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (GQA / MQA).
+        q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (GQA / MQA); v may have
+            another head dim Dv (then out has it). On CUDA a D the kernels are not compiled
+            for (kernel_table.CUDA_HEAD_DIMS) runs at the next compiled width, and Dv != D
+            at the larger of the two, zero-padded (the same result, the wider call's time).
         layout: which (query block, key block) pairs are computed: a BlockLayout, a
             TensorLayout (per call and input, on q's device: sa.TensorLayout.from_mask,
             .from_indices, sa.select_blocks), or a Pattern (sparse_attention.patterns, or a
@@ -253,7 +287,7 @@ def sparse_attention(
     on CUDA a call with any of them runs densely in float32 (O(N^2) memory) and says so once
     (sa.supported lists what each device's kernels take).
 
-    Returns out [B, H, Nq, D] (dtype of q), and lse if asked. A query that sees no key gets
+    Returns out [B, H, Nq, Dv] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
     """
     q, k, v = _autocast(q, k, v)
@@ -262,6 +296,15 @@ def sparse_attention(
                          f"got {cuda_kernels!r}")
     term_args = dict(sinks=sinks, alibi_slopes=alibi_slopes, softcap=softcap,
                      position_bias=position_bias, dropout_p=dropout_p, seed=seed)
+    _check_tensor("q", q)
+    _check_tensor("v", v)
+    width = _kernel_head_dim(q.device.type, max(q.shape[-1], v.shape[-1]))
+    if not width == q.shape[-1] == v.shape[-1]:
+        return _zero_padded_head_dims(q, k, v, layout, width, scale=scale, return_lse=return_lse,
+                                     causal=causal, key_padding_mask=key_padding_mask,
+                                     window=window, deterministic=deterministic,
+                                     cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                     cuda_kernels=cuda_kernels, **term_args)
     if cu_seqlens is not None or cu_seqlens_k is not None:
         return _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask,
                                  causal=causal, scale=scale, window=window,

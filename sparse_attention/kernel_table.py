@@ -16,7 +16,7 @@ CPU_BLOCK_SIZES = (16, 32, 64, 128, 256)
 # --- CUDA (mma.sync tensor-core kernels): one instantiation per (pass, dtype, head dim).
 CUDA_DTYPES = {"float16": "kHalf", "bfloat16": "kBFloat16"}  # torch name -> C++ DType tag
 CUDA_DTYPE_FILE_NAMES = {"float16": "fp16", "bfloat16": "bf16"}
-CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_HEAD_DIMS = (32, 64, 128)  # compiled; a smaller D runs zero-padded to the next of these
 CUDA_BLOCK_SIZES = (64, 128)
 CUDA_PASSES = ("forward", "backward")
 CUDA_MIN_CAPABILITY = (8, 0)  # mma.sync on bf16 and cp.async
@@ -59,6 +59,13 @@ CUDA_SHARED_BYTES_BY_CAPABILITY = {
     (12, 0): 99 * 1024,
 }
 CUDA_DEFAULT_SHARED_BYTES = 99 * 1024
+
+
+def cuda_kernel_head_dim(head_dim: int) -> int | None:
+    """The compiled head dim that runs a CUDA call of head dim D: D itself, else the next
+    compiled width (q, k, v are zero-padded to it: zero columns add nothing to q k^T and give
+    zero output columns, which are cut off); None above the widest."""
+    return next((width for width in CUDA_HEAD_DIMS if width >= head_dim), None)
 
 
 def cuda_shared_bytes(kernel: str, head_dim: int, block_size: int) -> int:

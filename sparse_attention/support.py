@@ -74,9 +74,11 @@ def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> lis
     if dtype not in table.CUDA_DTYPES:
         reasons.append(f"dtype {dtype}: the CUDA kernels take {', '.join(table.CUDA_DTYPES)} "
                        "(run under torch.autocast('cuda') or convert q, k, v)")
-    if head_dim not in table.CUDA_HEAD_DIMS:
-        reasons.append(f"head_dim {head_dim}: the CUDA kernels take "
-                       f"{', '.join(map(str, table.CUDA_HEAD_DIMS))}")
+    kernel_head_dim = table.cuda_kernel_head_dim(head_dim)
+    if head_dim < 1 or kernel_head_dim is None:
+        reasons.append(f"head_dim {head_dim}: the CUDA kernels take 1 to {table.CUDA_HEAD_DIMS[-1]} "
+                       f"(compiled for {', '.join(map(str, table.CUDA_HEAD_DIMS))}; others run "
+                       "zero-padded to the next)")
     if block_size not in table.CUDA_BLOCK_SIZES:
         reasons.append(f"block_size {block_size}: the CUDA kernels take "
                        f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))}")
@@ -89,10 +91,11 @@ def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> lis
         else:
             limit = table.cuda_shared_limit(capability)
             for kernel, what in _CUDA_KERNELS.items():
-                need = table.cuda_shared_bytes(kernel, head_dim, block_size)
+                need = table.cuda_shared_bytes(kernel, kernel_head_dim, block_size)
+                padded = f" (run at {kernel_head_dim})" if kernel_head_dim != head_dim else ""
                 if need > limit:
                     reasons.append(
-                        f"GPU {arch}: {what} at head_dim {head_dim}, block_size {block_size} "
+                        f"GPU {arch}: {what} at head_dim {head_dim}{padded}, block_size {block_size} "
                         f"needs {need // 1024} KB of shared memory per thread block; {arch} "
                         f"offers {limit // 1024} KB")
     return reasons
@@ -159,7 +162,8 @@ def hopper_kernels(dtype, head_dim: int, block_size: int, *,
         capability = torch.cuda.get_device_capability()
     if dtype not in table.CUDA_DTYPES:
         return f"not for dtype {dtype}"
-    if head_dim not in table.CUDA_HOPPER_HEAD_DIMS or block_size not in table.CUDA_HOPPER_BLOCK_SIZES:
+    kernel_head_dim = table.cuda_kernel_head_dim(head_dim) if head_dim >= 1 else None
+    if kernel_head_dim not in table.CUDA_HOPPER_HEAD_DIMS or block_size not in table.CUDA_HOPPER_BLOCK_SIZES:
         return (f"not for head_dim {head_dim}, block_size {block_size} (it takes head dims "
                 f"{', '.join(map(str, table.CUDA_HOPPER_HEAD_DIMS))} at block size "
                 f"{', '.join(map(str, table.CUDA_HOPPER_BLOCK_SIZES))})")

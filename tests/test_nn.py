@@ -328,6 +328,11 @@ def test_supported_names_each_reason(monkeypatch):
     assert any("dtype float32" in r for r in sa.supported("cuda", torch.float32, 64, 64,
                                                            capability=(9, 0)))
     assert sa.supported("cuda", torch.bfloat16, 128, 128, capability=(9, 0)) == []
+    assert sa.supported("cuda", torch.bfloat16, 96, 64, capability=(9, 0)) == []  # padded to 128
+    assert any("head_dim 136" in r for r in sa.supported("cuda", torch.bfloat16, 136, 64,
+                                                         capability=(9, 0)))
+    assert any("head_dim 96 (run at 128)" in r for r in sa.supported("cuda", torch.bfloat16, 96,
+                                                                     128, capability=(8, 6)))
     assert any("block_size 32" in r for r in sa.supported("cuda", torch.bfloat16, 64, 32,
                                                           capability=(9, 0)))
     small = sa.supported("cuda", torch.bfloat16, 128, 128, capability=(8, 6))
