@@ -4,7 +4,7 @@ A CUDAExtension when the installed torch was built with CUDA and nvcc is found (
 needed to build), a CppExtension otherwise. Environment switches:
   SPARSE_ATTENTION_CUDA=0   build the CPU kernels only
   SPARSE_ATTENTION_CUDA=1   require the CUDA build (fail if torch or nvcc lack CUDA)
-  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0"); 9.0 is built as 9.0a (sm_90a:
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0+PTX;9.0"); 9.0 is built as 9.0a (sm_90a:
                             wgmma, setmaxnreg) when the Hopper kernels are built, which needs the
                             CuTe/CUTLASS headers of the pip package nvidia-cutlass (CUTLASS_PIN)
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
@@ -87,6 +87,9 @@ def cutlass_include() -> str | None:
     return include if os.path.exists(os.path.join(include, "cute", "tensor.hpp")) else None
 
 
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0"
+
+
 def hopper_arch_list(archs: str) -> str:
     """TORCH_CUDA_ARCH_LIST with 9.0 as 9.0a: the same GPUs (sm_90a code runs on compute
     capability 9.0 only, as sm_90 code does in practice), and wgmma/setmaxnreg assemble."""
@@ -164,7 +167,9 @@ def extension():
     cuda_home = find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # sm_80 cubins run on 8.0, 8.6, 8.7 and 8.9 GPUs, sm_90a ones on 9.0; the sm_80 PTX is
+    # compiled by the driver for newer GPUs (10.0, 12.0), which have no cubin of their own.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = [("SPARSE_ATTENTION_WITH_CUDA", None)]
     include_dirs = []

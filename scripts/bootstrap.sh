@@ -144,7 +144,7 @@ else
   what="CPU kernels, each compiled three times: portable, AVX2 and AVX-512"
   estimate="about 1-3 minutes on 2 cores for a first build, seconds when little changed"
   if [ "$build_kind" = cuda ]; then
-    what="$what; and the CUDA kernels with nvcc for sm_${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+    what="$what; and the CUDA kernels with nvcc for sm_${TORCH_CUDA_ARCH_LIST:-8.0+PTX;9.0}"
     estimate="the CUDA kernels take much longer than the CPU ones: tens of minutes on few cores"
   fi
   echo "sparse_attention: building the C++ extension against torch $torch_version ($what;" \

@@ -13,7 +13,10 @@ or the toolkit), also:
     and wgmmas issued in groups (ptxas serializes them, each waited alone, when it cannot
     prove the registers safe).
 
-    python scripts/check_cuda_library.py LIBRARY 9.0 [8.0 ...]
+    python scripts/check_cuda_library.py LIBRARY 9.0 [8.0+PTX ...]
+
+An architecture written with +PTX must also have PTX in the library (what runs, compiled by
+the driver, on GPUs newer than the cubins: 10.0, 12.0).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 
 KERNELS = ("forward_kernel", "forward_kernel_fa2", "grad_kv_kernel", "grad_q_kernel", "delta_kernel")
 FATBIN_MAGIC = 0xBA55ED50
-ELF_KIND = 2
+PTX_KIND, ELF_KIND = 1, 2
 
 
 def expected_kernels() -> int:
@@ -209,8 +212,9 @@ def kernel_names(library: str) -> set[str]:
             for m in [pattern.search(line)] if m}
 
 
-def cubin_architectures(library: str) -> dict[int, int]:
-    """{sm version: number of cubins} from the fat binary headers."""
+def fatbin_entries(library: str) -> dict[tuple[int, int], int]:
+    """{(kind, sm version): number of entries} from the fat binary headers (kind ELF_KIND: a
+    cubin, PTX_KIND: PTX that the driver compiles for newer GPUs)."""
     sections = subprocess.run(["readelf", "-SW", library], capture_output=True, text=True,
                               check=True).stdout
     found = re.search(r"\.nv_fatbin\s+PROGBITS\s+[0-9a-f]+\s+([0-9a-f]+)\s+([0-9a-f]+)", sections)
@@ -220,7 +224,7 @@ def cubin_architectures(library: str) -> dict[int, int]:
     with open(library, "rb") as f:
         f.seek(offset)
         data = f.read(size)
-    archs: dict[int, int] = {}
+    entries: dict[tuple[int, int], int] = {}
     pos = 0
     while pos + 16 <= len(data):
         magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
@@ -231,22 +235,27 @@ def cubin_architectures(library: str) -> dict[int, int]:
         while entry + 32 <= end:
             kind, _, entry_header, payload = struct.unpack_from("<HHII", data, entry)
             sm = struct.unpack_from("<I", data, entry + 28)[0]
-            if kind == ELF_KIND:
-                archs[sm] = archs.get(sm, 0) + 1
+            entries[kind, sm] = entries.get((kind, sm), 0) + 1
             entry += entry_header + payload
         pos = end
-    return archs
+    return entries
 
 
 def main() -> int:
-    library, wanted = sys.argv[1], [int(a.replace(".", "")) for a in sys.argv[2:]]
+    library, args = sys.argv[1], sys.argv[2:]
+    wanted = [int(a.removesuffix("+PTX").replace(".", "")) for a in args]
+    wanted_ptx = [int(a.removesuffix("+PTX").replace(".", "")) for a in args if a.endswith("+PTX")]
     names = kernel_names(library)
-    archs = cubin_architectures(library)
-    print(f"{library}: {len(names)} kernels, cubins per architecture {archs}")
+    entries = fatbin_entries(library)
+    archs = {sm: n for (kind, sm), n in sorted(entries.items()) if kind == ELF_KIND}
+    ptx = {sm: n for (kind, sm), n in sorted(entries.items()) if kind == PTX_KIND}
+    print(f"{library}: {len(names)} kernels, cubins per architecture {archs}, PTX {ptx}")
     expected = expected_kernels()
-    ok = len(names) == expected and all(archs.get(sm) for sm in wanted)
+    ok = (len(names) == expected and all(archs.get(sm) for sm in wanted)
+          and all(ptx.get(sm) for sm in wanted_ptx))
     if not ok:
-        print(f"expected {expected} kernels and cubins for sm {wanted}", file=sys.stderr)
+        print(f"expected {expected} kernels, cubins for sm {wanted} and PTX for {wanted_ptx}",
+              file=sys.stderr)
     tools = cuda_tools()
     ok = check_registers(library, tools) and ok
     if 90 in wanted:
