@@ -53,15 +53,42 @@ def _transposed_hint(q: torch.Tensor, k: torch.Tensor) -> str:
     return ""
 
 
-def _check_device_kernels(q: torch.Tensor, block_size: int) -> None:
-    """Early, named errors for what the device's kernels are not compiled for (sa.supported)."""
+def _kernel_reasons(q: torch.Tensor, block_size: int) -> tuple[str, ...]:
+    """Why the device's kernels cannot run a call (sa.supported); () where they can."""
     if q.device.type != "cuda":
-        return
-    reasons = supported(q.device, q.dtype, q.shape[-1], block_size,
-                        capability=torch.cuda.get_device_capability(q.device))
-    if reasons:
-        error = TypeError if reasons[0].startswith("dtype") else ValueError
-        raise error("q: " + "; ".join(reasons))
+        return ()
+    return tuple(supported(q.device, q.dtype, q.shape[-1], block_size,
+                           capability=torch.cuda.get_device_capability(q.device)))
+
+
+_GATHERED_WARNED: set[tuple[str, ...]] = set()
+
+
+def _forward_for(q: torch.Tensor, block_size: int, cuda_kernels: str):
+    """ops.forward where the device's kernels take the call; else the same call in block-gathered
+    torch ops (sparse_attention.gathered), said once per set of reasons."""
+    reasons = _kernel_reasons(q, block_size)
+    if not reasons:
+        return ops.forward
+    if cuda_kernels == "hopper":
+        raise ValueError("cuda_kernels: 'hopper' cannot run this call: " + "; ".join(reasons))
+    if reasons not in _GATHERED_WARNED:
+        _GATHERED_WARNED.add(reasons)
+        warnings.warn("; ".join(reasons) + ". sparse_attention runs such calls with block-gathered "
+                      "torch ops (sparse_attention.gathered: the same result, memory and work "
+                      "O(computed blocks), slower than the kernels).", stacklevel=4)
+    return _gathered_forward
+
+
+def _gathered_forward(q, k, v, lists, *, key_padding_mask, block_size, scale, window, terms,
+                      deterministic=False, cuda_kernels="auto"):
+    """ops.forward's signature over sparse_attention.gathered (which takes no score terms:
+    calls with them take the dense route first)."""
+    from sparse_attention import gathered
+
+    assert not terms.names(), "score terms take the dense route"
+    return gathered.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
+                            block_size=block_size, scale=scale, window=window)
 
 
 def _kernel_head_dim(device_type: str, head_dim: int) -> int:
@@ -311,12 +338,12 @@ def sparse_attention(
                                  return_lse=return_lse, deterministic=deterministic,
                                  cuda_kernels=cuda_kernels, term_args=term_args)
     _check_inputs(q, k, v, layout, key_padding_mask)
-    _check_device_kernels(q, layout.block_size)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=causal, **term_args)
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, key_padding_mask=key_padding_mask, causal=causal,
                             scale=scale, window=window, return_lse=return_lse)
+    forward = _forward_for(q, layout.block_size, cuda_kernels)
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
@@ -324,7 +351,7 @@ def sparse_attention(
     if isinstance(layout, TensorLayout):
         # Built in the graph from the layout's tensors: new values never recompile.
         lists = layout.block_lists(q_len, k_len, window)
-        out, lse = ops.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
+        out, lse = forward(q, k, v, lists, key_padding_mask=key_padding_mask,
                                block_size=layout.block_size, scale=scale, window=window,
                                deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
         return (out, lse) if return_lse else out
@@ -342,7 +369,7 @@ def sparse_attention(
                     None if key_padding_mask is None else key_padding_mask[:, :keys])
         lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
                                     causal)
-        results.append(ops.forward(*part[:3], lists, key_padding_mask=part[3],
+        results.append(forward(*part[:3], lists, key_padding_mask=part[3],
                                    block_size=layout.block_size, scale=scale, window=window,
                                    deterministic=deterministic, cuda_kernels=cuda_kernels,
                                    terms=terms))
@@ -403,7 +430,7 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
-    if not packing.packed_kernels(q.device):
+    if not packing.packed_kernels(q.device) or _kernel_reasons(q, layout.block_size):
         if terms.names():
             raise ValueError(f"{', '.join(terms.names())}: not taken with cu_seqlens on {q.device.type}, "
                              "whose kernels run packed documents one call each")
@@ -413,7 +440,6 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     scale, causal, window = rules
     window = _static_window(window)
     num_heads = operator.index(q.shape[1])
-    _check_device_kernels(q, layout.block_size)
     lists = packing.packed_lists(layout, cu_seqlens.cpu(), cu_k.cpu(), window, num_heads, causal)
     if q.device.type != "cpu":
         lists = BlockLists(*(t.to(q.device) for t in lists))

@@ -115,7 +115,9 @@ def _term_reasons(device_type: str, terms) -> list[str]:
 
 def supported(device_type, dtype, head_dim: int, block_size: int, *,
               capability: tuple[int, int] | None = None, terms=()) -> list[str]:
-    """The reasons the kernels cannot run a case; an empty list when they can.
+    """The reasons the kernels cannot run a case; an empty list when they can. On CUDA,
+    sa.sparse_attention runs a case with reasons in block-gathered torch ops instead
+    (sparse_attention.gathered: the same result, slower), saying so once.
 
     Args:
         device_type: "cpu" or "cuda" (or a torch.device).

@@ -135,22 +135,32 @@ def test_non_contiguous_inputs():
     assert_rule("out", out, low.to(torch.float16), exact)
 
 
-CUDA_ERRORS = {
-    "fp32": (dict(dtype=torch.float32), TypeError, r"dtype float32: .*float16, bfloat16.*autocast"),
-    "head dim": (dict(head_dim=136), ValueError, r"head_dim 136: the CUDA kernels take 1 to 128 "
-                 r"\(compiled for 32, 64, 128"),
-    "block size": (dict(block_size=32), ValueError, "block_size 32: the CUDA kernels take 64, 128"),
+# Calls the CUDA kernels are not compiled for run on the block-gathered torch path, with a
+# warning naming the reason, and match the reference as the kernels' calls do.
+GATHERED_CASES = {
+    "fp32": (dict(dtype=torch.float32), r"dtype float32: .*float16, bfloat16"),
+    "fp64": (dict(dtype=torch.float64), r"dtype float64"),
+    "head dim": (dict(head_dim=192), r"head_dim 192: the CUDA kernels take 1 to 128"),
+    "block size 16": (dict(block_size=16), r"block_size 16: the CUDA kernels take 64, 128"),
+    "block size 32": (dict(block_size=32), r"block_size 32: the CUDA kernels take 64, 128"),
 }
 
 
-@pytest.mark.parametrize("name", list(CUDA_ERRORS))
-def test_cuda_errors(name):
-    changes, error, match = CUDA_ERRORS[name]
-    case = Case(**{**Case(q_len=128, k_len=128, head_dim=64, block_size=64, dtype=torch.float16,
-                          device="cuda").__dict__, **changes})
-    q, k, v, layout, _ = make_inputs(case, requires_grad=False)
-    with pytest.raises(error, match=match):
-        sa.sparse_attention(q, k, v, layout)
+@pytest.mark.parametrize("name", list(GATHERED_CASES))
+def test_calls_the_kernels_do_not_take_run_gathered(name, monkeypatch):
+    changes, match = GATHERED_CASES[name]
+    monkeypatch.setattr("sparse_attention.attention._GATHERED_WARNED", set())
+    case = Case(**{**Case(batch=2, heads=4, kv_heads=2, q_len=300, k_len=333, head_dim=64,
+                          block_size=64, density=0.4, per_head=True, causal=True, padding=True,
+                          dtype=torch.float16, device="cuda", seed=len(name)).__dict__, **changes})
+    with pytest.warns(UserWarning, match=match):
+        run_case(case)
+
+
+def test_hopper_kernels_asked_for_a_call_they_cannot_run():
+    q = torch.randn(1, 2, 128, 64, device="cuda")  # float32
+    with pytest.raises(ValueError, match="cuda_kernels: 'hopper' cannot run this call: dtype float32"):
+        sa.sparse_attention(q, q, q, sa.Dense(block_size=64), cuda_kernels="hopper")
 
 
 @pytest.mark.parametrize("layout_heads", [1, 2, 4])

@@ -1,0 +1,126 @@
+"""Block-sparse attention in plain torch ops, over the kernels' block lists.
+
+What runs a CUDA call the CUDA kernels are not compiled for (float32 and float64 inputs,
+block sizes 16 and 32, head dims above 128, GPUs older than sm_80): each query block's listed
+key blocks are gathered, their scores computed by batched matmuls (cuBLAS: TF32 tensor cores
+for float32 where torch.backends.cuda.matmul.allow_tf32 allows, else exact; float64 on CUDA
+cores), masked by the element rules, and softmaxed. The work and the memory follow the
+computed blocks, not N^2: query blocks are taken in chunks of rows of similar length, and
+under autograd each chunk is recomputed in the backward instead of kept (activation
+checkpointing). Differentiable by autograd; slower than the kernels; the backward adds the
+keys' gradients with index_add (atomics on CUDA: not bit-identical run to run).
+
+Same contract as the op (sparse_attention.ops.forward): out in q's dtype, lse in
+ops.lse_dtype, a query that sees no key gets 0 and lse = -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from sparse_attention.ops import lse_dtype
+from sparse_attention.window import Window
+
+# Elements of the gathered keys, values and scores one chunk of rows may hold at once.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 and bf16 are computed in fp32, as the kernels accumulate them; fp32 and fp64 as is."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
+            window: Window = Window()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the op over the block lists (a BlockLists): rows only (the column lists
+    serve the kernels' backward; autograd needs none)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    bs = block_size
+    row_offsets, row_indices = lists[0].long(), lists[1].long()
+    list_batch, layout_heads, q_blocks = lists[2].shape
+    # The list of each (batch entry, query head, query block), as block_rules.h list_index.
+    b = torch.arange(batch, device=q.device).view(-1, 1, 1) * (list_batch > 1)
+    h = torch.arange(heads, device=q.device).view(1, -1, 1) // (heads // layout_heads)
+    qb = torch.arange(q_blocks, device=q.device).view(1, 1, -1)
+    list_of_row = ((b * layout_heads + h) * q_blocks + qb).reshape(-1)
+    starts = row_offsets[list_of_row]
+    row_counts = row_offsets[list_of_row + 1] - starts
+    counts = row_counts.cpu()
+
+    cdtype = compute_dtype(q.dtype)
+    q_rows = torch.nn.functional.pad(q, (0, 0, 0, q_blocks * bs - q_len)).reshape(-1, bs, head_dim)
+    k_flat = k.reshape(-1, head_dim)
+    v_flat = v.reshape(-1, value_dim)
+    group = heads // kv_heads
+    row_kv = (torch.arange(batch, device=q.device).view(-1, 1) * kv_heads
+              + torch.arange(heads, device=q.device).view(1, -1) // group)
+    row_kv = row_kv.view(-1, 1).expand(-1, q_blocks).reshape(-1)
+    row_batch = torch.arange(batch, device=q.device).repeat_interleave(heads * q_blocks)
+    row_qb = qb.reshape(-1).repeat(batch * heads)
+    left, right = window
+    pads = None if key_padding_mask is None else key_padding_mask.to(q.device)
+
+    def chunk(rows, num_blocks, q_part, k_all, v_all):
+        # Key tokens of each row: its listed blocks, padded to num_blocks by repeating none.
+        slot = torch.arange(num_blocks, device=q.device)
+        listed = slot < row_counts[rows].unsqueeze(1)
+        blocks = row_indices[(starts[rows].unsqueeze(1) + slot).clamp(max=max(row_indices.numel() - 1, 0))]
+        keys = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten(1)
+        seen = listed.repeat_interleave(bs, dim=1) & (keys < k_len)
+        keys = keys.clamp(max=k_len - 1)
+        flat = row_kv[rows].unsqueeze(1) * k_len + keys
+        if pads is not None:
+            seen = seen & ~pads[row_batch[rows].unsqueeze(1), keys]
+        queries = row_qb[rows].view(-1, 1) * bs + torch.arange(bs, device=q.device)
+        dist = keys.unsqueeze(1) - queries.unsqueeze(2) - (k_len - q_len)
+        visible = seen.unsqueeze(1) & (queries < q_len).unsqueeze(2)
+        if left is not None:
+            visible = visible & (dist >= -left)
+        if right is not None:
+            visible = visible & (dist <= right)
+        kg = k_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
+        vg = v_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
+        scores = (q_part.to(cdtype) @ kg.transpose(1, 2)) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        # The softmax by hand: a row that sees no key must give 0 and lse = -inf with finite
+        # gradients, where logsumexp's backward would give NaN. The shift m cancels exactly,
+        # so it carries no gradient.
+        m = scores.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0)
+        p = torch.exp(scores - m)
+        total = p.sum(dim=-1, keepdim=True)
+        seen_any = total > 0
+        total = torch.where(seen_any, total, 1)
+        lse = torch.where(seen_any, m + torch.log(total), float("-inf")).squeeze(-1)
+        return (p / total) @ vg, lse.to(lse_dtype(q.dtype))
+
+    order = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts[order].tolist()
+    per_row = bs * max(head_dim, value_dim, bs) * 3
+    start, parts = 0, []
+    while start < len(sorted_counts) and sorted_counts[start] > 0:
+        num_blocks = sorted_counts[start]
+        take = max(1, CHUNK_ELEMENTS // (per_row * num_blocks))
+        end = min(start + take, len(sorted_counts))
+        while sorted_counts[end - 1] == 0:
+            end -= 1
+        rows = order[start:end].to(q.device)
+        args = (rows, num_blocks, q_rows[rows], k_flat, v_flat)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            out_part, lse_part = checkpoint(chunk, *args, use_reentrant=False)
+        else:
+            out_part, lse_part = chunk(*args)
+        parts.append((rows, out_part, lse_part))
+        start = end
+    all_rows = batch * heads * q_blocks
+    out_rows = torch.zeros(all_rows, bs, value_dim, dtype=cdtype, device=q.device)
+    lse_rows = torch.full((all_rows, bs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    if parts:
+        rows = torch.cat([r for r, _, _ in parts])
+        out_rows = out_rows.index_put((rows,), torch.cat([o for _, o, _ in parts]))
+        lse_rows = lse_rows.index_put((rows,), torch.cat([l for _, _, l in parts]))
+    out = out_rows.view(batch, heads, q_blocks * bs, value_dim)[:, :, :q_len].to(q.dtype)
+    lse = lse_rows.view(batch, heads, q_blocks * bs)[:, :, :q_len]
+    return out, lse

@@ -1,0 +1,127 @@
+"""The block-gathered torch path (sparse_attention.gathered): what runs the CUDA calls the CUDA
+kernels are not compiled for (fp32, fp64, block sizes 16 and 32, head dims above 128, older
+GPUs). It is plain torch, so it is checked here on the CPU: sparse_attention() is made to
+take it for every call (attention._kernel_reasons), and the results are held to the fp64
+reference under the suite's rule, gradients included, on the hard cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sparse_attention as sa
+from sparse_attention import attention, gathered, ops
+from conftest import check_against_reference
+
+
+@pytest.fixture
+def gathered_path(monkeypatch):
+    monkeypatch.setattr(attention, "_kernel_reasons", lambda q, block_size: ("a test's reason",))
+    monkeypatch.setattr(attention, "_GATHERED_WARNED", set())
+    calls = []
+    real = gathered.forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gathered, "forward", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield calls
+
+
+def rand(g, *shape, dtype=torch.float64, grad=True):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_gqa_tails_padding_and_per_head_layouts(gathered_path, dtype, block_size):
+    g = torch.Generator().manual_seed(block_size)
+    q = rand(g, 2, 4, 100, 24, dtype=dtype)
+    k, v = rand(g, 2, 2, 131, 24, dtype=dtype), rand(g, 2, 2, 131, 24, dtype=dtype)
+    pad = torch.zeros(2, 131, dtype=torch.bool)
+    pad[1, 70:] = True
+    layout = sa.BigBird(num_window_blocks=3, num_global_blocks=1, num_random_blocks=1,
+                        per_head=True, block_size=block_size).layout(100, 131, num_heads=4)
+    for causal in (False, True):
+        check_against_reference(q, k, v, layout, dict(causal=causal, key_padding_mask=pad))
+    assert gathered_path
+
+
+def test_windows_empty_rows_and_tensor_layouts(gathered_path):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (rand(g, 2, 2, 96, 16) for _ in range(3))
+    mask = torch.rand(2, 1, 6, 6, generator=g) < 0.4
+    mask[0, 0, 2] = False  # a query block without keys
+    layout = sa.TensorLayout.from_mask(mask, 16)
+    check_against_reference(q, k, v, layout, dict(window=(20, 5)))
+    pad = torch.ones(2, 96, dtype=torch.bool)  # every key padded: all rows empty
+    out, lse = sa.sparse_attention(q, k, v, layout, key_padding_mask=pad, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    (out.sum() + lse.clamp(min=0).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() and (t.grad == 0).all() for t in (q, k, v))
+
+
+def test_packed_documents_prefill_chunks_and_decode_steps(gathered_path):
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 45, 45, 160], dtype=torch.int32)
+    q, k, v = (rand(g, 1, 2, 160, 16) for _ in range(3))
+    check_against_reference(q, k, v, sa.Local(40, block_size=32), dict(causal=True, cu_seqlens=cu))
+    q, k, v = (rand(g, 1, 2, 200, 16, grad=False) for _ in range(3))
+    pattern = sa.Longformer(64, block_size=32)
+    full = sa.sparse_attention(q, k, v, pattern, causal=True)
+    for start in (199, 180, 150):  # a step, and chunks that start inside a block
+        part = sa.sparse_attention(q[:, :, start:], k, v, pattern, causal=True)
+        torch.testing.assert_close(part, full[:, :, start:], atol=1e-12, rtol=1e-12)
+
+
+def test_head_dims_above_the_compiled_ones_and_values_of_another(gathered_path):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = rand(g, 1, 2, 70, 192), rand(g, 1, 2, 70, 192), rand(g, 1, 2, 70, 136)
+    layout = sa.Local(32, block_size=16).layout(70, 70, num_heads=2, causal=True)
+    check_against_reference(q, k, v, layout, dict(causal=True))
+
+
+def test_equals_the_cpu_kernels_on_their_lists():
+    """gathered.forward on the op's own lists gives the kernels' out and lse (fp64)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (rand(g, 2, 4, 150, 32, grad=False) for _ in range(3))
+    layout = sa.BigBird(num_random_blocks=2, per_head=True, block_size=32).layout(150, 150, num_heads=4)
+    lists = layout.block_lists(150, 150, sa.window.Window(None, 0), q.device)
+    args = dict(key_padding_mask=None, block_size=32, scale=0.2, window=sa.window.Window(None, 0))
+    out, lse = gathered.forward(q, k, v, lists, **args)
+    ref_out, ref_lse = ops.forward(q, k, v, lists, **args)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-12)
+
+
+def test_chunks_of_rows_change_nothing(monkeypatch):
+    """Rows taken one at a time (a tiny chunk budget) give the same result (to rounding: a
+    chunk's rows are padded to its longest, which changes the matmuls' summation)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (rand(g, 1, 2, 128, 16, grad=False) for _ in range(3))
+    layout = sa.Longformer(32, block_size=16).layout(128, 128, num_heads=2, causal=True)
+    lists = layout.block_lists(128, 128, sa.window.Window(None, 0), q.device)
+    args = dict(key_padding_mask=None, block_size=16, scale=0.25, window=sa.window.Window(None, 0))
+    whole = gathered.forward(q, k, v, lists, **args)
+    monkeypatch.setattr(gathered, "CHUNK_ELEMENTS", 1)
+    chunked = gathered.forward(q, k, v, lists, **args)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
+
+
+def test_the_route_is_said_once_and_hopper_requests_are_refused(monkeypatch):
+    monkeypatch.setattr(attention, "_kernel_reasons", lambda q, block_size: ("dtype float32: x",))
+    monkeypatch.setattr(attention, "_GATHERED_WARNED", set())
+    q = torch.randn(1, 1, 32, 16)
+    with pytest.warns(UserWarning, match="dtype float32: x. sparse_attention runs such calls"):
+        sa.sparse_attention(q, q, q, sa.Dense(block_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sa.sparse_attention(q, q, q, sa.Dense(block_size=16))
+    with pytest.raises(ValueError, match="cuda_kernels: 'hopper' cannot run this call: dtype"):
+        sa.sparse_attention(q, q, q, sa.Dense(block_size=16), cuda_kernels="hopper")
