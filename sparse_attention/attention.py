@@ -53,21 +53,22 @@ def _transposed_hint(q: torch.Tensor, k: torch.Tensor) -> str:
     return ""
 
 
-def _kernel_reasons(q: torch.Tensor, block_size: int) -> tuple[str, ...]:
-    """Why the device's kernels cannot run a call (sa.supported); () where they can."""
+def _kernel_reasons(q: torch.Tensor, block_size: int, terms=()) -> tuple[str, ...]:
+    """Why the device's kernels cannot run a call with these score terms (sa.supported); ()
+    where they can."""
     if q.device.type != "cuda":
         return ()
-    return tuple(supported(q.device, q.dtype, q.shape[-1], block_size,
+    return tuple(supported(q.device, q.dtype, q.shape[-1], block_size, terms=terms,
                            capability=torch.cuda.get_device_capability(q.device)))
 
 
 _GATHERED_WARNED: set[tuple[str, ...]] = set()
 
 
-def _forward_for(q: torch.Tensor, block_size: int, cuda_kernels: str):
+def _forward_for(q: torch.Tensor, block_size: int, cuda_kernels: str, terms=()):
     """ops.forward where the device's kernels take the call; else the same call in block-gathered
     torch ops (sparse_attention.gathered), said once per set of reasons."""
-    reasons = _kernel_reasons(q, block_size)
+    reasons = _kernel_reasons(q, block_size, terms)
     if not reasons:
         return ops.forward
     if cuda_kernels == "hopper":
@@ -82,13 +83,11 @@ def _forward_for(q: torch.Tensor, block_size: int, cuda_kernels: str):
 
 def _gathered_forward(q, k, v, lists, *, key_padding_mask, block_size, scale, window, terms,
                       deterministic=False, cuda_kernels="auto"):
-    """ops.forward's signature over sparse_attention.gathered (which takes no score terms:
-    calls with them take the dense route first)."""
+    """ops.forward's signature over sparse_attention.gathered."""
     from sparse_attention import gathered
 
-    assert not terms.names(), "score terms take the dense route"
     return gathered.forward(q, k, v, lists, key_padding_mask=key_padding_mask,
-                            block_size=block_size, scale=scale, window=window)
+                            block_size=block_size, scale=scale, window=window, terms=terms)
 
 
 def _kernel_head_dim(device_type: str, head_dim: int) -> int:
@@ -311,8 +310,9 @@ def sparse_attention(
             run and thread count. seed: an int, a torch.Generator, or None (drawn from
             torch's default generator, so torch.manual_seed repeats it).
     sinks, alibi_slopes and the position table get gradients. The CPU kernels run every term;
-    on CUDA a call with any of them runs densely in float32 (O(N^2) memory) and says so once
-    (sa.supported lists what each device's kernels take).
+    on CUDA a call with any of them runs in block-gathered torch ops (sparse_attention.gathered;
+    with packed documents densely in float32, O(N^2) memory) and says so once (sa.supported
+    lists what each device's kernels take).
 
     Returns out [B, H, Nq, Dv] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
@@ -340,10 +340,7 @@ def sparse_attention(
     _check_inputs(q, k, v, layout, key_padding_mask)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=causal, **term_args)
-    if terms.names() and q.device.type == "cuda":
-        return _dense_terms(q, k, v, layout, terms, key_padding_mask=key_padding_mask, causal=causal,
-                            scale=scale, window=window, return_lse=return_lse)
-    forward = _forward_for(q, layout.block_size, cuda_kernels)
+    forward = _forward_for(q, layout.block_size, cuda_kernels, terms.names())
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.

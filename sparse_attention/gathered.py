@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from sparse_attention import score_terms
 from sparse_attention.ops import lse_dtype
+from sparse_attention.score_terms import NO_TERMS, Terms
 from sparse_attention.window import Window
 
 # Elements of the gathered keys, values and scores one chunk of rows may hold at once.
@@ -32,9 +34,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
-            window: Window = Window()) -> tuple[torch.Tensor, torch.Tensor]:
+            window: Window = Window(), terms: Terms = NO_TERMS) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the op over the block lists (a BlockLists): rows only (the column lists
-    serve the kernels' backward; autograd needs none)."""
+    serve the kernels' backward; autograd needs none). terms: the score terms, applied as the
+    kernels and the reference apply them (dropout from the same Philox bits, keyed by the
+    tensors' rows)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
     bs = block_size
@@ -59,6 +63,10 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
     row_kv = row_kv.view(-1, 1).expand(-1, q_blocks).reshape(-1)
     row_batch = torch.arange(batch, device=q.device).repeat_interleave(heads * q_blocks)
     row_qb = qb.reshape(-1).repeat(batch * heads)
+    row_head = torch.arange(heads, device=q.device).repeat_interleave(q_blocks).repeat(batch)
+    buckets = None
+    if terms.position_bias is not None:
+        buckets = score_terms.distance_buckets(terms.position_bias, q_len, k_len).to(q.device).long()
     left, right = window
     pads = None if key_padding_mask is None else key_padding_mask.to(q.device)
 
@@ -82,19 +90,33 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
             visible = visible & (dist <= right)
         kg = k_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
         vg = v_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
-        scores = (q_part.to(cdtype) @ kg.transpose(1, 2)) * scale
+        scores = _with_terms((q_part.to(cdtype) @ kg.transpose(1, 2)) * scale, terms, dist,
+                             row_batch[rows], row_head[rows], buckets, k_len)
         scores = scores.masked_fill(~visible, float("-inf"))
-        # The softmax by hand: a row that sees no key must give 0 and lse = -inf with finite
-        # gradients, where logsumexp's backward would give NaN. The shift m cancels exactly,
-        # so it carries no gradient.
+        # The softmax by hand: a row that sees no key must give 0 and lse = -inf (the sink,
+        # with sinks) with finite gradients, where logsumexp's backward would give NaN. The
+        # shift m cancels exactly, so it carries no gradient.
         m = scores.detach().amax(dim=-1, keepdim=True)
+        sink = None
+        if terms.sinks is not None:
+            sink = terms.sinks.to(cdtype)[row_head[rows]].view(-1, 1, 1)
+            m = torch.maximum(m, sink.detach())
         m = torch.where(torch.isfinite(m), m, 0)
         p = torch.exp(scores - m)
         total = p.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            total = total + torch.exp(sink - m)
         seen_any = total > 0
         total = torch.where(seen_any, total, 1)
         lse = torch.where(seen_any, m + torch.log(total), float("-inf")).squeeze(-1)
-        return (p / total) @ vg, lse.to(lse_dtype(q.dtype))
+        p = p / total
+        if terms.dropout_p > 0:
+            keep = score_terms.dropout_keep_at(terms.seed, terms.dropout_p,
+                                               row_batch[rows].view(-1, 1, 1),
+                                               row_head[rows].view(-1, 1, 1),
+                                               queries.unsqueeze(2), keys.unsqueeze(1))
+            p = p * keep / (1 - terms.dropout_p)
+        return p @ vg, lse.to(lse_dtype(q.dtype))
 
     order = torch.argsort(counts, descending=True, stable=True)
     sorted_counts = counts[order].tolist()
@@ -116,7 +138,10 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
         start = end
     all_rows = batch * heads * q_blocks
     out_rows = torch.zeros(all_rows, bs, value_dim, dtype=cdtype, device=q.device)
-    lse_rows = torch.full((all_rows, bs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    if terms.sinks is None:
+        lse_rows = torch.full((all_rows, bs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    else:  # a row without keys: its denominator is the sink alone
+        lse_rows = terms.sinks.to(lse_dtype(q.dtype))[row_head].unsqueeze(1).expand(-1, bs)
     if parts:
         rows = torch.cat([r for r, _, _ in parts])
         out_rows = out_rows.index_put((rows,), torch.cat([o for _, o, _ in parts]))
@@ -124,3 +149,22 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
     out = out_rows.view(batch, heads, q_blocks * bs, value_dim)[:, :, :q_len].to(q.dtype)
     lse = lse_rows.view(batch, heads, q_blocks * bs)[:, :, :q_len]
     return out, lse
+
+
+def _with_terms(scores, terms: Terms, dist, batch, head, buckets, k_len: int):
+    """Scores [rows, queries, keys] soft-capped, plus the ALiBi and position biases of the
+    distances `dist` (as reference._with_terms, on gathered rows of batch entries `batch` and
+    heads `head`)."""
+    if terms.softcap > 0:
+        scores = terms.softcap * torch.tanh(scores / terms.softcap)
+    if terms.alibi_slopes is not None:
+        slopes = terms.alibi_slopes.to(scores.dtype)
+        slopes = slopes[head] if slopes.dim() == 1 else slopes[batch, head]
+        scores = scores - slopes.view(-1, 1, 1) * dist.abs().to(scores.dtype)
+    if buckets is not None:
+        # buckets[d + k_len - 1] is distance d's; the queries past the end (masked anyway)
+        # are clamped into range.
+        bucket = buckets[(dist + k_len - 1).clamp(0, buckets.numel() - 1)]
+        table = terms.position_bias.table.to(scores.dtype)
+        scores = scores + table[head.view(-1, 1, 1), bucket]
+    return scores

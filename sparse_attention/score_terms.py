@@ -184,14 +184,21 @@ def dropout_keep(seed: int, p: float, batch: int, heads: int, q_rows: torch.Tens
     query rows q_rows of q and key rows k_rows of k (the tensors' rows: packed documents count
     from the row's start). Element (query i, key j) takes 16 bits: with o = i % 64, half
     (o // 8) % 2 of word o // 16 of Philox at counter (8 (i // 64) + i % 8, j, head, batch)."""
-    seed &= 2**64 - 1
     b = torch.arange(batch, dtype=torch.long).view(-1, 1, 1, 1)
     h = torch.arange(heads, dtype=torch.long).view(1, -1, 1, 1)
     i = q_rows.to(torch.long).view(1, 1, -1, 1)
     j = k_rows.to(torch.long).view(1, 1, 1, -1)
-    shape = (batch, heads, q_rows.numel(), k_rows.numel())
+    return dropout_keep_at(seed, p, b, h, i, j)
+
+
+def dropout_keep_at(seed: int, p: float, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor,
+                    j: torch.Tensor) -> torch.Tensor:
+    """dropout_keep's bits at broadcastable index tensors (batch entry, head, query row, key
+    row), of their broadcast shape and device."""
+    seed &= 2**64 - 1
+    b, h, i, j = torch.broadcast_tensors(*(x.to(torch.long) for x in (b, h, i, j)))
     o = i % 64
-    words = philox(*(x.expand(shape) for x in (8 * (i // 64) + i % 8, j, h, b)), seed)
-    word = torch.stack(words, dim=-1).gather(-1, (o // 16).expand(shape).unsqueeze(-1)).squeeze(-1)
+    words = philox(8 * (i // 64) + i % 8, j, h, b, seed)
+    word = torch.stack(words, dim=-1).gather(-1, (o // 16).unsqueeze(-1)).squeeze(-1)
     bits = (word >> (16 * ((o // 8) % 2))) & 0xFFFF
     return bits >= dropout_threshold(p)

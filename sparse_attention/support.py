@@ -109,8 +109,8 @@ def _term_reasons(device_type: str, terms) -> list[str]:
         raise ValueError(f"terms: expected names from {', '.join(table.SCORE_TERMS)}, got {', '.join(map(repr, unknown))}")
     if device_type != "cuda":
         return []
-    return [f"{term}: the CUDA kernels do not take it yet (sa.sparse_attention computes calls with it "
-            "densely in float32, O(N^2) memory)" for term in terms if term not in table.CUDA_SCORE_TERMS]
+    return [f"{term}: the CUDA kernels do not take it yet" for term in terms
+            if term not in table.CUDA_SCORE_TERMS]
 
 
 def supported(device_type, dtype, head_dim: int, block_size: int, *,

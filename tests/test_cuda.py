@@ -157,6 +157,19 @@ def test_calls_the_kernels_do_not_take_run_gathered(name, monkeypatch):
         run_case(case)
 
 
+def test_score_terms_run_gathered(monkeypatch):
+    from test_score_terms import TERMS, check_terms, make_case, term_args
+
+    monkeypatch.setattr("sparse_attention.attention._GATHERED_WARNED", set())
+    case = make_case(torch.float16, 3, device="cuda", q_len=200, k_len=260, padding=True,
+                     block_size=64)
+    q, k, v, layout, pad = make_inputs(case)
+    terms = {name: t.detach().cuda().requires_grad_() if isinstance(t, torch.Tensor) else t
+             for name, t in term_args(TERMS, case.heads, case.batch, 3).items()}
+    with pytest.warns(UserWarning, match="sinks: the CUDA kernels do not take it yet"):
+        check_terms(q, k, v, layout, dict(causal=True, key_padding_mask=pad), terms)
+
+
 def test_hopper_kernels_asked_for_a_call_they_cannot_run():
     q = torch.randn(1, 2, 128, 64, device="cuda")  # float32
     with pytest.raises(ValueError, match="cuda_kernels: 'hopper' cannot run this call: dtype float32"):

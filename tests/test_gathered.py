@@ -1,6 +1,6 @@
 """The block-gathered torch path (sparse_attention.gathered): what runs the CUDA calls the CUDA
 kernels are not compiled for (fp32, fp64, block sizes 16 and 32, head dims above 128, older
-GPUs). It is plain torch, so it is checked here on the CPU: sparse_attention() is made to
+GPUs) and those with score terms. It is plain torch, so it is checked here on the CPU: sparse_attention() is made to
 take it for every call (attention._kernel_reasons), and the results are held to the fp64
 reference under the suite's rule, gradients included, on the hard cases."""
 
@@ -13,12 +13,13 @@ import torch
 
 import sparse_attention as sa
 from sparse_attention import attention, gathered, ops
-from conftest import check_against_reference
+from conftest import check_against_reference, make_inputs
+from test_score_terms import TERMS, check_terms, make_case, term_args
 
 
 @pytest.fixture
 def gathered_path(monkeypatch):
-    monkeypatch.setattr(attention, "_kernel_reasons", lambda q, block_size: ("a test's reason",))
+    monkeypatch.setattr(attention, "_kernel_reasons", lambda *args: ("a test's reason",))
     monkeypatch.setattr(attention, "_GATHERED_WARNED", set())
     calls = []
     real = gathered.forward
@@ -115,7 +116,7 @@ def test_chunks_of_rows_change_nothing(monkeypatch):
 
 
 def test_the_route_is_said_once_and_hopper_requests_are_refused(monkeypatch):
-    monkeypatch.setattr(attention, "_kernel_reasons", lambda q, block_size: ("dtype float32: x",))
+    monkeypatch.setattr(attention, "_kernel_reasons", lambda *args: ("dtype float32: x",))
     monkeypatch.setattr(attention, "_GATHERED_WARNED", set())
     q = torch.randn(1, 1, 32, 16)
     with pytest.warns(UserWarning, match="dtype float32: x. sparse_attention runs such calls"):
@@ -125,3 +126,42 @@ def test_the_route_is_said_once_and_hopper_requests_are_refused(monkeypatch):
         sa.sparse_attention(q, q, q, sa.Dense(block_size=16))
     with pytest.raises(ValueError, match="cuda_kernels: 'hopper' cannot run this call: dtype"):
         sa.sparse_attention(q, q, q, sa.Dense(block_size=16), cuda_kernels="hopper")
+
+
+@pytest.mark.parametrize("names", [(name,) for name in TERMS] + [TERMS], ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_score_terms(gathered_path, names, dtype):
+    """Each term and all five against the fp64 reference, with the gradients of the sinks, the
+    slopes and the position table; key padding, GQA, per-head layouts, tails."""
+    for causal in (False, True):
+        case = make_case(dtype, 11 + causal, padding=True, q_len=70, k_len=100)
+        q, k, v, layout, pad = make_inputs(case)
+        check_terms(q, k, v, layout, dict(causal=causal, key_padding_mask=pad),
+                    term_args(names, case.heads, case.batch, 11 + causal))
+
+
+def test_score_terms_equal_the_cpu_kernels(monkeypatch):
+    """With every term (dropout's bits included), out, lse and all gradients equal the CPU
+    kernels' in fp64."""
+    case = make_case(torch.float64, 5, padding=True, q_len=75, k_len=96)
+    q, k, v, layout, pad = make_inputs(case)
+    terms = term_args(TERMS, case.heads, case.batch, 5)
+    for t in terms.values():
+        if isinstance(t, torch.Tensor):
+            t.data = t.data.double()
+    inputs = (q, k, v) + tuple(t for t in terms.values() if isinstance(t, torch.Tensor))
+
+    def run():
+        out, lse = sa.sparse_attention(q, k, v, layout, causal=True, key_padding_mask=pad,
+                                       return_lse=True, **terms)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
+        loss = loss + torch.where(torch.isfinite(lse), lse, 0).sum()
+        return (out, lse) + torch.autograd.grad(loss, inputs)
+
+    kernels = run()
+    monkeypatch.setattr(attention, "_kernel_reasons", lambda *args: ("a test's reason",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = run()
+    for a, b in zip(ours, kernels):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
