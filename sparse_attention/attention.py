@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -53,24 +54,33 @@ def _transposed_hint(q: torch.Tensor, k: torch.Tensor) -> str:
     return ""
 
 
-def _kernel_reasons(q: torch.Tensor, block_size: int, terms=()) -> tuple[str, ...]:
+def _call_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
+    """The head dim the kernels run a call at before padding: the larger of D and Dv."""
+    return max(q.shape[-1], v.shape[-1])
+
+
+def _kernel_reasons(q: torch.Tensor, v: torch.Tensor, block_size: int, terms=()) -> tuple[str, ...]:
     """Why the device's kernels cannot run a call with these score terms (sa.supported); ()
     where they can."""
     if q.device.type != "cuda":
         return ()
-    return tuple(supported(q.device, q.dtype, q.shape[-1], block_size, terms=terms,
+    return tuple(supported(q.device, q.dtype, _call_head_dim(q, v), block_size, terms=terms,
                            capability=torch.cuda.get_device_capability(q.device)))
 
 
 _GATHERED_WARNED: set[tuple[str, ...]] = set()
 
 
-def _forward_for(q: torch.Tensor, block_size: int, cuda_kernels: str, terms=()):
-    """ops.forward where the device's kernels take the call; else the same call in block-gathered
-    torch ops (sparse_attention.gathered), said once per set of reasons."""
-    reasons = _kernel_reasons(q, block_size, terms)
+def _forward_for(q: torch.Tensor, v: torch.Tensor, block_size: int, cuda_kernels: str, terms=()):
+    """ops.forward where the device's kernels take the call (zero-padded along D where they run
+    it at a wider head dim); else the same call in block-gathered torch ops
+    (sparse_attention.gathered), said once per set of reasons."""
+    reasons = _kernel_reasons(q, v, block_size, terms)
     if not reasons:
-        return ops.forward
+        width = _kernel_head_dim(q.device.type, _call_head_dim(q, v))
+        if width == q.shape[-1] == v.shape[-1]:
+            return ops.forward
+        return functools.partial(_zero_padded_forward, width=width)
     if cuda_kernels == "hopper":
         raise ValueError("cuda_kernels: 'hopper' cannot run this call: " + "; ".join(reasons))
     if reasons not in _GATHERED_WARNED:
@@ -99,26 +109,16 @@ def _kernel_head_dim(device_type: str, head_dim: int) -> int:
     return cuda_kernel_head_dim(head_dim) or head_dim
 
 
-def _zero_padded_head_dims(q, k, v, layout, width: int, *, scale, return_lse, **call):
-    """A call run at head dim `width` for both q k^T and the values: q, k, v zero-padded along
+def _zero_padded_forward(q, k, v, lists, *, width: int, **call):
+    """ops.forward at head dim `width` for both q k^T and the values: q, k, v zero-padded along
     D (zero columns add nothing to the scores, and the output's extra columns are zero and cut
-    off), with the scale of the true D. This runs head dims the kernels are not compiled for,
-    and values of another head dim than q and k (Dv != Dqk). Differentiable: the padding's
-    gradient is the slice."""
-    _check_tensor("k", k)
-    _check_tensor("v", v)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected head_dim {q.shape[-1]} (that of q), got {k.shape[-1]}")
-    if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"k, v: expected the same shape but for the head dim, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    off; the call's scale is already that of the true D). This runs head dims the kernels are
+    not compiled for, and values of another head dim than q and k (Dv != Dqk). Differentiable:
+    the padding's gradient is the slice."""
     value_dim = v.shape[-1]
     q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-    out, lse = sparse_attention(q, k, v, layout, scale=scale, return_lse=True, **call)
-    out = out[..., :value_dim].contiguous()
-    return (out, lse) if return_lse else out
+    out, lse = ops.forward(q, k, v, lists, **call)
+    return out[..., :value_dim].contiguous(), lse
 
 
 def _autocast(*tensors):
@@ -147,8 +147,9 @@ def _check_inputs(q, k, v, layout, key_padding_mask, documents: int | None = Non
             f"q: tensors on {q.device.type} are not supported by this build; supported: "
             f"{', '.join(SUPPORTED_DEVICE_TYPES)}"
         )
-    if k.shape != v.shape:
-        raise ValueError(f"k, v: expected the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k, v: expected the same shape but for the head dim, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
     batch, heads, q_len, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k: expected batch {batch} (that of q), got {k.shape[0]}")
@@ -323,15 +324,6 @@ def sparse_attention(
                          f"got {cuda_kernels!r}")
     term_args = dict(sinks=sinks, alibi_slopes=alibi_slopes, softcap=softcap,
                      position_bias=position_bias, dropout_p=dropout_p, seed=seed)
-    _check_tensor("q", q)
-    _check_tensor("v", v)
-    width = _kernel_head_dim(q.device.type, max(q.shape[-1], v.shape[-1]))
-    if not width == q.shape[-1] == v.shape[-1]:
-        return _zero_padded_head_dims(q, k, v, layout, width, scale=scale, return_lse=return_lse,
-                                     causal=causal, key_padding_mask=key_padding_mask,
-                                     window=window, deterministic=deterministic,
-                                     cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                                     cuda_kernels=cuda_kernels, **term_args)
     if cu_seqlens is not None or cu_seqlens_k is not None:
         return _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mask,
                                  causal=causal, scale=scale, window=window,
@@ -340,7 +332,7 @@ def sparse_attention(
     _check_inputs(q, k, v, layout, key_padding_mask)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=causal, **term_args)
-    forward = _forward_for(q, layout.block_size, cuda_kernels, terms.names())
+    forward = _forward_for(q, v, layout.block_size, cuda_kernels, terms.names())
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
@@ -349,8 +341,8 @@ def sparse_attention(
         # Built in the graph from the layout's tensors: new values never recompile.
         lists = layout.block_lists(q_len, k_len, window)
         out, lse = forward(q, k, v, lists, key_padding_mask=key_padding_mask,
-                               block_size=layout.block_size, scale=scale, window=window,
-                               deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
+                           block_size=layout.block_size, scale=scale, window=window,
+                           deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
         return (out, lse) if return_lse else out
     # A pattern's layout may depend on the head count: graphs specialise on it then only.
     num_heads = operator.index(q.shape[1]) if isinstance(layout, Pattern) else None
@@ -367,9 +359,9 @@ def sparse_attention(
         lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
                                     causal)
         results.append(forward(*part[:3], lists, key_padding_mask=part[3],
-                                   block_size=layout.block_size, scale=scale, window=window,
-                                   deterministic=deterministic, cuda_kernels=cuda_kernels,
-                                   terms=terms))
+                               block_size=layout.block_size, scale=scale, window=window,
+                               deterministic=deterministic, cuda_kernels=cuda_kernels,
+                               terms=terms))
     out, lse = results[0] if len(results) == 1 else (
         torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2))
     return (out, lse) if return_lse else out
@@ -427,7 +419,8 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
-    if not packing.packed_kernels(q.device) or _kernel_reasons(q, layout.block_size):
+    forward = _forward_for(q, v, layout.block_size, cuda_kernels)
+    if not packing.packed_kernels(q.device) or forward is _gathered_forward:
         if terms.names():
             raise ValueError(f"{', '.join(terms.names())}: not taken with cu_seqlens on {q.device.type}, "
                              "whose kernels run packed documents one call each")
@@ -440,9 +433,9 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     lists = packing.packed_lists(layout, cu_seqlens.cpu(), cu_k.cpu(), window, num_heads, causal)
     if q.device.type != "cpu":
         lists = BlockLists(*(t.to(q.device) for t in lists))
-    out, lse = ops.forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
-                           scale=scale, window=window, deterministic=deterministic,
-                           cuda_kernels=cuda_kernels, cu_seqlens=(cu_seqlens, cu_k), terms=terms)
+    out, lse = forward(q, k, v, lists, key_padding_mask=None, block_size=layout.block_size,
+                       scale=scale, window=window, deterministic=deterministic,
+                       cuda_kernels=cuda_kernels, cu_seqlens=(cu_seqlens, cu_k), terms=terms)
     return (out, lse) if return_lse else out
 
 

@@ -44,11 +44,14 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
     bs = block_size
     row_offsets, row_indices = lists[0].long(), lists[1].long()
     list_batch, layout_heads, q_blocks = lists[2].shape
-    # The list of each (batch entry, query head, query block), as block_rules.h list_index.
-    b = torch.arange(batch, device=q.device).view(-1, 1, 1) * (list_batch > 1)
-    h = torch.arange(heads, device=q.device).view(1, -1, 1) // (heads // layout_heads)
-    qb = torch.arange(q_blocks, device=q.device).view(1, 1, -1)
-    list_of_row = ((b * layout_heads + h) * q_blocks + qb).reshape(-1)
+    # Row r of the call is (batch entry, query head, query block) in that order; its list is
+    # block_rules.h's list_index.
+    all_rows = batch * heads * q_blocks
+    row = torch.arange(all_rows, device=q.device)
+    row_qb, row_head, row_batch = row % q_blocks, row // q_blocks % heads, row // (q_blocks * heads)
+    row_kv = row_batch * kv_heads + row_head // (heads // kv_heads)
+    list_of_row = (((row_batch if list_batch > 1 else 0) * layout_heads
+                    + row_head // (heads // layout_heads)) * q_blocks + row_qb)
     starts = row_offsets[list_of_row]
     row_counts = row_offsets[list_of_row + 1] - starts
     counts = row_counts.cpu()
@@ -57,13 +60,6 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
     q_rows = torch.nn.functional.pad(q, (0, 0, 0, q_blocks * bs - q_len)).reshape(-1, bs, head_dim)
     k_flat = k.reshape(-1, head_dim)
     v_flat = v.reshape(-1, value_dim)
-    group = heads // kv_heads
-    row_kv = (torch.arange(batch, device=q.device).view(-1, 1) * kv_heads
-              + torch.arange(heads, device=q.device).view(1, -1) // group)
-    row_kv = row_kv.view(-1, 1).expand(-1, q_blocks).reshape(-1)
-    row_batch = torch.arange(batch, device=q.device).repeat_interleave(heads * q_blocks)
-    row_qb = qb.reshape(-1).repeat(batch * heads)
-    row_head = torch.arange(heads, device=q.device).repeat_interleave(q_blocks).repeat(batch)
     buckets = None
     if terms.position_bias is not None:
         buckets = score_terms.distance_buckets(terms.position_bias, q_len, k_len).to(q.device).long()
@@ -71,7 +67,8 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
     pads = None if key_padding_mask is None else key_padding_mask.to(q.device)
 
     def chunk(rows, num_blocks, q_part, k_all, v_all):
-        # Key tokens of each row: its listed blocks, padded to num_blocks by repeating none.
+        # Key tokens of each row: its listed blocks, in num_blocks slots (those past the
+        # row's count are masked).
         slot = torch.arange(num_blocks, device=q.device)
         listed = slot < row_counts[rows].unsqueeze(1)
         blocks = row_indices[(starts[rows].unsqueeze(1) + slot).clamp(max=max(row_indices.numel() - 1, 0))]
@@ -136,7 +133,6 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
             out_part, lse_part = chunk(*args)
         parts.append((rows, out_part, lse_part))
         start = end
-    all_rows = batch * heads * q_blocks
     out_rows = torch.zeros(all_rows, bs, value_dim, dtype=cdtype, device=q.device)
     if terms.sinks is None:
         lse_rows = torch.full((all_rows, bs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)

@@ -1,8 +1,8 @@
 """Head dims the CUDA kernels are not compiled for run at the next compiled width, zero-padded;
 values of another head dim than q and k (Dv != Dqk) run padded to the larger, on every device.
 
-The padding is in sparse_attention() (attention._zero_padded_head_dim) and applies wherever
-attention._kernel_head_dim says the kernels run a wider D. On CUDA that is
+The padding wraps the kernels' forward (attention._zero_padded_forward) wherever
+attention._kernel_head_dim says they run a wider D. On CUDA that is
 kernel_table.cuda_kernel_head_dim; here the CPU is made to pad the same way, so the whole
 path (scale of the true D, the slice, gradients through the padding, packed documents,
 TensorLayouts, GQA, decode steps) is checked against the fp64 reference without a GPU.
