@@ -15,8 +15,10 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small forward and backward,
 #      and memcheck and racecheck on the Hopper kernels;
 #   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
-#      against SDPA), then benchmarks/bench_cuda.py: forward and backward against SDPA (flash,
-#      dense causal) and compiled FlexAttention on the same block masks, as the budget allows.
+#      against SDPA), benchmarks/bench_decode.py: a decode step split across thread blocks or
+#      not against SDPA and FlexDecoding, then benchmarks/bench_cuda.py: forward and backward
+#      against SDPA (flash, dense causal) and compiled FlexAttention on the same block masks,
+#      as the budget allows.
 # A failing stage is reported and the later stages still run, except that nothing runs after
 # a failed build or import; the exit status is non-zero if any stage failed. Logs and the
 # full benchmark results go to gpu_check_results/<time>/.
@@ -131,6 +133,11 @@ done
 # against SDPA (small sizes: the budget belongs to the main benchmark).
 stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device cuda --quick \
   --no-flex --out "$OUT/layouts"
+
+# One decode step over 8k to 128k keys (H=32, Hkv=8, D=128, bf16): ours with the split of long
+# rows across thread blocks and without it, SDPA, and FlexDecoding.
+stage decode 90 "$OUT/decode.log" "$PY" benchmarks/bench_decode.py --device cuda \
+  --dtypes bfloat16 --repeats 20 --budget 3 --out "$OUT/decode"
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))

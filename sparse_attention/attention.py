@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from sparse_attention import ops, packing, score_terms
+from sparse_attention import ops, packing, score_terms, split_rows
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES, cuda_kernel_head_dim
 from sparse_attention.layout import BlockLayout, BlockLists
@@ -77,10 +77,11 @@ def _forward_for(q: torch.Tensor, v: torch.Tensor, block_size: int, cuda_kernels
     (sparse_attention.gathered), said once per set of reasons."""
     reasons = _kernel_reasons(q, v, block_size, terms)
     if not reasons:
+        kernels = split_rows.forward if _splits_rows(q, terms) else ops.forward
         width = _kernel_head_dim(q.device.type, _call_head_dim(q, v))
         if width == q.shape[-1] == v.shape[-1]:
-            return ops.forward
-        return functools.partial(_zero_padded_forward, width=width)
+            return kernels
+        return functools.partial(_zero_padded_forward, width=width, kernels=kernels)
     if cuda_kernels == "hopper":
         raise ValueError("cuda_kernels: 'hopper' cannot run this call: " + "; ".join(reasons))
     if reasons not in _GATHERED_WARNED:
@@ -100,6 +101,12 @@ def _gathered_forward(q, k, v, lists, *, key_padding_mask, block_size, scale, wi
                             block_size=block_size, scale=scale, window=window, terms=terms)
 
 
+def _splits_rows(q: torch.Tensor, terms) -> bool:
+    """Whether a call's rows may split across CUDA thread blocks (sparse_attention.split_rows;
+    it decides per call from the lists). The CPU kernels split rows across threads themselves."""
+    return q.device.type == "cuda" and q.shape[2] <= split_rows.SPLIT_QUERIES and not terms
+
+
 def _kernel_head_dim(device_type: str, head_dim: int) -> int:
     """The head dim the device's kernels run a call of head dim D at: on CUDA the next
     compiled width (kernel_table.cuda_kernel_head_dim; D itself when none fits, for the error
@@ -109,7 +116,7 @@ def _kernel_head_dim(device_type: str, head_dim: int) -> int:
     return cuda_kernel_head_dim(head_dim) or head_dim
 
 
-def _zero_padded_forward(q, k, v, lists, *, width: int, **call):
+def _zero_padded_forward(q, k, v, lists, *, width: int, kernels=ops.forward, **call):
     """ops.forward at head dim `width` for both q k^T and the values: q, k, v zero-padded along
     D (zero columns add nothing to the scores, and the output's extra columns are zero and cut
     off; the call's scale is already that of the true D). This runs head dims the kernels are
@@ -117,7 +124,7 @@ def _zero_padded_forward(q, k, v, lists, *, width: int, **call):
     the padding's gradient is the slice."""
     value_dim = v.shape[-1]
     q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-    out, lse = ops.forward(q, k, v, lists, **call)
+    out, lse = kernels(q, k, v, lists, **call)
     return out[..., :value_dim].contiguous(), lse
 
 

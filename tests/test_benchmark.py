@@ -95,3 +95,22 @@ def test_per_block_run_measures_each_build_in_its_own_process(tmp_path):
     data = json.loads((tmp_path / "per_block.json").read_text())
     assert set(data["machines"]) == {"avx2", "avx512"} and len(data["cells"]) == 4
     assert not list(tmp_path.glob("per_block_*.json"))
+
+
+def test_tiny_decode_run_and_its_cuda_table(tmp_path):
+    """The decode benchmark's CPU run, and its CUDA table naming ours without the split."""
+    from sparse_attention import split_rows
+    from sparse_attention.benchmark import decode
+
+    decode.main(["--seq-lens", "2048", "--dtypes", "float32", "--heads", "4", "--kv-heads", "2",
+                 "--head-dim", "32", "--window", "512", "--repeats", "1", "--warmup", "1",
+                 "--no-flex", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["keys"] == 2048 and all(row[name] > 0 for name in ("ours", "ours_1_thread", "sdpa_masked"))
+    assert "ours on 1 thread ms" in (tmp_path / "results.md").read_text()
+    cuda_row = {**row, "ours_unsplit": 2 * row["ours"]}
+    assert "| ours unsplit ms |" in decode.table([cuda_row], "cuda")
+    assert "(2.00x)" in decode.table([cuda_row], "cuda")
+    with decode._without_split("cuda"):
+        assert split_rows.MAX_PIECES == 1
+    assert split_rows.MAX_PIECES == 16

@@ -190,3 +190,40 @@ def test_tensor_layouts_batched_and_per_kv_head(layout_batch, layout_heads, dete
     from conftest import check_against_reference
     check_against_reference(q, k, v, layout, dict(causal=True, key_padding_mask=pad),
                             deterministic=deterministic)
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 16, 64])
+@pytest.mark.parametrize("kernels", ["mma", "hopper"])
+def test_split_kv_decoding(q_len, kernels, monkeypatch):
+    """Calls of at most 64 queries split long rows across thread blocks (split_rows): out, lse
+    and gradients against the reference, the unsplit call, and batch invariance."""
+    if kernels == "hopper" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need compute capability 9.0")
+    from conftest import check_against_reference
+    from sparse_attention import attention, split_rows
+
+    g = torch.Generator().manual_seed(q_len)
+    block = 128 if kernels == "hopper" else 64
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to("cuda", torch.bfloat16).requires_grad_(grad)
+
+    q, k, v = rand(2, 8, q_len, 128), rand(2, 2, 20000, 128), rand(2, 2, 20000, 128)
+    pad = torch.zeros(2, 20000, dtype=torch.bool, device="cuda")
+    pad[1, 5000:9000] = True
+    pattern = sa.Longformer(8192, block_size=block)
+    layout = pattern.layout(q_len, 20000, num_heads=8, causal=True)
+    slots, num_slots = [], split_rows.num_slots
+    monkeypatch.setattr(split_rows, "num_slots", lambda *args: slots.append(num_slots(*args)) or slots[-1])
+    call = dict(causal=True, key_padding_mask=pad, cuda_kernels=kernels)
+    check_against_reference(q, k, v, layout, call)
+    assert max(slots) == 16
+    with torch.no_grad():
+        split = sa.sparse_attention(q, k, v, pattern, **call)
+        single = torch.cat([sa.sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pattern, causal=True,
+                                                key_padding_mask=pad[b:b + 1], cuda_kernels=kernels)
+                            for b in range(2)])
+        assert torch.equal(split, single)
+        monkeypatch.setattr(attention, "_splits_rows", lambda q, terms: False)
+        whole = sa.sparse_attention(q, k, v, pattern, **call)
+    assert max_error(split, whole) < 2e-2

@@ -5,11 +5,13 @@ q [1, --heads, --queries, D] over k, v [1, --kv-heads, Nk, D] (GQA), the layout
 `sa.Longformer(--window, block_size=--block)` (a causal window plus global token 0), causal
 (bottom-right). Contenders, in the same run:
 - ours on all threads and on one thread (calls of at most 64 queries split each row's key
-  blocks into pieces walked in parallel, so even one head's row uses every thread);
+  blocks into pieces walked in parallel, so even one head's row uses every thread); on CUDA
+  (--device cuda) ours with its split of long rows across thread blocks (split-KV,
+  sparse_attention.split_rows) and without it;
 - SDPA with the boolean element mask of the same layout [queries, Nk], and SDPA without a mask
   over the whole cache (dense decoding);
 - compiled FlexAttention with the same blocks as a prebuilt BlockMask (forward only, as every
-  decode step).
+  decode step; on CUDA, with one query, that is FlexDecoding).
 Times are medians of benchmark.timing.median_time; markdown on stdout, results.md and
 results.json in --out.
 """
@@ -17,12 +19,13 @@ results.json in --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
-from sparse_attention import reference
+from sparse_attention import reference, split_rows
 from sparse_attention.benchmark import machine
 from sparse_attention.benchmark.command import csv_of
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
@@ -30,6 +33,8 @@ from sparse_attention.benchmark.layouts import Skipped, _ms, _progress, add_timi
 from sparse_attention.benchmark.timing import median_time
 
 CONTENDERS = ("ours", "ours_1_thread", "sdpa_masked", "sdpa_dense", "flex")
+# On CUDA the second contender is ours without the split of long rows.
+SECOND = {"cpu": ("ours_1_thread", "ours on 1 thread"), "cuda": ("ours_unsplit", "ours unsplit")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=4096, help="local window in tokens (default 4096)")
     parser.add_argument("--block", type=int, default=64, help="block size (default 64)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     add_timing_arguments(parser, repeats=10, budget=20.0, max_call_s=60.0)
 
 
 def _time(fn, args):
     try:
-        return median_time(fn, args.repeats, max(1, args.warmup), budget=args.budget)
+        return median_time(fn, args.repeats, max(1, args.warmup), device=args.device,
+                           budget=args.budget)
     except Exception as error:  # a failure is a result: report it, run the rest
         return Skipped(f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
 
@@ -61,18 +68,16 @@ def measure(args) -> list[dict]:
         for n in args.seq_lens:
             _progress(f"{dtype_name} Nk={n}")
             g = torch.Generator().manual_seed(args.seed)
-            q = torch.randn(1, args.heads, args.queries, args.head_dim, generator=g).to(dtype)
-            k, v = (torch.randn(1, args.kv_heads, n, args.head_dim, generator=g).to(dtype) for _ in range(2))
+            q = torch.randn(1, args.heads, args.queries, args.head_dim, generator=g).to(args.device, dtype)
+            k, v = (torch.randn(1, args.kv_heads, n, args.head_dim, generator=g).to(args.device, dtype)
+                    for _ in range(2))
             layout = pattern.layout(args.queries, n, num_heads=args.heads, causal=True)
-            mask = reference.element_mask(layout, args.queries, n, causal=True)[0]
+            mask = reference.element_mask(layout, args.queries, n, causal=True)[0].to(args.device)
             row = {"dtype": dtype_name, "keys": n, "computed": layout.density}
             row["ours"] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                row["ours_1_thread"] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
-            finally:
-                torch.set_num_threads(threads)
+            second = SECOND[torch.device(args.device).type][0]
+            with _without_split(args.device):
+                row[second] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
             row["sdpa_masked"] = _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
                                        args)
             row["sdpa_dense"] = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args)
@@ -84,19 +89,36 @@ def measure(args) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _without_split(device: str):
+    """The CPU kernels on one thread; CUDA calls without the split of long rows."""
+    cuda = torch.device(device).type == "cuda"
+    threads, pieces = torch.get_num_threads(), split_rows.MAX_PIECES
+    if cuda:
+        split_rows.MAX_PIECES = 1
+    else:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        split_rows.MAX_PIECES = pieces
+
+
 def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else ""
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| dtype | Nk | computed | ours ms | ours on 1 thread ms | SDPA masked ms | "
+def table(rows: list[dict], device: str = "cpu") -> str:
+    second, title = SECOND[torch.device(device).type]
+    lines = [f"| dtype | Nk | computed | ours ms | {title} ms | SDPA masked ms | "
              "SDPA dense ms | Flex ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         flex = r.get("flex")
         lines.append(
             f"| {r['dtype']} | {r['keys']} | {100 * r['computed']:.1f}% | {_ms(r['ours'])} | "
-            f"{_ms(r['ours_1_thread'])} ({_ratio(r['ours_1_thread'], r['ours'])}) | "
+            f"{_ms(r[second])} ({_ratio(r[second], r['ours'])}) | "
             f"{_ms(r['sdpa_masked'])} ({_ratio(r['sdpa_masked'], r['ours'])}) | "
             f"{_ms(r['sdpa_dense'])} ({_ratio(r['sdpa_dense'], r['ours'])}) | "
             f"{'n/a' if flex is None else _ms(flex)} ({_ratio(flex, r['ours'])}) |")
@@ -106,12 +128,14 @@ def table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
     header = machine.describe()
     rows = measure(args)
     text = (f"# Decode step: {args.queries} query, local + global layout\n\n{machine.one_line(header)}\n\n"
             f"H = {args.heads}, Hkv = {args.kv_heads}, D = {args.head_dim}, Longformer window "
             f"{args.window}, block {args.block}, causal; median of {args.repeats} calls. In parentheses: "
-            "the contender's time over ours.\n\n" + table(rows))
+            "the contender's time over ours.\n\n" + table(rows, args.device))
     return publish(args, header, text, {"rows": [{k: str(v) if isinstance(v, Skipped) else v
                                                   for k, v in r.items()} for r in rows]})
 
