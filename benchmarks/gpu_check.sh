@@ -134,8 +134,8 @@ done
 stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device cuda --quick \
   --no-flex --out "$OUT/layouts"
 
-# One decode step over 8k to 128k keys (H=32, Hkv=8, D=128, bf16): ours with the split of long
-# rows across thread blocks and without it, SDPA, and FlexDecoding.
+# One decode step over 8k to 128k keys (H=32, Hkv=8, D=128, bf16): ours with the opt-in split
+# of long rows across thread blocks and without it, SDPA, and FlexDecoding.
 stage decode 90 "$OUT/decode.log" "$PY" benchmarks/bench_decode.py --device cuda \
   --dtypes bfloat16 --repeats 20 --budget 3 --out "$OUT/decode"
 

@@ -102,9 +102,9 @@ def _gathered_forward(q, k, v, lists, *, key_padding_mask, block_size, scale, wi
 
 
 def _splits_rows(q: torch.Tensor, terms) -> bool:
-    """Whether a call's rows may split across CUDA thread blocks (sparse_attention.split_rows;
-    it decides per call from the lists). The CPU kernels split rows across threads themselves."""
-    return q.device.type == "cuda" and q.shape[2] <= split_rows.SPLIT_QUERIES and not terms
+    """Whether a call's rows may split across CUDA thread blocks (sparse_attention.split_rows,
+    opt-in; it decides per call from the lists). The CPU kernels split rows themselves."""
+    return split_rows.enabled(q.device.type) and q.shape[2] <= split_rows.SPLIT_QUERIES and not terms
 
 
 def _kernel_head_dim(device_type: str, head_dim: int) -> int:

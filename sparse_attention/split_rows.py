@@ -9,9 +9,13 @@ the pieces' partial results merge by their log-sum-exp. The cut is the CPU kerne
 keys) pieces, at most MAX_PIECES); it depends on the lists alone, never on the batch, so a row
 gets the same bits in any batch. The backward runs the unsplit lists on the merged (out, lse),
 which are the unsplit call's: the same gradients as without the split.
+
+Opt-in until it has run on a GPU: CUDA calls split where CUDA_SPLIT_ENV is "1".
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,11 +23,17 @@ from sparse_attention import ops
 from sparse_attention.layout import BlockLists
 from sparse_attention.score_terms import NO_TERMS
 
+CUDA_SPLIT_ENV = "SPARSE_ATTENTION_CUDA_SPLIT_KV"
 SPLIT_QUERIES = 64  # calls of at most this many queries split their rows
 SPLIT_KEYS = 1024  # keys per piece, about
-MAX_PIECES = 16  # 1 turns the split off (the decode benchmark compares with that)
+MAX_PIECES = 16
 MAX_PARTIAL_BYTES = 256 << 20  # the pieces' outputs of a call; past it the call runs unsplit
 MAX_HEADS = 65535  # the CUDA kernels' grid takes at most this many heads (pieces included)
+
+
+def enabled(device_type: str) -> bool:
+    """Whether calls on this device type split rows here (the CPU kernels split their own)."""
+    return device_type == "cuda" and os.environ.get(CUDA_SPLIT_ENV) == "1"
 
 
 def num_slots(q: torch.Tensor, v: torch.Tensor, lists, block_size: int) -> int:

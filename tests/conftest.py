@@ -207,6 +207,15 @@ def check_against_reference(q, k, v, layout, kwargs: dict, check_grads: bool = T
         assert_grads_rule(out, low, exact, (q, k, v), grad)
 
 
+def check_rows_without_keys(q, k, v, layout, **kwargs):
+    """Every row of the call sees no key: out 0, lse -inf, and zero, finite gradients (through
+    lse too: its -inf rows pass no gradient)."""
+    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True, **kwargs)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    (out.sum() + lse.clamp(min=0).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() and (t.grad == 0).all() for t in (q, k, v))
+
+
 def assert_grads_rule(out, low, exact, inputs, grad=None):
     """The rule on dq, dk, dv of our output against those of the same-precision and exact
     reference outputs, for the upstream gradient `grad` (random by default)."""

@@ -2,6 +2,7 @@
 writes a complete report. (Speed is shown by running the suite, never asserted here.)"""
 
 import json
+import os
 
 import pytest
 import torch
@@ -111,6 +112,7 @@ def test_tiny_decode_run_and_its_cuda_table(tmp_path):
     cuda_row = {**row, "ours_unsplit": 2 * row["ours"]}
     assert "| ours unsplit ms |" in decode.table([cuda_row], "cuda")
     assert "(2.00x)" in decode.table([cuda_row], "cuda")
-    with decode._without_split("cuda"):
-        assert split_rows.MAX_PIECES == 1
-    assert split_rows.MAX_PIECES == 16
+    for on in (True, False):
+        with decode._split_kv(on):
+            assert split_rows.enabled("cuda") is on and not split_rows.enabled("cpu")
+    assert split_rows.CUDA_SPLIT_ENV not in os.environ

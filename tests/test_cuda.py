@@ -195,13 +195,14 @@ def test_tensor_layouts_batched_and_per_kv_head(layout_batch, layout_heads, dete
 @pytest.mark.parametrize("q_len", [1, 2, 16, 64])
 @pytest.mark.parametrize("kernels", ["mma", "hopper"])
 def test_split_kv_decoding(q_len, kernels, monkeypatch):
-    """Calls of at most 64 queries split long rows across thread blocks (split_rows): out, lse
-    and gradients against the reference, the unsplit call, and batch invariance."""
+    """Calls of at most 64 queries split long rows across thread blocks (split_rows, opt-in):
+    out, lse and gradients against the reference, the unsplit call, and batch invariance."""
     if kernels == "hopper" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels need compute capability 9.0")
     from conftest import check_against_reference
-    from sparse_attention import attention, split_rows
+    from sparse_attention import split_rows
 
+    monkeypatch.setenv(split_rows.CUDA_SPLIT_ENV, "1")
     g = torch.Generator().manual_seed(q_len)
     block = 128 if kernels == "hopper" else 64
 
@@ -224,6 +225,6 @@ def test_split_kv_decoding(q_len, kernels, monkeypatch):
                                                 key_padding_mask=pad[b:b + 1], cuda_kernels=kernels)
                             for b in range(2)])
         assert torch.equal(split, single)
-        monkeypatch.setattr(attention, "_splits_rows", lambda q, terms: False)
+        monkeypatch.delenv(split_rows.CUDA_SPLIT_ENV)
         whole = sa.sparse_attention(q, k, v, pattern, **call)
     assert max_error(split, whole) < 2e-2

@@ -17,7 +17,7 @@ import sparse_attention as sa
 from sparse_attention import attention, ops, split_rows
 from sparse_attention.layout import BlockLists
 from sparse_attention.window import Window
-from conftest import check_against_reference
+from conftest import check_against_reference, check_rows_without_keys
 
 
 @pytest.fixture
@@ -103,10 +103,7 @@ def test_per_head_and_per_kv_head_layouts_and_empty_rows(split_cpu):
         layout = sa.TensorLayout.from_mask(mask, 16)
         check_against_reference(q, k, v, layout, dict(window=(700, 30)))
     pad = torch.ones(2, 2000, dtype=torch.bool)  # every key padded: every piece empty
-    out, lse = sa.sparse_attention(q, k, v, layout, key_padding_mask=pad, return_lse=True)
-    assert (out == 0).all() and torch.isneginf(lse).all()
-    (out.sum() + lse.clamp(min=0).sum()).backward()
-    assert all(torch.isfinite(t.grad).all() and (t.grad == 0).all() for t in (q, k, v))
+    check_rows_without_keys(q, k, v, layout, key_padding_mask=pad)
     assert max(split_cpu) == 2  # 125 blocks of 16 keys: two pieces of 64 blocks
 
 
@@ -227,3 +224,13 @@ def test_score_terms_are_refused_here():
         split_rows.forward(q, q, q, lists, key_padding_mask=None, block_size=16, scale=1.0,
                            window=Window(), terms=terms)
     assert ops.forward is not split_rows.forward
+
+
+def test_cuda_calls_split_only_when_asked(monkeypatch):
+    """Opt-in until it has run on a GPU; the CPU kernels split their own rows."""
+    q = torch.empty(1, 2, 1, 16, device="meta")
+    monkeypatch.delenv(split_rows.CUDA_SPLIT_ENV, raising=False)
+    assert not split_rows.enabled("cuda") and not attention._splits_rows(q, ())
+    monkeypatch.setenv(split_rows.CUDA_SPLIT_ENV, "1")
+    assert split_rows.enabled("cuda") and not split_rows.enabled("cpu")
+    assert not attention._splits_rows(q, ())  # a meta tensor: no CUDA call

@@ -6,7 +6,7 @@ q [1, --heads, --queries, D] over k, v [1, --kv-heads, Nk, D] (GQA), the layout
 (bottom-right). Contenders, in the same run:
 - ours on all threads and on one thread (calls of at most 64 queries split each row's key
   blocks into pieces walked in parallel, so even one head's row uses every thread); on CUDA
-  (--device cuda) ours with its split of long rows across thread blocks (split-KV,
+  (--device cuda) ours with the opt-in split of long rows across thread blocks (split-KV,
   sparse_attention.split_rows) and without it;
 - SDPA with the boolean element mask of the same layout [queries, Nk], and SDPA without a mask
   over the whole cache (dense decoding);
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from sparse_attention.benchmark.layouts import Skipped, _ms, _progress, add_timi
 from sparse_attention.benchmark.timing import median_time
 
 CONTENDERS = ("ours", "ours_1_thread", "sdpa_masked", "sdpa_dense", "flex")
-# On CUDA the second contender is ours without the split of long rows.
+# On CUDA "ours" splits long rows (opt-in there) and the second contender does not.
 SECOND = {"cpu": ("ours_1_thread", "ours on 1 thread"), "cuda": ("ours_unsplit", "ours unsplit")}
 
 
@@ -74,9 +75,10 @@ def measure(args) -> list[dict]:
             layout = pattern.layout(args.queries, n, num_heads=args.heads, causal=True)
             mask = reference.element_mask(layout, args.queries, n, causal=True)[0].to(args.device)
             row = {"dtype": dtype_name, "keys": n, "computed": layout.density}
-            row["ours"] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
+            with _split_kv(True):
+                row["ours"] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
             second = SECOND[torch.device(args.device).type][0]
-            with _without_split(args.device):
+            with _one_thread(args.device), _split_kv(False):
                 row[second] = _time(lambda: sa.sparse_attention(q, k, v, pattern, causal=True), args)
             row["sdpa_masked"] = _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
                                        args)
@@ -90,19 +92,29 @@ def measure(args) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _without_split(device: str):
-    """The CPU kernels on one thread; CUDA calls without the split of long rows."""
-    cuda = torch.device(device).type == "cuda"
-    threads, pieces = torch.get_num_threads(), split_rows.MAX_PIECES
-    if cuda:
-        split_rows.MAX_PIECES = 1
-    else:
+def _split_kv(on: bool):
+    """CUDA calls with (or without) the opt-in split of long rows; the CPU splits its own."""
+    was = os.environ.get(split_rows.CUDA_SPLIT_ENV)
+    os.environ[split_rows.CUDA_SPLIT_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if was is None:
+            del os.environ[split_rows.CUDA_SPLIT_ENV]
+        else:
+            os.environ[split_rows.CUDA_SPLIT_ENV] = was
+
+
+@contextlib.contextmanager
+def _one_thread(device: str):
+    """The CPU kernels on one thread (CUDA calls as they are)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        split_rows.MAX_PIECES = pieces
 
 
 def _ratio(a, b) -> str:
