@@ -9,6 +9,7 @@ after 3 warm-up calls, timed with CUDA events (sparse_attention/benchmark/timing
 short table and writes every measurement to --out (JSON lines).
 
     python benchmarks/bench_cuda.py --out bench_results.jsonl [--budget-s 200] [--hopper]
+    python benchmarks/bench_cuda.py --head-dims 96 --block 16 ...   (padded D, gathered blocks)
 
 --hopper also times our opt-in Hopper kernels (cuda_kernels="hopper": forward and backward) as
 "ours_sm90", and --fa2 the opt-in FlashAttention-2 tiling of the mma.sync forward
@@ -76,17 +77,17 @@ def fa2_tiling():
 
 
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,
-               hopper: bool = False, fa2: bool = False) -> None:
-    heads = 2048 // head_dim
+               hopper: bool = False, fa2: bool = False, block: int = BLOCK) -> None:
+    heads = max(1, 2048 // head_dim)
     batch = max(1, 16384 // n)
-    case = Case(layout_name, n, head_dim, "bfloat16", batch, heads, BLOCK)
+    case = Case(layout_name, n, head_dim, "bfloat16", batch, heads, block)
     causal = case.causal
     layout = case.layout()
     flops_fwd = layout.flops(head_dim, batch, heads)
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=case.torch_dtype)
                for _ in range(3))
     row = {"head_dim": head_dim, "n": n, "batch": batch, "heads": heads, "layout": layout_name,
-           "causal": causal, "density": layout.density, "blocks": layout.nnz,
+           "block": block, "causal": causal, "density": layout.density, "blocks": layout.nnz,
            "gflop_fwd": flops_fwd / 1e9}
 
     def ours(q, k, v, cuda_kernels="mma", **kwargs):
@@ -183,6 +184,8 @@ def main() -> int:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 4096, 8192, 32768])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS),
                         choices=sorted(CAUSAL_BY_PATTERN))
+    parser.add_argument("--block", type=int, default=BLOCK,
+                        help=f"layout block size (default {BLOCK}); 16 and 32 run on the gathered path")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--hopper", action="store_true",
                         help="also time the opt-in Hopper kernels (ours_sm90)")
@@ -199,7 +202,7 @@ def main() -> int:
         except Exception as error:
             print(f"FlexAttention unavailable: {error}", file=sys.stderr)
     print(machine.one_line(machine.describe()))
-    print(f"block {BLOCK}, bf16")
+    print(f"block {args.block}, bf16")
     print(HEADER, flush=True)
     start = time.monotonic()
     results, skipped = [], []
@@ -211,7 +214,7 @@ def main() -> int:
                     skipped.append((head_dim, n, layout_name))
                     continue
                 t0 = time.monotonic()
-                run_config(head_dim, n, layout_name, flex, results, args.hopper, args.fa2)
+                run_config(head_dim, n, layout_name, flex, results, args.hopper, args.fa2, args.block)
                 print(table_row(results[-1], results), flush=True)  # a row at a time: a timeout keeps them
                 for impl, label, wanted in (("ours_sm90", "sm90", args.hopper), ("ours_fa2", "fa2", args.fa2)):
                     if wanted:

@@ -16,7 +16,8 @@
 #      and memcheck and racecheck on the Hopper kernels;
 #   4. benchmarks/bench_layouts.py --quick: per-input layouts (lists, select_blocks + ours
 #      against SDPA), benchmarks/bench_decode.py: a decode step split across thread blocks or
-#      not against SDPA and FlexDecoding, then benchmarks/bench_cuda.py: forward and backward
+#      not against SDPA and FlexDecoding, bench_cuda.py at head dim 96 and at blocks 16 and 64
+#      against Flex, then benchmarks/bench_cuda.py: forward and backward
 #      against SDPA (flash, dense causal) and compiled FlexAttention on the same block masks,
 #      as the budget allows.
 # A failing stage is reported and the later stages still run, except that nothing runs after
@@ -138,6 +139,16 @@ stage layouts 60 "$OUT/layouts.log" "$PY" benchmarks/bench_layouts.py --device c
 # of long rows across thread blocks and without it, SDPA, and FlexDecoding.
 stage decode 90 "$OUT/decode.log" "$PY" benchmarks/bench_decode.py --device cuda \
   --dtypes bfloat16 --repeats 20 --budget 3 --out "$OUT/decode"
+
+# Reach: head dim 96 (run zero-padded at 128) and block-16 and block-64 layouts of the fixed
+# pattern (block 16 runs on the gathered path), against Flex on the same masks.
+stage reach-d96 60 "$OUT/reach_d96.txt" "$PY" benchmarks/bench_cuda.py --out "$OUT/reach_d96.jsonl" \
+  --budget-s 20 --head-dims 96 --seq-lens 16384 --layouts fixed
+for block in 16 64; do
+  stage "reach-block$block" 60 "$OUT/reach_block$block.txt" "$PY" benchmarks/bench_cuda.py \
+    --out "$OUT/reach_block$block.jsonl" --budget-s 20 --head-dims 64 --seq-lens 8192 \
+    --layouts fixed --block "$block"
+done
 
 # The benchmark stops starting configurations 25 s before its stage limit.
 BENCH_LIMIT=$(( BUDGET_S - $(elapsed) - 5 ))
