@@ -68,19 +68,33 @@ def cuda_kernel_head_dim(head_dim: int) -> int | None:
     return next((width for width in CUDA_HEAD_DIMS if width >= head_dim), None)
 
 
+CUDA_KERNELS = ("forward", "grad_q", "grad_kv", "grad_kv_before_dq_pass")
+
+
 def cuda_shared_bytes(kernel: str, head_dim: int, block_size: int) -> int:
-    """Dynamic shared memory of one CUDA kernel ("forward", "grad_q", "grad_kv") in bytes."""
+    """Dynamic shared memory of one CUDA kernel launch in bytes: "forward", "grad_q" (the dQ
+    pass), "grad_kv" (dK, dV and the dQ atomics, which stage dS^T) or
+    "grad_kv_before_dq_pass" (the same kernel before a dQ pass: no staging)."""
     q_tile = block_size * head_dim
     kv_tile = CUDA_KEY_TILE * head_dim
     if kernel == "forward":
         return (q_tile + 4 * kv_tile) * CUDA_ELEMENT_BYTES
     if kernel == "grad_q":
         return (2 * q_tile + 4 * kv_tile) * CUDA_ELEMENT_BYTES
-    if kernel == "grad_kv":
+    if kernel in ("grad_kv", "grad_kv_before_dq_pass"):
         query_tile = CUDA_QUERY_TILE * head_dim
-        return ((2 * kv_tile + 4 * query_tile) * CUDA_ELEMENT_BYTES + 4 * CUDA_QUERY_TILE * 4
-                + CUDA_KEY_TILE * CUDA_QUERY_TILE * CUDA_ELEMENT_BYTES)
-    raise ValueError(f"kernel: expected forward, grad_q or grad_kv, got {kernel!r}")
+        before_pass = (2 * kv_tile + 4 * query_tile) * CUDA_ELEMENT_BYTES + 4 * CUDA_QUERY_TILE * 4
+        if kernel == "grad_kv_before_dq_pass":
+            return before_pass
+        return before_pass + CUDA_KEY_TILE * CUDA_QUERY_TILE * CUDA_ELEMENT_BYTES
+    raise ValueError(f"kernel: expected one of {', '.join(CUDA_KERNELS)}, got {kernel!r}")
+
+
+def cuda_backward_takes_dq_pass(head_dim: int, block_size: int, limit: int) -> bool:
+    """Whether the mma.sync backward computes dQ in its own pass on a GPU of `limit` bytes of
+    shared memory per thread block because the dQ atomics' dK/dV kernel does not fit there
+    (csrc/cuda/attention_cuda.cpp decides the same; deterministic calls always take the pass)."""
+    return cuda_shared_bytes("grad_kv", head_dim, block_size) > limit
 
 
 def cuda_shared_limit(capability: tuple[int, int]) -> int:

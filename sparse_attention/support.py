@@ -17,6 +17,7 @@ from sparse_attention._extension import built_with_cuda
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
 _CUDA_KERNELS = {"forward": "the forward pass", "grad_kv": "the backward pass (dK, dV)",
+                 "grad_kv_before_dq_pass": "the backward pass (dK, dV)",
                  "grad_q": "the deterministic backward pass (dQ)"}
 
 
@@ -90,7 +91,13 @@ def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> lis
             reasons.append(f"GPU {arch}: the CUDA kernels need compute capability {need} or newer")
         else:
             limit = table.cuda_shared_limit(capability)
+            # Where the dQ atomics' dK/dV kernel does not fit, the backward takes the dQ pass,
+            # whose dK/dV kernel needs less.
+            dq_pass = table.cuda_backward_takes_dq_pass(kernel_head_dim, block_size, limit)
+            skipped = "grad_kv" if dq_pass else "grad_kv_before_dq_pass"
             for kernel, what in _CUDA_KERNELS.items():
+                if kernel == skipped:
+                    continue
                 need = table.cuda_shared_bytes(kernel, kernel_head_dim, block_size)
                 padded = f" (run at {kernel_head_dim})" if kernel_head_dim != head_dim else ""
                 if need > limit:

@@ -337,12 +337,31 @@ def test_supported_names_each_reason(monkeypatch):
                                                           capability=(9, 0)))
     small = sa.supported("cuda", torch.bfloat16, 128, 128, capability=(8, 6))
     assert small and all("shared memory" in r and "sm_86" in r for r in small)
+    assert small == [r for r in small if "deterministic backward pass (dQ)" in r]
+    # 99 KB: at head dim 128 the backward takes the dQ pass, whose dK/dV kernel fits.
+    for capability in ((8, 6), (8, 9), (12, 0)):
+        assert sa.supported("cuda", torch.bfloat16, 128, 64, capability=capability) == []
     assert sa.supported("cuda", torch.bfloat16, 64, 64, capability=(8, 6)) == []
     assert any("compute capability" in r for r in sa.supported("cuda", torch.float16, 64, 64,
                                                                capability=(7, 5)))
     with pytest.raises(TypeError, match="dtype"):
         sa.supported("cpu", "int8", 64, 64)
     assert "kernels for cpu and cuda only" in sa.supported("mps", torch.float32, 64, 64)[0]
+
+
+def test_the_backward_takes_the_dq_pass_where_the_atomics_do_not_fit():
+    from sparse_attention import kernel_table as table
+
+    small = table.cuda_shared_limit((8, 6))
+    assert table.cuda_shared_bytes("grad_kv", 128, 64) > small
+    assert table.cuda_shared_bytes("grad_kv_before_dq_pass", 128, 64) <= small
+    assert table.cuda_shared_bytes("grad_kv", 128, 64) - table.cuda_shared_bytes(
+        "grad_kv_before_dq_pass", 128, 64) == 64 * 64 * 2  # the dS^T staging
+    assert table.cuda_backward_takes_dq_pass(128, 64, small)
+    assert not table.cuda_backward_takes_dq_pass(64, 64, small)
+    assert not table.cuda_backward_takes_dq_pass(128, 128, table.cuda_shared_limit((8, 0)))
+    with pytest.raises(ValueError, match="kernel: expected one of forward"):
+        table.cuda_shared_bytes("grad", 64, 64)
 
 
 def test_generated_cuda_sources_match_the_kernel_table():

@@ -102,6 +102,23 @@ int compute_capability_major(const at::Device& device) {
   return major;
 }
 
+// Whether the dK/dV kernel with the dQ atomics (which stages dS^T in shared memory) fits the
+// device at this head dim. Where it does not (head dim 128 on the 99 KB of sm_86, sm_89 and
+// sm_120), the backward takes the dQ pass, whose dK/dV kernel needs less;
+// kernel_table.cuda_backward_takes_dq_pass answers the same for sa.supported().
+bool atomic_dq_fits(const at::Device& device, int64_t head_dim) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  size_t need = 0;  // the same at every block size
+  switch (head_dim) {
+#define SPARSE_ATTENTION_GRAD_KV_SMEM_CASE(D) \
+  case D: need = KernelTraits<uint16_t, D, kKeyTile>::kGradKVSmem; break;
+    SPARSE_ATTENTION_CUDA_HEAD_DIMS(SPARSE_ATTENTION_GRAD_KV_SMEM_CASE)
+#undef SPARSE_ATTENTION_GRAD_KV_SMEM_CASE
+  }
+  return need <= static_cast<size_t>(limit);
+}
+
 // Checks and describes a call; `keep` holds the tensors the params point into.
 struct Prepared {
   Problem problem;
@@ -275,9 +292,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The dQ pass is deterministic, and with the mma.sync kernels on Hopper at head dim 128 it
   // also measured faster than their fp32 atomics (the whole backward 1.13-1.24x at N = 16k on
   // an H200, every pattern measured; benchmarks/cuda_notes.md). Elsewhere the atomics stay
-  // unless asked: not measured, and the pass needs 128 KB of shared memory at block size 128.
+  // unless asked: not measured, and the pass needs 128 KB of shared memory at block size 128;
+  // but where the atomics' dK/dV kernel does not fit, the pass it is.
   const bool grad_q_pass =
-      deterministic || (!sm90 && p.head_dim == 128 && compute_capability_major(q.device()) == 9);
+      deterministic || (!sm90 && p.head_dim == 128 && compute_capability_major(q.device()) == 9) ||
+      (!sm90 && !atomic_dq_fits(q.device(), p.head_dim));
   at::Tensor grad_q_accum;
   if (!grad_q_pass) {
     grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));

@@ -50,9 +50,10 @@ __global__ void __launch_bounds__(Traits::kColThreads)
   Element* s_v = s_k + Traits::kKVTileElems;                // [kKeyTile][D]
   Element* s_q = s_v + Traits::kKVTileElems;                // [2][kQueryTile][D]
   Element* s_do = s_q + 2 * kQTile;                         // [2][kQueryTile][D]
-  Element* s_ds = s_do + 2 * kQTile;                        // [kKeyTile][kQueryTile]: dS^T
-  float* s_lse = reinterpret_cast<float*>(s_ds + kKeyTile * kQueryTile);  // [2][kQueryTile]
-  float* s_delta = s_lse + 2 * kQueryTile;                                // [2][kQueryTile]
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * kQTile);  // [2][kQueryTile]
+  float* s_delta = s_lse + 2 * kQueryTile;                     // [2][kQueryTile]
+  // [kKeyTile][kQueryTile]: dS^T for the atomic dQ only (past kGradKVBeforeDqPassSmem).
+  Element* s_ds = reinterpret_cast<Element*>(s_delta + 2 * kQueryTile);
 
   const int kb = blockIdx.x / Traits::kSubTiles;
   const int k0 = blockIdx.x * kKeyTile;  // == kb * block_size + sub * kKeyTile

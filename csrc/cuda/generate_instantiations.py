@@ -58,7 +58,8 @@ constexpr bool is_compiled_block_size(int64_t b) {{ return {block_size_test}; }}
 ASSERT = """\
 static_assert(KernelTraits<uint16_t, {d}, {bs}>::kForwardSmem == {forward} &&
                   KernelTraits<uint16_t, {d}, {bs}>::kGradQSmem == {grad_q} &&
-                  KernelTraits<uint16_t, {d}, {bs}>::kGradKVSmem == {grad_kv},
+                  KernelTraits<uint16_t, {d}, {bs}>::kGradKVSmem == {grad_kv} &&
+                  KernelTraits<uint16_t, {d}, {bs}>::kGradKVBeforeDqPassSmem == {grad_kv_before_dq_pass},
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 """
 
@@ -83,8 +84,7 @@ def expected_files() -> dict[pathlib.Path, str]:
                     for name in ENTRY_POINTS[pass_]))
     dims, sizes = table.CUDA_HEAD_DIMS, table.CUDA_BLOCK_SIZES
     asserts = "".join(
-        ASSERT.format(d=d, bs=bs, **{k: table.cuda_shared_bytes(k, d, bs)
-                                     for k in ("forward", "grad_q", "grad_kv")})
+        ASSERT.format(d=d, bs=bs, **{k: table.cuda_shared_bytes(k, d, bs) for k in table.CUDA_KERNELS})
         for d in dims for bs in sizes)
     files[HERE / "supported_cases.h"] = HEADER.format(
         head_dim_macro=" ".join(f"X({d})" for d in dims),

@@ -34,20 +34,23 @@ struct KernelTraits {
 
   // Column kernel (dK, dV and atomic dQ): a thread block per kKeyTile keys, a warp per 16
   // keys; K and V stay in shared memory, Q and dO tiles (with their lse and delta) are
-  // double buffered; dS^T goes through shared memory for the atomic dQ product.
+  // double buffered; dS^T goes through shared memory for the atomic dQ product, last, so that
+  // a launch before the dQ pass (which has no atomic product) leaves it out: at head dim 128
+  // that fits the 99 KB of sm_86, sm_89 and sm_120.
   static constexpr int kColWarps = kKeyTile / kRowsPerWarp;
   static constexpr int kColThreads = kColWarps * 32;
   static constexpr int kQueryTileElems = kQueryTile * kHeadDim;
-  static constexpr size_t kGradKVSmem = (2 * kKVTileElems + 4 * kQueryTileElems) * sizeof(Element) +
-                                        4 * kQueryTile * sizeof(float) +
-                                        kKeyTile * kQueryTile * sizeof(Element);
+  static constexpr size_t kGradKVBeforeDqPassSmem =
+      (2 * kKVTileElems + 4 * kQueryTileElems) * sizeof(Element) + 4 * kQueryTile * sizeof(float);
+  static constexpr size_t kGradKVSmem = kGradKVBeforeDqPassSmem + kKeyTile * kQueryTile * sizeof(Element);
 
   static_assert(kKeyTile % 16 == 0 && kQueryTile == kColWarps * kRowsPerWarp,
                 "the atomic dQ product gives each warp 16 query rows");
   static_assert(kForwardSmem <= kMaxSharedBytes && kGradQSmem <= kMaxSharedBytes &&
                     kGradKVSmem <= kMaxSharedBytes,
                 "tiles fit in shared memory");
-  static_assert((kQTileElems * sizeof(Element)) % 128 == 0 && (kKVTileElems * sizeof(Element)) % 128 == 0,
+  static_assert((kQTileElems * sizeof(Element)) % 128 == 0 && (kKVTileElems * sizeof(Element)) % 128 == 0 &&
+                    kGradKVBeforeDqPassSmem % 128 == 0,
                 "tiles start 128-byte aligned");
 };
 

@@ -110,8 +110,10 @@ template <DType kDType, int kHeadDim, int kBlockSize>
 void launch_backward(const Params& p, cudaStream_t stream) {
   using Traits = KernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockSize>;
   launch_delta<kDType, kHeadDim>(p, stream);
+  // Before the dQ pass the dK/dV kernel stages no dS^T: it runs without that shared memory.
   launch(grad_kv_kernel<Traits>, dim3(p.k_blocks * Traits::kSubTiles, p.kv_heads, p.sequences),
-         Traits::kColThreads, Traits::kGradKVSmem, stream, p);
+         Traits::kColThreads, p.grad_q_pass ? Traits::kGradKVBeforeDqPassSmem : Traits::kGradKVSmem,
+         stream, p);
   if (p.grad_q_pass) launch_grad_q_pass<kDType, kHeadDim, kBlockSize>(p, stream);
 }
 

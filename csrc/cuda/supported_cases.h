@@ -22,27 +22,33 @@ constexpr bool is_compiled_block_size(int64_t b) { return b == 64 || b == 128; }
 
 static_assert(KernelTraits<uint16_t, 32, 64>::kForwardSmem == 20480 &&
                   KernelTraits<uint16_t, 32, 64>::kGradQSmem == 24576 &&
-                  KernelTraits<uint16_t, 32, 64>::kGradKVSmem == 33792,
+                  KernelTraits<uint16_t, 32, 64>::kGradKVSmem == 33792 &&
+                  KernelTraits<uint16_t, 32, 64>::kGradKVBeforeDqPassSmem == 25600,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 static_assert(KernelTraits<uint16_t, 32, 128>::kForwardSmem == 24576 &&
                   KernelTraits<uint16_t, 32, 128>::kGradQSmem == 32768 &&
-                  KernelTraits<uint16_t, 32, 128>::kGradKVSmem == 33792,
+                  KernelTraits<uint16_t, 32, 128>::kGradKVSmem == 33792 &&
+                  KernelTraits<uint16_t, 32, 128>::kGradKVBeforeDqPassSmem == 25600,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 static_assert(KernelTraits<uint16_t, 64, 64>::kForwardSmem == 40960 &&
                   KernelTraits<uint16_t, 64, 64>::kGradQSmem == 49152 &&
-                  KernelTraits<uint16_t, 64, 64>::kGradKVSmem == 58368,
+                  KernelTraits<uint16_t, 64, 64>::kGradKVSmem == 58368 &&
+                  KernelTraits<uint16_t, 64, 64>::kGradKVBeforeDqPassSmem == 50176,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 static_assert(KernelTraits<uint16_t, 64, 128>::kForwardSmem == 49152 &&
                   KernelTraits<uint16_t, 64, 128>::kGradQSmem == 65536 &&
-                  KernelTraits<uint16_t, 64, 128>::kGradKVSmem == 58368,
+                  KernelTraits<uint16_t, 64, 128>::kGradKVSmem == 58368 &&
+                  KernelTraits<uint16_t, 64, 128>::kGradKVBeforeDqPassSmem == 50176,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 static_assert(KernelTraits<uint16_t, 128, 64>::kForwardSmem == 81920 &&
                   KernelTraits<uint16_t, 128, 64>::kGradQSmem == 98304 &&
-                  KernelTraits<uint16_t, 128, 64>::kGradKVSmem == 107520,
+                  KernelTraits<uint16_t, 128, 64>::kGradKVSmem == 107520 &&
+                  KernelTraits<uint16_t, 128, 64>::kGradKVBeforeDqPassSmem == 99328,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 static_assert(KernelTraits<uint16_t, 128, 128>::kForwardSmem == 98304 &&
                   KernelTraits<uint16_t, 128, 128>::kGradQSmem == 131072 &&
-                  KernelTraits<uint16_t, 128, 128>::kGradKVSmem == 107520,
+                  KernelTraits<uint16_t, 128, 128>::kGradKVSmem == 107520 &&
+                  KernelTraits<uint16_t, 128, 128>::kGradKVBeforeDqPassSmem == 99328,
               "sparse_attention/kernel_table.py's shared-memory sizes match kernel_traits.h");
 
 }  // namespace sparse_attention::cuda
