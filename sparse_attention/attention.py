@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from sparse_attention import ops, packing, score_terms, split_rows
+from sparse_attention import ops, packing, score_terms, split_rows, support
 from sparse_attention.compile_constants import eager_constant
 from sparse_attention.kernel_table import CPU_DTYPES, CUDA_KERNEL_CHOICES, cuda_kernel_head_dim
 from sparse_attention.layout import BlockLayout, BlockLists
@@ -66,6 +66,17 @@ def _kernel_reasons(q: torch.Tensor, v: torch.Tensor, block_size: int, terms=())
         return ()
     return tuple(supported(q.device, q.dtype, _call_head_dim(q, v), block_size, terms=terms,
                            capability=torch.cuda.get_device_capability(q.device)))
+
+
+def _kernel_block_size(q: torch.Tensor, v: torch.Tensor, block_size: int) -> int:
+    """The block size the device's kernels run a layout of `block_size` at: on CUDA
+    support.cuda_run_block_size (a multiple of a compiled size runs as blocks of it), where none
+    does and on the CPU the layout's own."""
+    if q.device.type != "cuda":
+        return block_size
+    run = support.cuda_run_block_size(_call_head_dim(q, v), block_size,
+                                      capability=torch.cuda.get_device_capability(q.device))
+    return run or block_size
 
 
 _GATHERED_WARNED: set[tuple[str, ...]] = set()
@@ -199,14 +210,14 @@ def _check_inputs(q, k, v, layout, key_padding_mask, documents: int | None = Non
 
 
 @eager_constant
-def _cached_block_lists(layout, q_len, k_len, window, device, num_heads,
-                        causal) -> tuple[torch.Tensor, ...]:
+def _cached_block_lists(layout, q_len, k_len, window, device, num_heads, causal,
+                        run_block_size=None) -> tuple[torch.Tensor, ...]:
     # Runs eagerly even under torch.compile: the pattern's layout and the lists become
     # constants of the graph. A plain tuple: torch 2.11's Dynamo cannot unpack a NamedTuple
-    # constant.
+    # constant. run_block_size: the lists as blocks of that size (_kernel_block_size).
     if isinstance(layout, Pattern):
         layout = layout.layout(q_len, k_len, num_heads=num_heads, causal=causal)
-    return tuple(layout.block_lists(q_len, k_len, window, device))
+    return tuple(layout.block_lists(q_len, k_len, window, device, run_block_size))
 
 
 def call_rules(layout, head_dim: int, *, causal: bool, scale, window) -> tuple[float, bool, Window]:
@@ -339,16 +350,17 @@ def sparse_attention(
     _check_inputs(q, k, v, layout, key_padding_mask)
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=causal, **term_args)
-    forward = _forward_for(q, v, layout.block_size, cuda_kernels, terms.names())
+    run_block = _kernel_block_size(q, v, layout.block_size)
+    forward = _forward_for(q, v, run_block, cuda_kernels, terms.names())
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
     # them); under dynamic shapes each new length recompiles, the other dims stay dynamic.
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
     if isinstance(layout, TensorLayout):
         # Built in the graph from the layout's tensors: new values never recompile.
-        lists = layout.block_lists(q_len, k_len, window)
+        lists = layout.block_lists(q_len, k_len, window, run_block)
         out, lse = forward(q, k, v, lists, key_padding_mask=key_padding_mask,
-                           block_size=layout.block_size, scale=scale, window=window,
+                           block_size=run_block, scale=scale, window=window,
                            deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
         return (out, lse) if return_lse else out
     # A pattern's layout may depend on the head count: graphs specialise on it then only.
@@ -364,9 +376,9 @@ def sparse_attention(
             part = (q[:, :, first:end], k[:, :, :keys], v[:, :, :keys],
                     None if key_padding_mask is None else key_padding_mask[:, :keys])
         lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
-                                    causal)
+                                    causal, run_block)
         results.append(forward(*part[:3], lists, key_padding_mask=part[3],
-                               block_size=layout.block_size, scale=scale, window=window,
+                               block_size=run_block, scale=scale, window=window,
                                deterministic=deterministic, cuda_kernels=cuda_kernels,
                                terms=terms))
     out, lse = results[0] if len(results) == 1 else (
@@ -426,8 +438,10 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
-    forward = _forward_for(q, v, layout.block_size, cuda_kernels)
-    if not packing.packed_kernels(q.device) or forward is _gathered_forward:
+    # Layouts the kernels run as finer blocks run one call per document, which refines them.
+    finer = _kernel_block_size(q, v, layout.block_size) != layout.block_size
+    forward = None if finer else _forward_for(q, v, layout.block_size, cuda_kernels)
+    if not packing.packed_kernels(q.device) or forward in (None, _gathered_forward):
         if terms.names():
             raise ValueError(f"{', '.join(terms.names())}: not taken with cu_seqlens on {q.device.type}, "
                              "whose kernels run packed documents one call each")

@@ -67,6 +67,18 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def finer_mask(mask: torch.Tensor, block_size: int, run_block_size: int, q_len: int,
+               k_len: int) -> torch.Tensor:
+    """A block mask [..., q_blocks, k_blocks] of `block_size` as blocks of `run_block_size`
+    (which divides it): every block its sub-blocks, the grid cut to these lengths. The same
+    pairs of tokens, for kernels that do not take the layout's block size."""
+    if block_size % run_block_size:
+        raise ValueError(f"run_block_size: {run_block_size} does not divide block_size {block_size}")
+    factor = block_size // run_block_size
+    fine = mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return fine[..., :num_blocks(q_len, run_block_size), :num_blocks(k_len, run_block_size)]
+
+
 class BlockLayout(KnownById):
     """A block-sparse attention layout.
 
@@ -137,17 +149,23 @@ class BlockLayout(KnownById):
                 "query heads"
             )
 
-    def block_lists(self, q_len: int, k_len: int, window, device: torch.device) -> BlockLists:
+    def block_lists(self, q_len: int, k_len: int, window, device: torch.device,
+                    run_block_size: int | None = None) -> BlockLists:
         """Block lists for these lengths and token window (a Window, a (left, right) pair of
-        ints >= 0 or None, or None), cached."""
+        ints >= 0 or None, or None), cached. run_block_size: lists of blocks of that size (a
+        divisor of block_size) covering the same pairs (finer_mask)."""
         window = Window.of(window)
-        key = (q_len, k_len, window, str(device))
+        run_block_size = run_block_size or self.block_size
+        key = (q_len, k_len, window, str(device), run_block_size)
         lists = self._lists.get(key)
         if lists is None:
             with self._lock:
                 lists = self._lists.get(key)
                 if lists is None:
-                    built = ops.build_block_lists(self._mask, q_len, k_len, self.block_size, window)
+                    mask = self._mask
+                    if run_block_size != self.block_size:
+                        mask = finer_mask(mask, self.block_size, run_block_size, q_len, k_len)
+                    built = ops.build_block_lists(mask, q_len, k_len, run_block_size, window)
                     lists = BlockLists(*(t.to(device) for t in built))
                     self._lists[key] = lists
         return lists

@@ -80,32 +80,63 @@ def _cuda_reasons(dtype: str, head_dim: int, block_size: int, capability) -> lis
         reasons.append(f"head_dim {head_dim}: the CUDA kernels take 1 to {table.CUDA_HEAD_DIMS[-1]} "
                        f"(compiled for {', '.join(map(str, table.CUDA_HEAD_DIMS))}; others run "
                        "zero-padded to the next)")
-    if block_size not in table.CUDA_BLOCK_SIZES:
-        reasons.append(f"block_size {block_size}: the CUDA kernels take "
-                       f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))}")
-    if capability is not None and not reasons:
-        capability = tuple(capability)
-        arch = f"sm_{capability[0]}{capability[1]}"
-        if capability < table.CUDA_MIN_CAPABILITY:
-            need = "{}.{}".format(*table.CUDA_MIN_CAPABILITY)
-            reasons.append(f"GPU {arch}: the CUDA kernels need compute capability {need} or newer")
-        else:
-            limit = table.cuda_shared_limit(capability)
-            # Where the dQ atomics' dK/dV kernel does not fit, the backward takes the dQ pass,
-            # whose dK/dV kernel needs less.
-            dq_pass = table.cuda_backward_takes_dq_pass(kernel_head_dim, block_size, limit)
-            skipped = "grad_kv" if dq_pass else "grad_kv_before_dq_pass"
-            for kernel, what in _CUDA_KERNELS.items():
-                if kernel == skipped:
-                    continue
-                need = table.cuda_shared_bytes(kernel, kernel_head_dim, block_size)
-                padded = f" (run at {kernel_head_dim})" if kernel_head_dim != head_dim else ""
-                if need > limit:
-                    reasons.append(
-                        f"GPU {arch}: {what} at head_dim {head_dim}{padded}, block_size {block_size} "
-                        f"needs {need // 1024} KB of shared memory per thread block; {arch} "
-                        f"offers {limit // 1024} KB")
+    old_gpu = capability is not None and tuple(capability) < table.CUDA_MIN_CAPABILITY
+    if old_gpu:
+        need = "{}.{}".format(*table.CUDA_MIN_CAPABILITY)
+        reasons.append(f"GPU sm_{capability[0]}{capability[1]}: the CUDA kernels need compute "
+                       f"capability {need} or newer")
+    if kernel_head_dim is not None and not old_gpu and _cuda_run_block_size(
+            kernel_head_dim, block_size, capability) is None:
+        reasons += _cuda_block_reasons(head_dim, kernel_head_dim, block_size, capability)
     return reasons
+
+
+def _cuda_block_reasons(head_dim: int, kernel_head_dim: int, block_size: int, capability) -> list[str]:
+    """Why the CUDA kernels cannot run blocks of this size themselves at this head dim."""
+    if block_size not in table.CUDA_BLOCK_SIZES:
+        return [f"block_size {block_size}: the CUDA kernels take "
+                f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))} (and their multiples, as blocks of "
+                "theirs)"]
+    if capability is None:
+        return []
+    arch = f"sm_{capability[0]}{capability[1]}"
+    limit = table.cuda_shared_limit(tuple(capability))
+    # Where the dQ atomics' dK/dV kernel does not fit, the backward takes the dQ pass, whose
+    # dK/dV kernel needs less.
+    dq_pass = table.cuda_backward_takes_dq_pass(kernel_head_dim, block_size, limit)
+    skipped = "grad_kv" if dq_pass else "grad_kv_before_dq_pass"
+    padded = f" (run at {kernel_head_dim})" if kernel_head_dim != head_dim else ""
+    reasons = []
+    for kernel, what in _CUDA_KERNELS.items():
+        need = table.cuda_shared_bytes(kernel, kernel_head_dim, block_size)
+        if kernel != skipped and need > limit:
+            reasons.append(f"GPU {arch}: {what} at head_dim {head_dim}{padded}, block_size "
+                           f"{block_size} needs {need // 1024} KB of shared memory per thread "
+                           f"block; {arch} offers {limit // 1024} KB")
+    return reasons
+
+
+def _cuda_run_block_size(kernel_head_dim: int, block_size: int, capability) -> int | None:
+    # The layout's block size if the kernels take it here, else the largest compiled one that
+    # divides it and that they take (each layout block runs as its sub-blocks).
+    candidates = [block_size] + sorted((b for b in table.CUDA_BLOCK_SIZES
+                                        if b < block_size and block_size % b == 0), reverse=True)
+    return next((b for b in candidates if b in table.CUDA_BLOCK_SIZES and
+                 not _cuda_block_reasons(kernel_head_dim, kernel_head_dim, b, capability)), None)
+
+
+def cuda_run_block_size(head_dim: int, block_size: int, *,
+                        capability: tuple[int, int] | None = None) -> int | None:
+    """The block size the CUDA kernels run a layout of `block_size` at: itself where they take
+    it, else the largest compiled block size that divides it and fits the GPU's shared memory
+    (256 runs as blocks of 128; 128 at head dim 128 on the 99 KB of sm_86, sm_89 and sm_120 as
+    blocks of 64), each layout block as its sub-blocks: the same attention. None where no
+    compiled size does (16, 32: the gathered path)."""
+    kernel_head_dim = table.cuda_kernel_head_dim(head_dim)
+    if kernel_head_dim is None or head_dim < 1:
+        return None
+    return _cuda_run_block_size(kernel_head_dim, block_size,
+                                None if capability is None else tuple(capability))
 
 
 def _term_reasons(device_type: str, terms) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from sparse_attention import ops
 from sparse_attention.bounded_cache import BoundedCache
 from sparse_attention.compile_constants import KnownById, eager_constant
-from sparse_attention.layout import BlockLists, check_block_mask, check_block_size, num_blocks
+from sparse_attention.layout import BlockLists, check_block_mask, check_block_size, finer_mask, num_blocks
 from sparse_attention.window import Window
 
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -191,19 +191,23 @@ class TensorLayout:
         if self.mask.device != q.device:
             raise ValueError(f"layout: the mask is on {self.mask.device}, q on {q.device}")
 
-    def block_lists(self, q_len: int, k_len: int, window) -> BlockLists:
+    def block_lists(self, q_len: int, k_len: int, window, run_block_size: int | None = None) -> BlockLists:
         """The kernels' row and column lists for these lengths and token window, on the mask's
         device, with no host sync: by tensor ops of static shapes on a GPU and in compiled
         graphs; in eager mode on the CPU (where there is no device to sync with) by the C++
-        builder, whose one pass over the blocks is some 25x faster."""
+        builder, whose one pass over the blocks is some 25x faster. run_block_size: lists of
+        blocks of that size (a divisor of block_size) covering the same pairs."""
         window = Window.of(window)
-        if self.mask.device.type == "cpu" and not torch.compiler.is_compiling():
-            lb, lh, qb, kb = self.mask.shape
-            built = ops.build_block_lists(self.mask.reshape(lb * lh, qb, kb), q_len, k_len,
-                                          self.block_size, window)
+        mask, block_size = self.mask, self.block_size
+        if run_block_size and run_block_size != block_size:
+            mask = finer_mask(mask, block_size, run_block_size, q_len, k_len)
+            block_size = run_block_size
+        if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            lb, lh, qb, kb = mask.shape
+            built = ops.build_block_lists(mask.reshape(lb * lh, qb, kb), q_len, k_len, block_size, window)
             return BlockLists(built[0], built[1], built[2].view(lb, lh, qb),
                               built[3], built[4], built[5].view(lb, lh, kb))
-        return static_block_lists(self.mask, q_len, k_len, self.block_size, window)
+        return static_block_lists(mask, q_len, k_len, block_size, window)
 
     def to_block_layout(self):
         """The BlockLayout of a layout shared by the batch ([1, heads, qb, kb]; copies to the CPU)."""

@@ -228,3 +228,21 @@ def test_split_kv_decoding(q_len, kernels, monkeypatch):
         monkeypatch.delenv(split_rows.CUDA_SPLIT_ENV)
         whole = sa.sparse_attention(q, k, v, pattern, **call)
     assert max_error(split, whole) < 2e-2
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_block_size_256_runs_as_blocks_of_128(deterministic, monkeypatch):
+    """On the kernels (support.cuda_run_block_size), not the gathered path: no warning."""
+    import warnings
+
+    from conftest import check_against_reference
+
+    monkeypatch.setattr("sparse_attention.attention._GATHERED_WARNED", set())
+    case = Case(batch=2, heads=4, kv_heads=2, q_len=600, k_len=700, head_dim=64, block_size=256,
+                density=0.6, per_head=True, causal=True, padding=True, dtype=torch.bfloat16,
+                device="cuda", seed=256)
+    q, k, v, layout, pad = make_inputs(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_against_reference(q, k, v, layout, dict(causal=True, key_padding_mask=pad),
+                                deterministic=deterministic)

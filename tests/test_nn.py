@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
-from sparse_attention import reference
+from sparse_attention import kernel_table, reference, support
 from sparse_attention.nn import AttentionDispatch, SparseMultiheadAttention, SparseSelfAttention
 
 E, H, N, BS = 64, 4, 200, 32  # N is not a multiple of the block size
@@ -331,16 +331,23 @@ def test_supported_names_each_reason(monkeypatch):
     assert sa.supported("cuda", torch.bfloat16, 96, 64, capability=(9, 0)) == []  # padded to 128
     assert any("head_dim 136" in r for r in sa.supported("cuda", torch.bfloat16, 136, 64,
                                                          capability=(9, 0)))
-    assert any("head_dim 96 (run at 128)" in r for r in sa.supported("cuda", torch.bfloat16, 96,
-                                                                     128, capability=(8, 6)))
     assert any("block_size 32" in r for r in sa.supported("cuda", torch.bfloat16, 64, 32,
                                                           capability=(9, 0)))
-    small = sa.supported("cuda", torch.bfloat16, 128, 128, capability=(8, 6))
-    assert small and all("shared memory" in r and "sm_86" in r for r in small)
-    assert small == [r for r in small if "deterministic backward pass (dQ)" in r]
-    # 99 KB: at head dim 128 the backward takes the dQ pass, whose dK/dV kernel fits.
+    # 99 KB: at head dim 128 the backward takes the dQ pass, whose dK/dV kernel fits, and
+    # block size 128 runs as blocks of 64 (support.cuda_run_block_size).
     for capability in ((8, 6), (8, 9), (12, 0)):
         assert sa.supported("cuda", torch.bfloat16, 128, 64, capability=capability) == []
+        assert sa.supported("cuda", torch.bfloat16, 128, 128, capability=capability) == []
+    assert sa.supported("cuda", torch.bfloat16, 64, 256, capability=(9, 0)) == []  # as 128s
+    # A GPU short of shared memory for every block size: the reasons name the kernels.
+    monkeypatch.setitem(kernel_table.CUDA_SHARED_BYTES_BY_CAPABILITY, (8, 6), 64 * 1024)
+    support._reasons.cache_clear()  # it caches the answers
+    try:
+        small = sa.supported("cuda", torch.bfloat16, 96, 128, capability=(8, 6))
+    finally:
+        support._reasons.cache_clear()
+    assert small and all("shared memory" in r and "sm_86" in r for r in small)
+    assert any("head_dim 96 (run at 128), block_size 128" in r for r in small)
     assert sa.supported("cuda", torch.bfloat16, 64, 64, capability=(8, 6)) == []
     assert any("compute capability" in r for r in sa.supported("cuda", torch.float16, 64, 64,
                                                                capability=(7, 5)))
