@@ -95,12 +95,21 @@ def _forward_for(q: torch.Tensor, v: torch.Tensor, block_size: int, cuda_kernels
         return functools.partial(_zero_padded_forward, width=width, kernels=kernels)
     if cuda_kernels == "hopper":
         raise ValueError("cuda_kernels: 'hopper' cannot run this call: " + "; ".join(reasons))
-    if reasons not in _GATHERED_WARNED:
-        _GATHERED_WARNED.add(reasons)
-        warnings.warn("; ".join(reasons) + ". sparse_attention runs such calls with block-gathered "
-                      "torch ops (sparse_attention.gathered: the same result, memory and work "
-                      "O(computed blocks), slower than the kernels).", stacklevel=4)
+    _say_gathered_once(reasons)
     return _gathered_forward
+
+
+@torch.compiler.assume_constant_result
+def _say_gathered_once(reasons: tuple[str, ...]) -> bool:
+    # Run eagerly under torch.compile too (Dynamo does not trace warnings.warn): said when a
+    # graph is traced, as in eager mode on the first call.
+    if reasons in _GATHERED_WARNED:
+        return False
+    _GATHERED_WARNED.add(reasons)
+    warnings.warn("; ".join(reasons) + ". sparse_attention runs such calls with block-gathered "
+                  "torch ops (sparse_attention.gathered: the same result, memory and work "
+                  "O(computed blocks), slower than the kernels).", stacklevel=5)
+    return True
 
 
 def _gathered_forward(q, k, v, lists, *, key_padding_mask, block_size, scale, window, terms,
@@ -376,7 +385,7 @@ def sparse_attention(
             part = (q[:, :, first:end], k[:, :, :keys], v[:, :, :keys],
                     None if key_padding_mask is None else key_padding_mask[:, :keys])
         lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
-                                    causal, run_block)
+                                    causal, None if run_block == layout.block_size else run_block)
         results.append(forward(*part[:3], lists, key_padding_mask=part[3],
                                block_size=run_block, scale=scale, window=window,
                                deterministic=deterministic, cuda_kernels=cuda_kernels,

@@ -1,25 +1,28 @@
 """Block-sparse attention in plain torch ops, over the kernels' block lists.
 
 What runs a CUDA call the CUDA kernels are not compiled for (float32 and float64 inputs,
-block sizes 16 and 32, head dims above 128, GPUs older than sm_80): each query block's listed
-key blocks are gathered, their scores computed by batched matmuls (cuBLAS: TF32 tensor cores
-for float32 where torch.backends.cuda.matmul.allow_tf32 allows, else exact; float64 on CUDA
-cores), masked by the element rules, and softmaxed. The work and the memory follow the
-computed blocks, not N^2: query blocks are taken in chunks of rows of similar length, and
-under autograd each chunk is recomputed in the backward instead of kept (activation
-checkpointing). Differentiable by autograd; slower than the kernels; the backward adds the
-keys' gradients with index_add (atomics on CUDA: not bit-identical run to run).
+block sizes 16 and 32, head dims above 128, GPUs older than sm_80, score terms): each query
+block's listed key blocks are gathered, their scores computed by batched matmuls (cuBLAS: TF32
+tensor cores for float32 where torch.backends.cuda.matmul.allow_tf32 allows, else exact;
+float64 on CUDA cores), masked by the element rules, and softmaxed. The work and the memory
+follow the computed blocks, not N^2: query blocks are taken in chunks of rows of similar
+length, and the backward recomputes each chunk and differentiates it alone. The keys'
+gradients are added with index_add (atomics on CUDA: not bit-identical run to run).
 
-Same contract as the op (sparse_attention.ops.forward): out in q's dtype, lse in
-ops.lse_dtype, a query that sees no key gets 0 and lse = -inf.
+Registered as two torch ops, sparse_attention::gathered_forward and gathered_backward (with
+fake kernels and autograd), so that compiled graphs keep them whole: their host syncs (the
+chunks follow the lists' lengths) stay inside. Same contract as the kernels' op
+(sparse_attention.ops.forward): out in q's dtype, lse in ops.lse_dtype, a query that sees no
+key gets 0 and lse = -inf (the sink with sinks).
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.checkpoint import checkpoint
+import contextlib
+from typing import NamedTuple, Optional
 
-from sparse_attention import score_terms
+import torch
+
 from sparse_attention.ops import lse_dtype
 from sparse_attention.score_terms import NO_TERMS, Terms
 from sparse_attention.window import Window
@@ -33,62 +36,94 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
-            window: Window = Window(), terms: Terms = NO_TERMS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the op over the block lists (a BlockLists): rows only (the column lists
-    serve the kernels' backward; autograd needs none). terms: the score terms, applied as the
-    kernels and the reference apply them (dropout from the same Philox bits, keyed by the
-    tensors' rows)."""
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
-    bs = block_size
-    row_offsets, row_indices = lists[0].long(), lists[1].long()
-    list_batch, layout_heads, q_blocks = lists[2].shape
-    # Row r of the call is (batch entry, query head, query block) in that order; its list is
-    # block_rules.h's list_index.
-    all_rows = batch * heads * q_blocks
-    row = torch.arange(all_rows, device=q.device)
-    row_qb, row_head, row_batch = row % q_blocks, row // q_blocks % heads, row // (q_blocks * heads)
-    row_kv = row_batch * kv_heads + row_head // (heads // kv_heads)
-    list_of_row = (((row_batch if list_batch > 1 else 0) * layout_heads
-                    + row_head // (heads // layout_heads)) * q_blocks + row_qb)
-    starts = row_offsets[list_of_row]
-    row_counts = row_offsets[list_of_row + 1] - starts
-    counts = row_counts.cpu()
+class _Terms(NamedTuple):
+    """The score terms as the op takes them (Terms.op_args): tensors or None."""
+    sinks: Optional[torch.Tensor]
+    alibi_slopes: Optional[torch.Tensor]
+    position_bias: Optional[torch.Tensor]  # the table [H, buckets]
+    position_buckets: Optional[torch.Tensor]  # int32 [Nq + Nk - 1]
+    softcap: float
+    dropout_p: float
+    seed: int
 
-    cdtype = compute_dtype(q.dtype)
-    q_rows = torch.nn.functional.pad(q, (0, 0, 0, q_blocks * bs - q_len)).reshape(-1, bs, head_dim)
-    k_flat = k.reshape(-1, head_dim)
-    v_flat = v.reshape(-1, value_dim)
-    buckets = None
-    if terms.position_bias is not None:
-        buckets = score_terms.distance_buckets(terms.position_bias, q_len, k_len).to(q.device).long()
-    left, right = window
-    pads = None if key_padding_mask is None else key_padding_mask.to(q.device)
 
-    def chunk(rows, num_blocks, q_part, k_all, v_all):
-        # Key tokens of each row: its listed blocks, in num_blocks slots (those past the
-        # row's count are masked).
-        slot = torch.arange(num_blocks, device=q.device)
-        listed = slot < row_counts[rows].unsqueeze(1)
-        blocks = row_indices[(starts[rows].unsqueeze(1) + slot).clamp(max=max(row_indices.numel() - 1, 0))]
-        keys = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten(1)
+class _Call:
+    """One call's rows: row r is (batch entry, query head, query block) in that order, its list
+    block_rules.h's list_index; and the chunks of rows the call runs in."""
+
+    def __init__(self, q, k, v, row_offsets, row_indices, row_num_full, key_padding_mask,
+                 block_size: int, scale: float, window_left: int, window_right: int, terms: _Terms):
+        self.q, self.k, self.v, self.terms = q, k, v, terms
+        self.batch, self.heads, self.q_len, head_dim = q.shape
+        self.kv_heads, self.k_len, self.value_dim = k.shape[1], k.shape[2], v.shape[3]
+        self.bs, self.scale = block_size, scale
+        self.left = None if window_left < 0 else window_left
+        self.right = None if window_right < 0 else window_right
+        self.row_indices = row_indices.long()
+        offsets = row_offsets.long()
+        list_batch, layout_heads, self.q_blocks = row_num_full.shape
+        device = q.device
+        self.all_rows = self.batch * self.heads * self.q_blocks
+        row = torch.arange(self.all_rows, device=device)
+        self.row_qb = row % self.q_blocks
+        self.row_head = row // self.q_blocks % self.heads
+        self.row_batch = row // (self.q_blocks * self.heads)
+        self.row_kv = self.row_batch * self.kv_heads + self.row_head // (self.heads // self.kv_heads)
+        list_of_row = (((self.row_batch if list_batch > 1 else 0) * layout_heads
+                        + self.row_head // (self.heads // layout_heads)) * self.q_blocks + self.row_qb)
+        self.starts = offsets[list_of_row]
+        self.row_counts = offsets[list_of_row + 1] - self.starts
+        self.cdtype = compute_dtype(q.dtype)
+        self.pads = None if key_padding_mask is None else key_padding_mask.to(device)
+        self.per_row = self.bs * max(head_dim, self.value_dim, self.bs) * 3
+
+    def chunks(self):
+        """(rows, num_blocks) of each chunk: rows sorted by list length, longest first, as many
+        per chunk as CHUNK_ELEMENTS allows; rows without blocks are in none."""
+        counts = self.row_counts.cpu()
+        order = torch.argsort(counts, descending=True, stable=True)
+        sorted_counts = counts[order].tolist()
+        start = 0
+        while start < len(sorted_counts) and sorted_counts[start] > 0:
+            num_blocks = sorted_counts[start]
+            end = min(start + max(1, CHUNK_ELEMENTS // (self.per_row * num_blocks)), len(sorted_counts))
+            while sorted_counts[end - 1] == 0:
+                end -= 1
+            yield order[start:end].to(self.q.device), num_blocks
+            start = end
+
+    def q_rows(self) -> torch.Tensor:
+        """q as [rows, block_size, D], the last block zero-padded."""
+        pad = self.q_blocks * self.bs - self.q_len
+        return torch.nn.functional.pad(self.q, (0, 0, 0, pad)).reshape(-1, self.bs, self.q.shape[-1])
+
+    def chunk(self, rows, num_blocks, q_part, k_flat, v_flat, terms: _Terms):
+        """(out [rows, bs, Dv], lse [rows, bs]) of the rows `rows` over their first num_blocks
+        listed key blocks (slots past a row's count are masked); differentiable in q_part,
+        k_flat, v_flat and the term tensors."""
+        device, bs, k_len, q_len = self.q.device, self.bs, self.k_len, self.q_len
+        slot = torch.arange(num_blocks, device=device)
+        listed = slot < self.row_counts[rows].unsqueeze(1)
+        last = max(self.row_indices.numel() - 1, 0)
+        blocks = self.row_indices[(self.starts[rows].unsqueeze(1) + slot).clamp(max=last)]
+        keys = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).flatten(1)
         seen = listed.repeat_interleave(bs, dim=1) & (keys < k_len)
         keys = keys.clamp(max=k_len - 1)
-        flat = row_kv[rows].unsqueeze(1) * k_len + keys
-        if pads is not None:
-            seen = seen & ~pads[row_batch[rows].unsqueeze(1), keys]
-        queries = row_qb[rows].view(-1, 1) * bs + torch.arange(bs, device=q.device)
+        flat = self.row_kv[rows].unsqueeze(1) * k_len + keys
+        if self.pads is not None:
+            seen = seen & ~self.pads[self.row_batch[rows].unsqueeze(1), keys]
+        queries = self.row_qb[rows].view(-1, 1) * bs + torch.arange(bs, device=device)
         dist = keys.unsqueeze(1) - queries.unsqueeze(2) - (k_len - q_len)
         visible = seen.unsqueeze(1) & (queries < q_len).unsqueeze(2)
-        if left is not None:
-            visible = visible & (dist >= -left)
-        if right is not None:
-            visible = visible & (dist <= right)
-        kg = k_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
-        vg = v_all.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(cdtype)
-        scores = _with_terms((q_part.to(cdtype) @ kg.transpose(1, 2)) * scale, terms, dist,
-                             row_batch[rows], row_head[rows], buckets, k_len)
+        if self.left is not None:
+            visible = visible & (dist >= -self.left)
+        if self.right is not None:
+            visible = visible & (dist <= self.right)
+        kg = k_flat.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(self.cdtype)
+        vg = v_flat.index_select(0, flat.reshape(-1)).view(*flat.shape, -1).to(self.cdtype)
+        batch, head = self.row_batch[rows], self.row_head[rows]
+        scores = _with_terms((q_part.to(self.cdtype) @ kg.transpose(1, 2)) * self.scale, terms, dist,
+                             batch, head, k_len)
         scores = scores.masked_fill(~visible, float("-inf"))
         # The softmax by hand: a row that sees no key must give 0 and lse = -inf (the sink,
         # with sinks) with finite gradients, where logsumexp's backward would give NaN. The
@@ -96,7 +131,7 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
         m = scores.detach().amax(dim=-1, keepdim=True)
         sink = None
         if terms.sinks is not None:
-            sink = terms.sinks.to(cdtype)[row_head[rows]].view(-1, 1, 1)
+            sink = terms.sinks.to(self.cdtype)[head].view(-1, 1, 1)
             m = torch.maximum(m, sink.detach())
         m = torch.where(torch.isfinite(m), m, 0)
         p = torch.exp(scores - m)
@@ -108,46 +143,33 @@ def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
         lse = torch.where(seen_any, m + torch.log(total), float("-inf")).squeeze(-1)
         p = p / total
         if terms.dropout_p > 0:
-            keep = score_terms.dropout_keep_at(terms.seed, terms.dropout_p,
-                                               row_batch[rows].view(-1, 1, 1),
-                                               row_head[rows].view(-1, 1, 1),
-                                               queries.unsqueeze(2), keys.unsqueeze(1))
+            from sparse_attention.score_terms import dropout_keep_at
+
+            keep = dropout_keep_at(terms.seed, terms.dropout_p, batch.view(-1, 1, 1),
+                                   head.view(-1, 1, 1), queries.unsqueeze(2), keys.unsqueeze(1))
             p = p * keep / (1 - terms.dropout_p)
-        return p @ vg, lse.to(lse_dtype(q.dtype))
+        return p @ vg, lse.to(lse_dtype(self.q.dtype))
 
-    order = torch.argsort(counts, descending=True, stable=True)
-    sorted_counts = counts[order].tolist()
-    per_row = bs * max(head_dim, value_dim, bs) * 3
-    start, parts = 0, []
-    while start < len(sorted_counts) and sorted_counts[start] > 0:
-        num_blocks = sorted_counts[start]
-        take = max(1, CHUNK_ELEMENTS // (per_row * num_blocks))
-        end = min(start + take, len(sorted_counts))
-        while sorted_counts[end - 1] == 0:
-            end -= 1
-        rows = order[start:end].to(q.device)
-        args = (rows, num_blocks, q_rows[rows], k_flat, v_flat)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            out_part, lse_part = checkpoint(chunk, *args, use_reentrant=False)
-        else:
-            out_part, lse_part = chunk(*args)
-        parts.append((rows, out_part, lse_part))
-        start = end
-    out_rows = torch.zeros(all_rows, bs, value_dim, dtype=cdtype, device=q.device)
-    if terms.sinks is None:
-        lse_rows = torch.full((all_rows, bs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    else:  # a row without keys: its denominator is the sink alone
-        lse_rows = terms.sinks.to(lse_dtype(q.dtype))[row_head].unsqueeze(1).expand(-1, bs)
-    if parts:
-        rows = torch.cat([r for r, _, _ in parts])
-        out_rows = out_rows.index_put((rows,), torch.cat([o for _, o, _ in parts]))
-        lse_rows = lse_rows.index_put((rows,), torch.cat([l for _, _, l in parts]))
-    out = out_rows.view(batch, heads, q_blocks * bs, value_dim)[:, :, :q_len].to(q.dtype)
-    lse = lse_rows.view(batch, heads, q_blocks * bs)[:, :, :q_len]
-    return out, lse
+    def rows_without_keys_lse(self) -> torch.Tensor:
+        """lse [rows, bs] where no chunk writes: -inf, or the sink with sinks."""
+        dtype = lse_dtype(self.q.dtype)
+        if self.terms.sinks is None:
+            return torch.full((self.all_rows, self.bs), float("-inf"), dtype=dtype, device=self.q.device)
+        return self.terms.sinks.to(dtype)[self.row_head].unsqueeze(1).expand(-1, self.bs).contiguous()
+
+    def finish(self, out_rows: torch.Tensor, lse_rows: torch.Tensor):
+        out = out_rows.view(self.batch, self.heads, self.q_blocks * self.bs, self.value_dim)
+        lse = lse_rows.view(self.batch, self.heads, self.q_blocks * self.bs)
+        return out[:, :, :self.q_len].to(self.q.dtype).contiguous(), lse[:, :, :self.q_len].contiguous()
+
+    def rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        """A [B, H, Nq, ...] tensor as [rows, bs, ...], the last block zero-padded."""
+        pad = self.q_blocks * self.bs - self.q_len
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
+        return t.reshape(self.all_rows, self.bs, *t.shape[3:])
 
 
-def _with_terms(scores, terms: Terms, dist, batch, head, buckets, k_len: int):
+def _with_terms(scores, terms: _Terms, dist, batch, head, k_len: int):
     """Scores [rows, queries, keys] soft-capped, plus the ALiBi and position biases of the
     distances `dist` (as reference._with_terms, on gathered rows of batch entries `batch` and
     heads `head`)."""
@@ -157,10 +179,161 @@ def _with_terms(scores, terms: Terms, dist, batch, head, buckets, k_len: int):
         slopes = terms.alibi_slopes.to(scores.dtype)
         slopes = slopes[head] if slopes.dim() == 1 else slopes[batch, head]
         scores = scores - slopes.view(-1, 1, 1) * dist.abs().to(scores.dtype)
-    if buckets is not None:
+    if terms.position_bias is not None:
         # buckets[d + k_len - 1] is distance d's; the queries past the end (masked anyway)
         # are clamped into range.
+        buckets = terms.position_buckets.to(dist.device).long()
         bucket = buckets[(dist + k_len - 1).clamp(0, buckets.numel() - 1)]
-        table = terms.position_bias.table.to(scores.dtype)
+        table = terms.position_bias.to(scores.dtype)
         scores = scores + table[head.view(-1, 1, 1), bucket]
     return scores
+
+
+@torch.library.custom_op("sparse_attention::gathered_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_offsets: torch.Tensor,
+                row_indices: torch.Tensor, row_num_full: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor], block_size: int, scale: float,
+                window_left: int, window_right: int, sinks: Optional[torch.Tensor],
+                alibi_slopes: Optional[torch.Tensor], position_bias: Optional[torch.Tensor],
+                position_buckets: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    terms = _Terms(sinks, alibi_slopes, position_bias, position_buckets, softcap, dropout_p, seed)
+    call = _Call(q, k, v, row_offsets, row_indices, row_num_full, key_padding_mask, block_size,
+                 scale, window_left, window_right, terms)
+    out_rows = torch.zeros(call.all_rows, block_size, call.value_dim, dtype=call.cdtype, device=q.device)
+    lse_rows = call.rows_without_keys_lse()
+    q_rows, k_flat, v_flat = call.q_rows(), k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+    for rows, num_blocks in call.chunks():
+        out_rows[rows], lse_rows[rows] = call.chunk(rows, num_blocks, q_rows[rows], k_flat, v_flat, terms)
+    return call.finish(out_rows, lse_rows)
+
+
+@_forward_op.register_fake
+def _(q, k, v, *args):
+    return (q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype)))
+
+
+@contextlib.contextmanager
+def _autograd_inside_an_op():
+    """Autograd inside an op's implementation, which runs below the autograd dispatch keys:
+    they leave the thread's exclude set for the block (and grad mode is on)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor,
+                torch._C.DispatchKey.AutogradFunctionality):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
+@torch.library.custom_op("sparse_attention::gathered_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, row_offsets: torch.Tensor,
+                 row_indices: torch.Tensor, row_num_full: torch.Tensor,
+                 key_padding_mask: Optional[torch.Tensor], block_size: int, scale: float,
+                 window_left: int, window_right: int, sinks: Optional[torch.Tensor],
+                 alibi_slopes: Optional[torch.Tensor], position_bias: Optional[torch.Tensor],
+                 position_buckets: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks, dslopes, dtable): each chunk recomputed and differentiated alone
+    (its autograd graph lives only while it is differentiated); a term the call did not have
+    gets an empty tensor."""
+    def leaf(t):
+        return None if t is None else t.detach().to(compute_dtype(q.dtype)).requires_grad_()
+
+    terms = _Terms(leaf(sinks), leaf(alibi_slopes), leaf(position_bias), position_buckets, softcap,
+                   dropout_p, seed)
+    call = _Call(q, k, v, row_offsets, row_indices, row_num_full, key_padding_mask, block_size,
+                 scale, window_left, window_right, terms)
+    cdtype = call.cdtype
+    # Leaves in the compute type, so that each chunk's gradients add up unrounded.
+    q_rows = call.q_rows().to(cdtype)
+    with _autograd_inside_an_op():
+        k_flat = k.reshape(-1, k.shape[-1]).detach().to(cdtype).requires_grad_()
+        v_flat = v.reshape(-1, v.shape[-1]).detach().to(cdtype).requires_grad_()
+    grad_out_rows = call.rows_of(grad_out).to(cdtype)
+    grad_lse_rows = None if grad_lse is None else call.rows_of(grad_lse)
+    term_leaves = [t for t in terms[:3] if t is not None]
+    grad_q_rows = torch.zeros(q_rows.shape, dtype=cdtype, device=q.device)
+    grad_k, grad_v = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
+    grad_terms = [torch.zeros_like(t) for t in term_leaves]
+    covered = torch.zeros(call.all_rows, dtype=torch.bool, device=q.device)
+    for rows, num_blocks in call.chunks():
+        covered[rows] = True
+        with _autograd_inside_an_op():
+            q_part = q_rows[rows].detach().requires_grad_()
+            out, lse = call.chunk(rows, num_blocks, q_part, k_flat, v_flat, terms)
+            outputs, grads = [out], [grad_out_rows[rows]]
+            if grad_lse_rows is not None:
+                outputs.append(lse)
+                grads.append(torch.where(torch.isfinite(lse), grad_lse_rows[rows].to(lse.dtype), 0))
+            found = torch.autograd.grad(outputs, [q_part, k_flat, v_flat, *term_leaves], grads,
+                                        allow_unused=True)
+        for total, part in zip([grad_k, grad_v, *grad_terms], found[1:]):
+            if part is not None:
+                total += part
+        if found[0] is not None:
+            grad_q_rows[rows] = found[0]
+    if terms.sinks is not None and grad_lse_rows is not None:
+        # A row without keys has lse = its sink.
+        empty = ~covered
+        grad_terms[0].index_add_(0, call.row_head[empty], grad_lse_rows[empty].sum(-1).to(cdtype))
+    grad_q = grad_q_rows.view(call.batch, call.heads, -1, q.shape[-1])[:, :, :call.q_len]
+    by_name = dict(zip([n for n, t in zip(("sinks", "alibi_slopes", "position_bias"), terms[:3])
+                        if t is not None], grad_terms))
+    term_grads = tuple(by_name[name].to(given.dtype) if given is not None
+                       else torch.empty(0, dtype=torch.float32, device=q.device)
+                       for name, given in (("sinks", sinks), ("alibi_slopes", alibi_slopes),
+                                           ("position_bias", position_bias)))
+    return (grad_q.to(q.dtype).contiguous(), grad_k.view(k.shape).to(k.dtype),
+            grad_v.view(v.shape).to(v.dtype)) + term_grads
+
+
+@_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, row_offsets, row_indices, row_num_full, key_padding_mask,
+      block_size, scale, window_left, window_right, sinks, alibi_slopes, position_bias, *args):
+    def like(t):
+        return torch.empty_like(t) if t is not None else q.new_empty(0, dtype=torch.float32)
+
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(sinks),
+            like(alibi_slopes), like(position_bias))
+
+
+_DIFFERENTIABLE = {"q": 0, "k": 1, "v": 2, "sinks": 3, "alibi_slopes": 4, "position_bias": 5}
+_FORWARD_ARGS = ("q", "k", "v", "row_offsets", "row_indices", "row_num_full", "key_padding_mask",
+                 "block_size", "scale", "window_left", "window_right", "sinks", "alibi_slopes",
+                 "position_bias", "position_buckets", "softcap", "dropout_p", "seed")
+
+
+def _is_tensor_arg(t) -> bool:
+    return t is None or isinstance(t, torch.Tensor)  # the Tensor? arguments may be None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if _is_tensor_arg(t)))
+    ctx.others = tuple(None if _is_tensor_arg(t) else t for t in inputs)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    saved = iter(ctx.saved_tensors)
+    inputs = [next(saved) if _is_tensor_arg(other) else other for other in ctx.others]
+    if grad_out is None:
+        grad_out = torch.zeros(*inputs[0].shape[:3], inputs[2].shape[3], dtype=inputs[0].dtype,
+                               device=inputs[0].device)
+    grads = _backward_op(grad_out, grad_lse, *inputs)
+    return tuple(grads[_DIFFERENTIABLE[name]] if name in _DIFFERENTIABLE and given is not None
+                 else None for name, given in zip(_FORWARD_ARGS, inputs))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def forward(q, k, v, lists, *, key_padding_mask, block_size: int, scale: float,
+            window: Window = Window(), terms: Terms = NO_TERMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the op over the block lists (a BlockLists): rows only (the column lists
+    serve the kernels' backward). terms: the score terms, applied as the kernels and the
+    reference apply them (dropout from the same Philox bits, keyed by the tensors' rows)."""
+    left, right = Window.of(window).kernel_bounds()
+    return _forward_op(q, k, v, lists[0], lists[1], lists[2], key_padding_mask, int(block_size),
+                       float(scale), left, right, **terms.op_args(q.shape[2], k.shape[2], q.device))

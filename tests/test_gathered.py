@@ -1,8 +1,9 @@
 """The block-gathered torch path (sparse_attention.gathered): what runs the CUDA calls the CUDA
 kernels are not compiled for (fp32, fp64, block sizes 16 and 32, head dims above 128, older
-GPUs) and those with score terms. It is plain torch, so it is checked here on the CPU: sparse_attention() is made to
-take it for every call (attention._kernel_reasons), and the results are held to the fp64
-reference under the suite's rule, gradients included, on the hard cases."""
+GPUs) and those with score terms. It is plain torch, so it is checked here on the CPU:
+sparse_attention() is made to take it for every call (attention._kernel_reasons), and the
+results are held to the fp64 reference under the suite's rule, gradients included, on the hard
+cases; its two ops pass opcheck and compile whole."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import sparse_attention as sa
-from sparse_attention import attention, gathered, ops
+from sparse_attention import attention, gathered, ops, score_terms
 from conftest import check_against_reference, check_rows_without_keys, make_inputs
 from test_score_terms import TERMS, check_terms, make_case, term_args
 
@@ -165,3 +166,42 @@ def test_score_terms_equal_the_cpu_kernels(monkeypatch):
         ours = run()
     for a, b in zip(ours, kernels):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_opcheck_forward_and_backward_ops():
+    """The two ops' schemas, fake kernels and autograd, with every term and without."""
+    case = make_case(torch.float32, 23, batch=2, q_len=50, k_len=70, padding=True)
+    q, k, v, layout, pad = make_inputs(case)
+    lists = layout.block_lists(case.q_len, case.k_len, sa.window.Window(None, 0), q.device)
+    for names in ((), TERMS):
+        terms = score_terms.resolve(q, causal=True, **term_args(names, case.heads, 2, 23))
+        args = (q, k, v, *lists[:3], pad, 32, 0.25, -1, 0)
+        op_args = terms.op_args(50, 70, q.device)
+        torch.library.opcheck(torch.ops.sparse_attention.gathered_forward.default, args, op_args)
+        grads = (torch.randn(*q.shape[:3], v.shape[3]), torch.randn(q.shape[:3]))
+        torch.library.opcheck(torch.ops.sparse_attention.gathered_backward.default,
+                              (*grads, *(t.detach() for t in args[:3]), *args[3:]), op_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_fullgraph_with_terms_and_tensor_layouts(gathered_path, backend):
+    """The ops keep their host syncs inside: compiled graphs stay whole and equal eager mode,
+    gradients of q, k, v and the sinks included."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(24)
+    q, k, v = (rand(g, 2, 4, 100, 16, dtype=torch.float32) for _ in range(3))
+    sinks = rand(g, 4, dtype=torch.float32)
+    layout = sa.TensorLayout.from_mask(torch.rand(2, 4, 7, 7, generator=g) < 0.5, 16)
+
+    def f(q, k, v, layout, sinks):
+        return sa.sparse_attention(q, k, v, layout, causal=True, sinks=sinks, softcap=20.0,
+                                   return_lse=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=False)
+    got, expected = compiled(q, k, v, layout, sinks), f(q, k, v, layout, sinks)
+    upstream = (torch.randn_like(got[0]), torch.randn_like(got[1]))
+    inputs = (q, k, v, sinks)
+    for a, b in zip(got + torch.autograd.grad(got, inputs, upstream),
+                    expected + torch.autograd.grad(expected, inputs, upstream)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
