@@ -339,8 +339,8 @@ def sparse_attention(
             torch's default generator, so torch.manual_seed repeats it).
     sinks, alibi_slopes and the position table get gradients. The CPU kernels run every term;
     on CUDA a call with any of them runs in block-gathered torch ops (sparse_attention.gathered;
-    with packed documents densely in float32, O(N^2) memory) and says so once (sa.supported
-    lists what each device's kernels take).
+    packed documents one call each, or with dropout densely in float32, O(N^2) memory) and says
+    so once (sa.supported lists what each device's kernels take).
 
     Returns out [B, H, Nq, Dv] (dtype of q), and lse if asked. A query that sees no key gets
     0 and lse = -inf, and zero gradients.
@@ -444,6 +444,11 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
                          f"tokens, head_dim], got shape {tuple(q.shape)}")
     rules = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=rules[1], **term_args)
+    if terms.names() and _terms_per_document(q.device, terms):
+        return _attention_per_document(q, k, v, layout, cu_seqlens, cu_k, causal=causal,
+                                       scale=scale, window=window, return_lse=return_lse,
+                                       deterministic=deterministic, cuda_kernels=cuda_kernels,
+                                       **term_args)
     if terms.names() and q.device.type == "cuda":
         return _dense_terms(q, k, v, layout, terms, return_lse=return_lse, cu_seqlens=cu_seqlens,
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
@@ -469,6 +474,13 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
     return (out, lse) if return_lse else out
 
 
+def _terms_per_document(device: torch.device, terms) -> bool:
+    """Whether packed documents with these score terms run one call each: on CUDA (whose
+    kernels take no term, so each document's call runs on the gathered path), but for dropout,
+    whose bits are keyed by the packed row's positions (those run densely, _dense_terms)."""
+    return device.type == "cuda" and not terms.dropout_p
+
+
 def _attention_per_document(q, k, v, layout, cu_q, cu_k, *, return_lse, **call):
     """Packed documents as one call each (devices whose kernels do not walk packed lists)."""
     outs, lses = [], []
@@ -476,7 +488,8 @@ def _attention_per_document(q, k, v, layout, cu_q, cu_k, *, return_lse, **call):
         if q1 == q0:
             continue
         if k1 == k0:
-            out, lse = packing.rows_without_keys(q, q1 - q0, v.shape[3], ops.lse_dtype(q.dtype))
+            out, lse = packing.rows_without_keys(q, q1 - q0, v.shape[3], ops.lse_dtype(q.dtype),
+                                                 call.get("sinks"))
             outs.append(out)
             lses.append(lse)
             continue

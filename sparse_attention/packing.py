@@ -81,10 +81,13 @@ def document_mask(mask: torch.Tensor, d: int, q_len: int, k_len: int, block_size
     return grid[:, :num_blocks(q_len, block_size), :num_blocks(k_len, block_size)]
 
 
-def rows_without_keys(q: torch.Tensor, rows: int, value_dim: int, lse_dtype: torch.dtype):
+def rows_without_keys(q: torch.Tensor, rows: int, value_dim: int, lse_dtype: torch.dtype,
+                      sinks: torch.Tensor | None = None):
     """(out, lse) of `rows` queries of a document that has no key: zeros and -inf, as for any
-    row that sees none."""
+    row that sees none; with sinks [H], lse is the sink (all such a row's denominator holds)."""
     out = q.new_zeros(1, q.shape[1], rows, value_dim)
+    if sinks is not None:
+        return out, sinks.to(lse_dtype).view(1, -1, 1).expand(1, q.shape[1], rows)
     return out, torch.full((1, q.shape[1], rows), float("-inf"), dtype=lse_dtype, device=q.device)
 
 

@@ -131,9 +131,7 @@ def _packed(q, k, v, layout, cu_q, cu_k, *, return_lse, causal, scale, window, *
     sinks = rest["terms"].sinks
     for d, (q0, q1, k0, k1) in enumerate(zip(q_starts, q_starts[1:], k_starts, k_starts[1:])):
         if k1 == k0 or q1 == q0:
-            out, lse = rows_without_keys(q, q1 - q0, v.shape[3], rest["compute_dtype"])
-            if sinks is not None:  # the sink is all such a row's denominator holds
-                lse = sinks.to(lse.dtype).view(1, -1, 1).expand(lse.shape)
+            out, lse = rows_without_keys(q, q1 - q0, v.shape[3], rest["compute_dtype"], sinks)
             outs.append(out)
             lses.append(lse)
             continue

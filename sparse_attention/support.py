@@ -95,8 +95,7 @@ def _cuda_block_reasons(head_dim: int, kernel_head_dim: int, block_size: int, ca
     """Why the CUDA kernels cannot run blocks of this size themselves at this head dim."""
     if block_size not in table.CUDA_BLOCK_SIZES:
         return [f"block_size {block_size}: the CUDA kernels take "
-                f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))} (and their multiples, as blocks of "
-                "theirs)"]
+                f"{', '.join(map(str, table.CUDA_BLOCK_SIZES))} and their multiples"]
     if capability is None:
         return []
     arch = f"sm_{capability[0]}{capability[1]}"

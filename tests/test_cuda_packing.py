@@ -55,3 +55,21 @@ def test_packed_kernels_match_the_cpu_kernels(monkeypatch):
     on_gpu = sa.sparse_attention(q.cuda(), k.cuda(), v.cuda(), pattern, causal=True,
                                  cu_seqlens=cu.cuda())
     assert (on_gpu.float().cpu() - on_cpu).abs().max() < 1e-2
+
+
+def test_score_terms_one_call_per_document(mode, monkeypatch):
+    """Sinks, ALiBi, softcap and the T5 bias with packed documents: one gathered call per
+    document (an empty one and one without keys too), against the reference."""
+    from test_score_terms import TERMS, check_terms, term_args
+
+    monkeypatch.setattr("sparse_attention.attention._GATHERED_WARNED", set())
+    g = torch.Generator().manual_seed(31)
+    cu = torch.tensor([0, 40, 40, 113, 150, 200], device="cuda")
+    cu_k = torch.tensor([0, 56, 66, 139, 139, 189], device="cuda")
+    q = torch.randn(1, 4, 200, 64, generator=g).cuda().half().requires_grad_()
+    k, v = (torch.randn(1, 2, 189, 64, generator=g).cuda().half().requires_grad_() for _ in range(2))
+    terms = {name: t.cuda().detach().requires_grad_() if isinstance(t, torch.Tensor) else t
+             for name, t in term_args([n for n in TERMS if n != "dropout"], 4, 1, 31).items()}
+    with pytest.warns(UserWarning, match="sinks: the CUDA kernels do not take it yet"):
+        check_terms(q, k, v, sa.Local(64, block_size=64),
+                    dict(cu_seqlens=cu, cu_seqlens_k=cu_k, causal=True), terms)

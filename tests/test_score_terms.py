@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparse_attention as sa
-from sparse_attention import reference, score_terms
+from sparse_attention import attention, reference, score_terms
 from sparse_attention.window import Window
 from conftest import FLOOR, Case, assert_rule, make_inputs, max_error, require_module
 
@@ -149,6 +149,34 @@ def test_packed_documents():
     for causal in (False, True):
         check_terms(q, k, v, layout, dict(cu_seqlens=cu, cu_seqlens_k=cu_k, causal=causal),
                     term_args(TERMS, heads, 1, 9))
+
+
+def test_packed_documents_one_call_each(monkeypatch):
+    """CUDA runs packed documents with score terms but dropout one call each (on the gathered
+    path, attention._terms_per_document): made to here, the result is the reference's and the
+    packed kernels'."""
+    g = torch.Generator().manual_seed(10)
+    cu = torch.tensor([0, 40, 40, 113, 150, 200])
+    cu_k = torch.tensor([0, 56, 66, 139, 139, 189])
+    q = torch.randn(1, 4, 200, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 189, 16, generator=g, requires_grad=True) for _ in range(2))
+    names = tuple(name for name in TERMS if name != "dropout")
+    terms = term_args(names, 4, 1, 13)
+    call = dict(cu_seqlens=cu, cu_seqlens_k=cu_k, causal=True)
+    packed = sa.sparse_attention(q, k, v, sa.Local(64, block_size=16), **call, **terms)
+    softcap, dropout = (score_terms.resolve(q, **args) for args in (dict(softcap=2.0), dict(dropout_p=0.1)))
+    assert attention._terms_per_document(torch.device("cuda"), softcap)
+    assert not attention._terms_per_document(torch.device("cuda"), dropout)
+    assert not attention._terms_per_document(torch.device("cpu"), softcap)
+    calls = []
+    per_document = attention._attention_per_document
+    monkeypatch.setattr(attention, "_terms_per_document", lambda device, terms: not terms.dropout_p)
+    monkeypatch.setattr(attention, "_attention_per_document",
+                        lambda *args, **kwargs: calls.append(1) or per_document(*args, **kwargs))
+    check_terms(q, k, v, sa.Local(64, block_size=16), call, terms)
+    one_each = sa.sparse_attention(q, k, v, sa.Local(64, block_size=16), **call, **terms)
+    torch.testing.assert_close(one_each, packed, atol=1e-5, rtol=1e-5)
+    assert calls
 
 
 def test_tensor_layout_per_batch():

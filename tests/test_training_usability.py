@@ -99,7 +99,7 @@ def test_block_size_32_on_cuda_is_refused_at_the_start_of_a_run(monkeypatch):
     config = TrainConfig(block_size=32)
     assert sa.supported("cuda", torch.bfloat16, config.head_dim, 32) != []
     with pytest.raises(ValueError, match=r"the CUDA kernels cannot run.*block_size 32: the CUDA kernels "
-                                         r"take 64, 128 \(set by --block-size\)"):
+                                         r"take 64, 128 and their multiples \(set by --block-size\)"):
         check_supported(config, "cuda", "bf16")
     with pytest.raises(ValueError, match=r"dtype float32.*\(set by --precision\)"):
         check_supported(TrainConfig(), "cuda", "fp32")
