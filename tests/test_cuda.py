@@ -203,6 +203,8 @@ def test_split_kv_decoding(q_len, kernels, monkeypatch):
     from sparse_attention import split_rows
 
     monkeypatch.setenv(split_rows.CUDA_SPLIT_ENV, "1")
+    if kernels == "hopper":  # the environment, as the reference takes no cuda_kernels
+        monkeypatch.setenv("SPARSE_ATTENTION_HOPPER_KERNELS", "1")
     g = torch.Generator().manual_seed(q_len)
     block = 128 if kernels == "hopper" else 64
 
@@ -216,14 +218,13 @@ def test_split_kv_decoding(q_len, kernels, monkeypatch):
     layout = pattern.layout(q_len, 20000, num_heads=8, causal=True)
     slots, num_slots = [], split_rows.num_slots
     monkeypatch.setattr(split_rows, "num_slots", lambda *args: slots.append(num_slots(*args)) or slots[-1])
-    call = dict(causal=True, key_padding_mask=pad, cuda_kernels=kernels)
+    call = dict(causal=True, key_padding_mask=pad)
     check_against_reference(q, k, v, layout, call)
     assert max(slots) == 16
     with torch.no_grad():
         split = sa.sparse_attention(q, k, v, pattern, **call)
         single = torch.cat([sa.sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pattern, causal=True,
-                                                key_padding_mask=pad[b:b + 1], cuda_kernels=kernels)
-                            for b in range(2)])
+                                                key_padding_mask=pad[b:b + 1]) for b in range(2)])
         assert torch.equal(split, single)
         monkeypatch.delenv(split_rows.CUDA_SPLIT_ENV)
         whole = sa.sparse_attention(q, k, v, pattern, **call)
