@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from sparse_attention.ops import lse_dtype
-from sparse_attention.score_terms import NO_TERMS, Terms
+from sparse_attention.score_terms import NO_TERMS, Terms, dropout_keep_at
 from sparse_attention.window import Window
 
 # Elements of the gathered keys, values and scores one chunk of rows may hold at once.
@@ -143,8 +143,6 @@ class _Call:
         lse = torch.where(seen_any, m + torch.log(total), float("-inf")).squeeze(-1)
         p = p / total
         if terms.dropout_p > 0:
-            from sparse_attention.score_terms import dropout_keep_at
-
             keep = dropout_keep_at(terms.seed, terms.dropout_p, batch.view(-1, 1, 1),
                                    head.view(-1, 1, 1), queries.unsqueeze(2), keys.unsqueeze(1))
             p = p * keep / (1 - terms.dropout_p)
