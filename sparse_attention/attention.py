@@ -360,6 +360,7 @@ def sparse_attention(
     scale, causal, window = call_rules(layout, q.shape[-1], causal=causal, scale=scale, window=window)
     terms = score_terms.resolve(q, causal=causal, **term_args)
     run_block = _kernel_block_size(q, v, layout.block_size)
+    finer = None if run_block == layout.block_size else run_block  # the lists' block size, if other
     forward = _forward_for(q, v, run_block, cuda_kernels, terms.names())
     window = _static_window(window)
     # operator.index specialises compiled graphs on the lengths (the block lists depend on
@@ -367,7 +368,7 @@ def sparse_attention(
     q_len, k_len = operator.index(q.shape[2]), operator.index(k.shape[2])
     if isinstance(layout, TensorLayout):
         # Built in the graph from the layout's tensors: new values never recompile.
-        lists = layout.block_lists(q_len, k_len, window, run_block)
+        lists = layout.block_lists(q_len, k_len, window, finer)
         out, lse = forward(q, k, v, lists, key_padding_mask=key_padding_mask,
                            block_size=run_block, scale=scale, window=window,
                            deterministic=deterministic, cuda_kernels=cuda_kernels, terms=terms)
@@ -385,7 +386,7 @@ def sparse_attention(
             part = (q[:, :, first:end], k[:, :, :keys], v[:, :, :keys],
                     None if key_padding_mask is None else key_padding_mask[:, :keys])
         lists = _cached_block_lists(layout, end - first, keys, tuple(window), q.device, num_heads,
-                                    causal, None if run_block == layout.block_size else run_block)
+                                    causal, finer)
         results.append(forward(*part[:3], lists, key_padding_mask=part[3],
                                block_size=run_block, scale=scale, window=window,
                                deterministic=deterministic, cuda_kernels=cuda_kernels,
@@ -454,8 +455,9 @@ def _packed_attention(q, k, v, layout, cu_seqlens, cu_seqlens_k, key_padding_mas
                             cu_seqlens_k=cu_k, causal=causal, scale=scale, window=window)
     # Layouts the kernels run as finer blocks run one call per document, which refines them.
     finer = _kernel_block_size(q, v, layout.block_size) != layout.block_size
-    forward = None if finer else _forward_for(q, v, layout.block_size, cuda_kernels)
-    if not packing.packed_kernels(q.device) or forward in (None, _gathered_forward):
+    per_document = finer or not packing.packed_kernels(q.device)
+    forward = None if per_document else _forward_for(q, v, layout.block_size, cuda_kernels)
+    if per_document or forward is _gathered_forward:
         if terms.names():
             raise ValueError(f"{', '.join(terms.names())}: not taken with cu_seqlens on {q.device.type}, "
                              "whose kernels run packed documents one call each")

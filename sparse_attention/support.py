@@ -115,6 +115,7 @@ def _cuda_block_reasons(head_dim: int, kernel_head_dim: int, block_size: int, ca
     return reasons
 
 
+@functools.lru_cache(maxsize=256)
 def _cuda_run_block_size(kernel_head_dim: int, block_size: int, capability) -> int | None:
     # The layout's block size if the kernels take it here, else the largest compiled one that
     # divides it and that they take (each layout block runs as its sub-blocks).

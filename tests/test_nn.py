@@ -341,11 +341,14 @@ def test_supported_names_each_reason(monkeypatch):
     assert sa.supported("cuda", torch.bfloat16, 64, 256, capability=(9, 0)) == []  # as 128s
     # A GPU short of shared memory for every block size: the reasons name the kernels.
     monkeypatch.setitem(kernel_table.CUDA_SHARED_BYTES_BY_CAPABILITY, (8, 6), 64 * 1024)
-    support._reasons.cache_clear()  # it caches the answers
+    caches = (support._reasons, support._cuda_run_block_size)  # they cache the answers
+    for cache in caches:
+        cache.cache_clear()
     try:
         small = sa.supported("cuda", torch.bfloat16, 96, 128, capability=(8, 6))
     finally:
-        support._reasons.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
     assert small and all("shared memory" in r and "sm_86" in r for r in small)
     assert any("head_dim 96 (run at 128), block_size 128" in r for r in small)
     assert sa.supported("cuda", torch.bfloat16, 64, 64, capability=(8, 6)) == []
