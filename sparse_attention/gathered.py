@@ -53,7 +53,7 @@ class _Call:
 
     def __init__(self, q, k, v, row_offsets, row_indices, row_num_full, key_padding_mask,
                  block_size: int, scale: float, window_left: int, window_right: int, terms: _Terms):
-        self.q, self.k, self.v, self.terms = q, k, v, terms
+        self.q, self.terms = q, terms
         self.batch, self.heads, self.q_len, head_dim = q.shape
         self.kv_heads, self.k_len, self.value_dim = k.shape[1], k.shape[2], v.shape[3]
         self.bs, self.scale = block_size, scale
@@ -91,11 +91,6 @@ class _Call:
                 end -= 1
             yield order[start:end].to(self.q.device), num_blocks
             start = end
-
-    def q_rows(self) -> torch.Tensor:
-        """q as [rows, block_size, D], the last block zero-padded."""
-        pad = self.q_blocks * self.bs - self.q_len
-        return torch.nn.functional.pad(self.q, (0, 0, 0, pad)).reshape(-1, self.bs, self.q.shape[-1])
 
     def chunk(self, rows, num_blocks, q_part, k_flat, v_flat, terms: _Terms):
         """(out [rows, bs, Dv], lse [rows, bs]) of the rows `rows` over their first num_blocks
@@ -200,7 +195,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_offsets: 
                  scale, window_left, window_right, terms)
     out_rows = torch.zeros(call.all_rows, block_size, call.value_dim, dtype=call.cdtype, device=q.device)
     lse_rows = call.rows_without_keys_lse()
-    q_rows, k_flat, v_flat = call.q_rows(), k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+    q_rows, k_flat, v_flat = call.rows_of(q), k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
     for rows, num_blocks in call.chunks():
         out_rows[rows], lse_rows[rows] = call.chunk(rows, num_blocks, q_rows[rows], k_flat, v_flat, terms)
     return call.finish(out_rows, lse_rows)
@@ -246,7 +241,7 @@ def _backward_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: to
                  scale, window_left, window_right, terms)
     cdtype = call.cdtype
     # Leaves in the compute type, so that each chunk's gradients add up unrounded.
-    q_rows = call.q_rows().to(cdtype)
+    q_rows = call.rows_of(q).to(cdtype)
     with _autograd_inside_an_op():
         k_flat = k.reshape(-1, k.shape[-1]).detach().to(cdtype).requires_grad_()
         v_flat = v.reshape(-1, v.shape[-1]).detach().to(cdtype).requires_grad_()
