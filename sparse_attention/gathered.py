@@ -92,11 +92,11 @@ class _Call:
             yield order[start:end].to(self.q.device), num_blocks
             start = end
 
-    def chunk(self, rows, num_blocks, q_part, k_flat, v_flat, terms: _Terms):
+    def chunk(self, rows, num_blocks, q_part, k_flat, v_flat):
         """(out [rows, bs, Dv], lse [rows, bs]) of the rows `rows` over their first num_blocks
         listed key blocks (slots past a row's count are masked); differentiable in q_part,
-        k_flat, v_flat and the term tensors."""
-        device, bs, k_len, q_len = self.q.device, self.bs, self.k_len, self.q_len
+        k_flat, v_flat and the call's term tensors."""
+        device, bs, k_len, q_len, terms = self.q.device, self.bs, self.k_len, self.q_len, self.terms
         slot = torch.arange(num_blocks, device=device)
         listed = slot < self.row_counts[rows].unsqueeze(1)
         last = max(self.row_indices.numel() - 1, 0)
@@ -197,7 +197,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_offsets: 
     lse_rows = call.rows_without_keys_lse()
     q_rows, k_flat, v_flat = call.rows_of(q), k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
     for rows, num_blocks in call.chunks():
-        out_rows[rows], lse_rows[rows] = call.chunk(rows, num_blocks, q_rows[rows], k_flat, v_flat, terms)
+        out_rows[rows], lse_rows[rows] = call.chunk(rows, num_blocks, q_rows[rows], k_flat, v_flat)
     return call.finish(out_rows, lse_rows)
 
 
@@ -250,20 +250,20 @@ def _backward_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: to
     term_leaves = [t for t in terms[:3] if t is not None]
     grad_q_rows = torch.zeros(q_rows.shape, dtype=cdtype, device=q.device)
     grad_k, grad_v = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
-    grad_terms = [torch.zeros_like(t) for t in term_leaves]
+    grad_terms = [None if t is None else torch.zeros_like(t) for t in terms[:3]]  # sinks, slopes, table
     covered = torch.zeros(call.all_rows, dtype=torch.bool, device=q.device)
     for rows, num_blocks in call.chunks():
         covered[rows] = True
         with _autograd_inside_an_op():
             q_part = q_rows[rows].detach().requires_grad_()
-            out, lse = call.chunk(rows, num_blocks, q_part, k_flat, v_flat, terms)
+            out, lse = call.chunk(rows, num_blocks, q_part, k_flat, v_flat)
             outputs, grads = [out], [grad_out_rows[rows]]
             if grad_lse_rows is not None:
                 outputs.append(lse)
                 grads.append(torch.where(torch.isfinite(lse), grad_lse_rows[rows].to(lse.dtype), 0))
             found = torch.autograd.grad(outputs, [q_part, k_flat, v_flat, *term_leaves], grads,
                                         allow_unused=True)
-        for total, part in zip([grad_k, grad_v, *grad_terms], found[1:]):
+        for total, part in zip([grad_k, grad_v, *(g for g in grad_terms if g is not None)], found[1:]):
             if part is not None:
                 total += part
         if found[0] is not None:
@@ -273,12 +273,9 @@ def _backward_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: to
         empty = ~covered
         grad_terms[0].index_add_(0, call.row_head[empty], grad_lse_rows[empty].sum(-1).to(cdtype))
     grad_q = grad_q_rows.view(call.batch, call.heads, -1, q.shape[-1])[:, :, :call.q_len]
-    by_name = dict(zip([n for n, t in zip(("sinks", "alibi_slopes", "position_bias"), terms[:3])
-                        if t is not None], grad_terms))
-    term_grads = tuple(by_name[name].to(given.dtype) if given is not None
-                       else torch.empty(0, dtype=torch.float32, device=q.device)
-                       for name, given in (("sinks", sinks), ("alibi_slopes", alibi_slopes),
-                                           ("position_bias", position_bias)))
+    term_grads = tuple(torch.empty(0, dtype=torch.float32, device=q.device) if grad is None
+                       else grad.to(given.dtype)
+                       for grad, given in zip(grad_terms, (sinks, alibi_slopes, position_bias)))
     return (grad_q.to(q.dtype).contiguous(), grad_k.view(k.shape).to(k.dtype),
             grad_v.view(v.shape).to(v.dtype)) + term_grads
 
@@ -294,9 +291,7 @@ def _(grad_out, grad_lse, q, k, v, row_offsets, row_indices, row_num_full, key_p
 
 
 _DIFFERENTIABLE = {"q": 0, "k": 1, "v": 2, "sinks": 3, "alibi_slopes": 4, "position_bias": 5}
-_FORWARD_ARGS = ("q", "k", "v", "row_offsets", "row_indices", "row_num_full", "key_padding_mask",
-                 "block_size", "scale", "window_left", "window_right", "sinks", "alibi_slopes",
-                 "position_bias", "position_buckets", "softcap", "dropout_p", "seed")
+_FORWARD_ARGS = tuple(a.name for a in torch.ops.sparse_attention.gathered_forward.default._schema.arguments)
 
 
 def _is_tensor_arg(t) -> bool:
