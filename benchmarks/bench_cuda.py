@@ -20,9 +20,7 @@ default kernels and Flex.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
-from sparse_attention.benchmark import flops, machine
+from sparse_attention.benchmark import environment, flops, machine
 from sparse_attention.benchmark.cases import CAUSAL_BY_PATTERN, Case
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 from sparse_attention.benchmark.timing import median_time
@@ -62,18 +60,9 @@ def fwd_bwd_ms(forward, q, k, v) -> tuple[float, float]:
 
 # --- the three implementations on one mask -----------------------------------------------
 
-@contextlib.contextmanager
 def fa2_tiling():
     """The FA2-tiled mma.sync forward for the calls inside (the op reads the variable per call)."""
-    saved = os.environ.get(FA2_TILING)
-    os.environ[FA2_TILING] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[FA2_TILING]
-        else:
-            os.environ[FA2_TILING] = saved
+    return environment.variable(FA2_TILING, "1")
 
 
 def run_config(head_dim: int, n: int, layout_name: str, flex, results: list,

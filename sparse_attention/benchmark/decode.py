@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
 from sparse_attention import reference, split_rows
-from sparse_attention.benchmark import machine
+from sparse_attention.benchmark import environment, machine
 from sparse_attention.benchmark.command import csv_of
 from sparse_attention.benchmark.flex import compiled_flex, flex_block_mask
 from sparse_attention.benchmark.layouts import Skipped, _ms, _progress, add_timing_arguments, publish
@@ -91,18 +90,9 @@ def measure(args) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
 def _split_kv(on: bool):
     """CUDA calls with (or without) the opt-in split of long rows; the CPU splits its own."""
-    was = os.environ.get(split_rows.CUDA_SPLIT_ENV)
-    os.environ[split_rows.CUDA_SPLIT_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if was is None:
-            del os.environ[split_rows.CUDA_SPLIT_ENV]
-        else:
-            os.environ[split_rows.CUDA_SPLIT_ENV] = was
+    return environment.variable(split_rows.CUDA_SPLIT_ENV, "1" if on else "0")
 
 
 @contextlib.contextmanager
