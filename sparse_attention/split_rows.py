@@ -31,6 +31,10 @@ MAX_PARTIAL_BYTES = 256 << 20  # the pieces' outputs of a call; past it the call
 MAX_HEADS = 65535  # the CUDA kernels' grid takes at most this many heads (pieces included)
 
 
+def _blocks_per_piece(block_size: int) -> int:
+    return max(1, SPLIT_KEYS // block_size)
+
+
 def enabled(device_type: str) -> bool:
     """Whether calls on this device type split rows here (the CPU kernels split their own)."""
     return device_type == "cuda" and os.environ.get(CUDA_SPLIT_ENV) == "1"
@@ -42,9 +46,8 @@ def num_slots(q: torch.Tensor, v: torch.Tensor, lists, block_size: int) -> int:
     batch, heads, q_len, _ = q.shape
     if q_len > SPLIT_QUERIES or lists.row_indices.numel() == 0:
         return 1
-    per_piece = max(1, SPLIT_KEYS // block_size)
     grid_blocks = lists.col_num_full.shape[-1]
-    slots = min(MAX_PIECES, -(-grid_blocks // per_piece), MAX_HEADS // heads)
+    slots = min(MAX_PIECES, -(-grid_blocks // _blocks_per_piece(block_size)), MAX_HEADS // heads)
     partial_bytes = batch * heads * slots * q_len * (v.shape[-1] * v.element_size() + 4)
     return slots if slots > 1 and partial_bytes <= MAX_PARTIAL_BYTES else 1
 
@@ -62,7 +65,7 @@ def split_row_lists(lists, heads: int, slots: int, block_size: int) -> BlockList
     row = ((torch.arange(list_batch, device=device)[:, None] * layout_heads + layout_head)[..., None]
            * q_blocks + torch.arange(q_blocks, device=device))[:, :, None]
     start, length = offsets[row], offsets[row + 1] - offsets[row]
-    per_piece = max(1, SPLIT_KEYS // block_size)
+    per_piece = _blocks_per_piece(block_size)
     count = torch.clamp((length + per_piece - 1) // per_piece, 1, slots)
     piece = torch.arange(slots, device=device)[:, None]  # [S, 1], broadcast to [lb, H, S, qb]
     begin = torch.where(piece < count, piece * length // count, length)

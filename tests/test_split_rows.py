@@ -234,3 +234,14 @@ def test_cuda_calls_split_only_when_asked(monkeypatch):
     monkeypatch.setenv(split_rows.CUDA_SPLIT_ENV, "1")
     assert split_rows.enabled("cuda") and not split_rows.enabled("cpu")
     assert not attention._splits_rows(q, ())  # a meta tensor: no CUDA call
+
+
+def test_the_cut_is_the_cpu_kernels():
+    """The constants of the cut are the CPU kernels' (csrc/cpu/forward_kernel.h)."""
+    import pathlib
+    import re
+
+    header = (pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cpu" / "forward_kernel.h").read_text()
+    found = dict(re.findall(r"(kSplitQueries|kSplitKeys|kMaxRowPieces) = (\d+)", header))
+    assert found == {"kSplitQueries": str(split_rows.SPLIT_QUERIES), "kSplitKeys": str(split_rows.SPLIT_KEYS),
+                     "kMaxRowPieces": str(split_rows.MAX_PIECES)}
